@@ -1,0 +1,118 @@
+//! Shared pieces of the benchmarks: the real-model optimisation step and a
+//! counting allocator to measure its peak memory.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use anyhow::Result;
+use candle_core::{Tensor, Var};
+use cram::ops::WeightGrad;
+use cram::{objective, KvCache, Logits, Model, ModelSource};
+use cram_eval::models::{KnownModel, DEFAULT_MODEL};
+
+/// Wraps the system allocator, counting live bytes and their peak.
+pub struct CountingAllocator;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let pointer = System.alloc(layout);
+        if !pointer.is_null() {
+            let live = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
+            PEAK.fetch_max(live, Ordering::Relaxed);
+        }
+        pointer
+    }
+
+    unsafe fn dealloc(&self, pointer: *mut u8, layout: Layout) {
+        System.dealloc(pointer, layout);
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+    }
+}
+
+/// Runs `work` and returns the peak of live heap bytes above what was live
+/// when it started (needs [`CountingAllocator`] as the global allocator).
+pub fn peak_extra_bytes<T>(work: impl FnOnce() -> T) -> (T, usize) {
+    let before = LIVE.load(Ordering::Relaxed);
+    PEAK.store(before, Ordering::Relaxed);
+    let result = work();
+    (result, PEAK.load(Ordering::Relaxed) - before)
+}
+
+/// The default real model, fetched if absent.
+pub fn load_default_model() -> Result<Model> {
+    let path = KnownModel::find(DEFAULT_MODEL)?.ensure()?;
+    Ok(Model::load(&ModelSource::gguf(path), &candle_core::Device::Cpu)?)
+}
+
+/// One optimisation step's inputs: a prefix cache, virtual embeddings at
+/// positions spread over a span after the prefix, and V targets.
+pub struct StepSetup {
+    pub cache: KvCache,
+    pub virtual_embeddings: Var,
+    pub virtual_positions: Vec<f32>,
+    pub targets: Vec<Tensor>,
+}
+
+impl StepSetup {
+    /// The first `prefix_len` tokens of `text` as the prefix; `n_virtual`
+    /// virtual tokens initialised from the next tokens' embeddings, over a
+    /// span 3.2 times as long; targets are that span's real Values pooled to
+    /// `n_virtual` by chunk means (a stand-in for the recipe's targets).
+    pub fn new(model: &Model, text: &str, prefix_len: usize, n_virtual: usize) -> Result<Self> {
+        let span_len = (n_virtual as f32 * 3.2).round() as usize;
+        let mut ids = model.tokenizer.encode(text)?;
+        anyhow::ensure!(ids.len() >= prefix_len + span_len, "text too short: {} tokens", ids.len());
+        ids.truncate(prefix_len + span_len);
+        let positions: Vec<f32> = (0..ids.len()).map(|i| i as f32).collect();
+        let prefix = model.qwen2.forward(&model.qwen2.embed(&ids[..prefix_len])?, &positions[..prefix_len], None, Logits::None)?;
+        let mut cache = KvCache::new();
+        cache.append(&prefix.keys, &prefix.values, &positions[..prefix_len])?;
+        let span = model.qwen2.forward(&model.qwen2.embed(&ids[prefix_len..])?, &positions[prefix_len..], Some(&cache), Logits::None)?;
+        let chunk = span_len / n_virtual;
+        let targets = span
+            .values
+            .iter()
+            .map(|v| {
+                let (b, h, _, d) = v.dims4()?;
+                v.narrow(2, 0, chunk * n_virtual)?.reshape((b, h, n_virtual, chunk, d))?.mean(3)
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let init = model.qwen2.embed(&ids[prefix_len..prefix_len + n_virtual])?;
+        let step = (span_len - 1) as f32 / (n_virtual - 1).max(1) as f32;
+        let virtual_positions = (0..n_virtual).map(|i| prefix_len as f32 + (i as f32 * step).round()).collect();
+        Ok(Self { cache, virtual_embeddings: Var::from_tensor(&init)?, virtual_positions, targets })
+    }
+
+    /// Forward to every layer's V, the normalised V loss, backward to the
+    /// embeddings. Returns the loss.
+    pub fn step(&self, model: &Model) -> Result<f32> {
+        let output = model.qwen2.forward(self.virtual_embeddings.as_tensor(), &self.virtual_positions, Some(&self.cache), Logits::None)?;
+        let loss = objective::value_loss(&output.values, &self.targets)?;
+        let grads = loss.backward()?;
+        anyhow::ensure!(grads.get(self.virtual_embeddings.as_tensor()).is_some(), "no gradient reached the embeddings");
+        Ok(loss.to_scalar::<f32>()?)
+    }
+}
+
+/// The transcript text the benchmarks run on (the published T8 turn and
+/// what surrounds it, rendered with the chat template).
+pub fn bench_text() -> Result<String> {
+    let cases = cram_eval::cases::load_case_file(&repo_path("eval/bearing/bearing-questions.json"))?;
+    let messages = &cases[0].transcript.messages;
+    let indices: Vec<usize> = (0..messages.len().min(12)).collect();
+    Ok(cram_eval::render::Rendering::Chatml.messages(messages, &indices))
+}
+
+pub fn repo_path(relative: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(relative)
+}
+
+/// Sets how the model's frozen weights behave in backward.
+pub fn with_weight_grad(model: &Model, weight_grad: WeightGrad) -> Model {
+    let mut model = model.clone();
+    model.qwen2.set_weight_grad(weight_grad);
+    model
+}

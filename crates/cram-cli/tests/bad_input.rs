@@ -1,0 +1,62 @@
+//! Bad input ends the `cram` binary with a clear message and a non-zero exit
+//! status, never a panic.
+
+use std::process::{Command, Output};
+
+fn cram(args: &[&str], home: &std::path::Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_cram"))
+        .args(args)
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+        .env("CRAM_HOME", home)
+        .env("HF_HOME", home.join("hf"))
+        .env("HF_ENDPOINT", "http://127.0.0.1:9")
+        .output()
+        .expect("the cram binary runs")
+}
+
+fn assert_clean_failure(output: &Output, expected: &str) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "exit status was success; stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "panicked: {stderr}");
+    assert!(stderr.contains(expected), "stderr lacks `{expected}`: {stderr}");
+}
+
+#[test]
+fn a_missing_gguf() {
+    let home = tempfile::tempdir().unwrap();
+    let output = cram(&["check", "--model", "/nonexistent/model.gguf"], home.path());
+    assert_clean_failure(&output, "model file not found");
+}
+
+#[test]
+fn a_file_that_is_not_gguf() {
+    let home = tempfile::tempdir().unwrap();
+    let path = home.path().join("broken.gguf");
+    std::fs::write(&path, b"GGUF\x03\x00\x00\x00 cut short").unwrap();
+    let output = cram(&["check", "--model", path.to_str().unwrap()], home.path());
+    assert_clean_failure(&output, "not a valid GGUF");
+}
+
+#[test]
+fn a_cached_model_with_the_wrong_sha256() {
+    let home = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(home.path().join("models")).unwrap();
+    std::fs::write(home.path().join("models/qwen2.5-coder-0.5b-instruct.gguf"), b"not the model").unwrap();
+    let output = cram(&["fetch-model", "0.5b", "--verify"], home.path());
+    assert_clean_failure(&output, "sha256 mismatch");
+}
+
+#[test]
+fn an_unknown_hub_repo_offline() {
+    let home = tempfile::tempdir().unwrap();
+    let output = cram(&["check", "--model", "cram-tests/no-such-model"], home.path());
+    assert_clean_failure(&output, "hf-hub: cannot get `config.json` of `cram-tests/no-such-model`");
+}
+
+#[test]
+fn an_unknown_model_name_and_an_unknown_case() {
+    let home = tempfile::tempdir().unwrap();
+    assert_clean_failure(&cram(&["fetch-model", "qwen-9000b"], home.path()), "unknown model `qwen-9000b`");
+    let output = cram(&["check", "--case", "t99", "--model", "/nonexistent.gguf"], home.path());
+    assert_clean_failure(&output, "no case `t99`");
+}

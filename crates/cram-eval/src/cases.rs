@@ -1,0 +1,150 @@
+//! Questions, facts and the case files that say how a transcript is split.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::render::Rendering;
+use crate::transcript::{Split, Transcript};
+use crate::{EvalError, Result};
+
+/// One fact an answer must state.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fact {
+    pub id: String,
+    /// Groups of alternatives: every group must match, any string of a group
+    /// matches (case-insensitive).
+    #[serde(default)]
+    pub expect: Vec<Vec<String>>,
+    /// Shorthand for `expect: [expect_any]`.
+    #[serde(default)]
+    pub expect_any: Vec<String>,
+    /// Any of these in the answer makes the fact wrong.
+    #[serde(default)]
+    pub reject_any: Vec<String>,
+    /// What the model is expected to say without context (documentation).
+    #[serde(default)]
+    pub wrong_default: Option<String>,
+}
+
+impl Fact {
+    /// All groups, `expect_any` included.
+    pub fn groups(&self) -> Vec<Vec<String>> {
+        let mut groups = self.expect.clone();
+        if !self.expect_any.is_empty() {
+            groups.push(self.expect_any.clone());
+        }
+        groups
+    }
+
+    /// Whether `answer` states this fact.
+    pub fn is_recalled(&self, answer: &str) -> bool {
+        let answer = answer.to_lowercase();
+        let contains = |s: &String| answer.contains(&s.to_lowercase());
+        let groups = self.groups();
+        !groups.is_empty() && groups.iter().all(|group| group.iter().any(contains)) && !self.reject_any.iter().any(contains)
+    }
+}
+
+/// A question and the facts its answer is scored on.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Question {
+    pub id: String,
+    pub question: String,
+    pub facts: Vec<Fact>,
+}
+
+impl Question {
+    /// The question asked one fact at a time, when it is a run of as many
+    /// `?`-ended sentences as it has facts (the published T8 question asks
+    /// three things at once, which small models answer poorly); otherwise
+    /// the question whole.
+    pub fn per_fact(&self) -> Vec<Question> {
+        let sentences: Vec<String> = self
+            .question
+            .split_inclusive('?')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
+        let splits = sentences.len() == self.facts.len() && sentences.iter().all(|s| s.ends_with('?'));
+        if !splits || self.facts.len() == 1 {
+            return vec![self.clone()];
+        }
+        sentences
+            .into_iter()
+            .zip(&self.facts)
+            .map(|(sentence, fact)| Question {
+                id: format!("{}/{}", self.id, fact.id),
+                question: sentence,
+                facts: vec![fact.clone()],
+            })
+            .collect()
+    }
+}
+
+/// A transcript, how it is split, and what is asked about the compressed span.
+#[derive(Debug, Clone)]
+pub struct Case {
+    pub id: String,
+    pub transcript: Transcript,
+    pub split: Split,
+    pub questions: Vec<Question>,
+    /// The rendering the case file names (`chatml` if it names none).
+    pub rendering: Rendering,
+}
+
+/// Reads a case file (`bearing-questions.json` form): a transcript path
+/// (relative to the case file) and a list of cases with their splits.
+pub fn load_case_file(path: &Path) -> Result<Vec<Case>> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct CaseFile {
+        transcript: PathBuf,
+        render: Option<Rendering>,
+        #[allow(dead_code)]
+        notes: Option<String>,
+        cases: Vec<CaseEntry>,
+    }
+    #[derive(Deserialize)]
+    struct CaseEntry {
+        id: String,
+        prefix: Vec<usize>,
+        compress: Vec<usize>,
+        #[serde(default)]
+        suffix: Vec<usize>,
+        questions: Vec<Question>,
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| EvalError::io(path, e))?;
+    let file: CaseFile =
+        serde_json::from_str(&text).map_err(|e| EvalError::Transcript { path: path.into(), reason: e.to_string() })?;
+    let transcript_path = path.parent().unwrap_or(Path::new(".")).join(&file.transcript);
+    let transcript = Transcript::load(&transcript_path)?;
+    let rendering = file.render.unwrap_or(Rendering::Chatml);
+    let cases = file
+        .cases
+        .into_iter()
+        .map(|entry| {
+            let split = Split { prefix: entry.prefix, compress: entry.compress, suffix: entry.suffix };
+            check_split(&transcript, &split, path)?;
+            Ok(Case { id: entry.id, transcript: transcript.clone(), split, questions: entry.questions, rendering })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(cases)
+}
+
+fn check_split(transcript: &Transcript, split: &Split, path: &Path) -> Result<()> {
+    let count = transcript.messages.len();
+    let out_of_range = split.prefix.iter().chain(&split.compress).chain(&split.suffix).find(|&&i| i >= count);
+    if let Some(index) = out_of_range {
+        return Err(EvalError::Transcript {
+            path: path.into(),
+            reason: format!("message index {index} is past the transcript's {count} messages"),
+        });
+    }
+    if split.compress.is_empty() {
+        return Err(EvalError::Transcript { path: path.into(), reason: "no message to compress".into() });
+    }
+    Ok(())
+}

@@ -1,0 +1,41 @@
+//! Evaluating cram: transcripts and their rendering, questions and keyword
+//! fact scoring, and the real models the evaluation runs on.
+
+pub mod cases;
+pub mod evaluate;
+pub mod models;
+pub mod render;
+pub mod transcript;
+
+use std::path::PathBuf;
+
+/// Errors of the evaluation side.
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    #[error(transparent)]
+    Model(#[from] cram::Error),
+    #[error("{path}: {reason}")]
+    Transcript { path: PathBuf, reason: String },
+    #[error("unknown model `{name}` (known: {known})")]
+    UnknownModel { name: String, known: String },
+    #[error("fetching the model failed: {0}")]
+    Fetch(String),
+    #[error("{name}: sha256 mismatch: expected {expected}, found {found}")]
+    Checksum { name: String, expected: String, found: String },
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+impl EvalError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        EvalError::Io { path: path.into(), source }
+    }
+}
+
+impl From<candle_core::Error> for EvalError {
+    fn from(e: candle_core::Error) -> Self {
+        EvalError::Model(cram::Error::Candle(e))
+    }
+}
+
+pub type Result<T> = std::result::Result<T, EvalError>;

@@ -1,0 +1,301 @@
+//! A Qwen2 decoder whose forward pass backpropagates to its input embeddings.
+//!
+//! Unlike candle-transformers' `qwen2`, the forward takes input embeddings
+//! (not only token ids) at arbitrary float positions over an explicit
+//! [`KvCache`], returns every layer's K (post-RoPE) and V for the new tokens,
+//! and computes logits only when asked. Every op on the path has a backward
+//! (see [`crate::ops`]); the frozen weights get no gradient buffers.
+
+use candle_core::{DType, Device, Tensor, D};
+
+use super::config::Qwen2Config;
+use crate::cache::KvCache;
+use crate::ops::{rms_norm, softmax_last_dim, Linear, WeightGrad};
+use crate::rope::Rotation;
+use crate::{Error, Result};
+
+/// Which logits a forward computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// None: the last layer then stops right after its K/V projections,
+    /// since nothing downstream of them is used.
+    None,
+    /// Only the last position's (for decoding).
+    Last,
+    /// Every position's (for surprisal).
+    All,
+}
+
+/// What one forward returns for the `n` new tokens.
+#[derive(Debug, Clone)]
+pub struct ForwardOutput {
+    /// Per layer, (batch, kv_heads, n, head_dim), RoPE applied at the tokens' positions.
+    pub keys: Vec<Tensor>,
+    /// Per layer, (batch, kv_heads, n, head_dim); position-independent.
+    pub values: Vec<Tensor>,
+    /// (batch, n, vocab) for [`Logits::All`], (batch, 1, vocab) for [`Logits::Last`].
+    pub logits: Option<Tensor>,
+}
+
+/// One decoder block's frozen weights.
+#[derive(Debug, Clone)]
+struct DecoderLayer {
+    input_norm: Tensor,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    post_attention_norm: Tensor,
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+/// The frozen Qwen2 weights and the differentiable forward over them.
+#[derive(Debug, Clone)]
+pub struct Qwen2 {
+    config: Qwen2Config,
+    /// (vocab, hidden)
+    embed_tokens: Tensor,
+    layers: Vec<DecoderLayer>,
+    final_norm: Tensor,
+    lm_head: Linear,
+    weight_grad: WeightGrad,
+    dtype: DType,
+    device: Device,
+}
+
+impl Qwen2 {
+    /// Builds the model from weights named as in HF checkpoints
+    /// (`model.layers.0.self_attn.q_proj.weight`, ...). `fetch` returns
+    /// `None` for a weight that is absent; only `lm_head.weight` may be
+    /// (tied embeddings).
+    pub fn from_named_weights(
+        config: Qwen2Config,
+        mut fetch: impl FnMut(&str) -> Result<Option<Tensor>>,
+    ) -> Result<Self> {
+        let mut require = |name: &str| fetch(name)?.ok_or_else(|| Error::MissingWeight(name.to_string()));
+        let embed_tokens = require("model.embed_tokens.weight")?;
+        let (vocab, hidden) = embed_tokens.dims2()?;
+        if hidden != config.hidden_size || vocab < config.vocab_size {
+            return Err(Error::Config(format!(
+                "embedding matrix is {vocab}x{hidden}, config says {}x{}",
+                config.vocab_size, config.hidden_size
+            )));
+        }
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for index in 0..config.num_hidden_layers {
+            let prefix = format!("model.layers.{index}");
+            let mut linear = |name: &str, bias: bool| -> Result<Linear> {
+                let weight = require(&format!("{prefix}.{name}.weight"))?;
+                let bias = if bias { Some(require(&format!("{prefix}.{name}.bias"))?) } else { None };
+                Ok(Linear::new(weight, bias))
+            };
+            let q_proj = linear("self_attn.q_proj", true)?;
+            let k_proj = linear("self_attn.k_proj", true)?;
+            let v_proj = linear("self_attn.v_proj", true)?;
+            let o_proj = linear("self_attn.o_proj", false)?;
+            let gate_proj = linear("mlp.gate_proj", false)?;
+            let up_proj = linear("mlp.up_proj", false)?;
+            let down_proj = linear("mlp.down_proj", false)?;
+            layers.push(DecoderLayer {
+                input_norm: require(&format!("{prefix}.input_layernorm.weight"))?,
+                post_attention_norm: require(&format!("{prefix}.post_attention_layernorm.weight"))?,
+                q_proj,
+                k_proj,
+                v_proj,
+                o_proj,
+                gate_proj,
+                up_proj,
+                down_proj,
+            });
+        }
+        let final_norm = require("model.norm.weight")?;
+        let lm_head_weight = match fetch("lm_head.weight")? {
+            Some(weight) => weight,
+            None => embed_tokens.clone(),
+        };
+        Ok(Self {
+            dtype: embed_tokens.dtype(),
+            device: embed_tokens.device().clone(),
+            config,
+            embed_tokens,
+            layers,
+            final_norm,
+            lm_head: Linear::new(lm_head_weight, None),
+            weight_grad: WeightGrad::default(),
+        })
+    }
+
+    pub fn config(&self) -> &Qwen2Config {
+        &self.config
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The dtype of the weights (and of activations inside the forward).
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Chooses how frozen weights behave in backward (see [`WeightGrad`]).
+    pub fn set_weight_grad(&mut self, weight_grad: WeightGrad) {
+        self.weight_grad = weight_grad;
+    }
+
+    /// Token embeddings, (1, n, hidden) in f32: the input the forward takes.
+    pub fn embed(&self, token_ids: &[u32]) -> Result<Tensor> {
+        let ids = Tensor::new(token_ids, &self.device)?;
+        let embeddings = self.embed_tokens.index_select(&ids, 0)?;
+        Ok(embeddings.to_dtype(DType::F32)?.unsqueeze(0)?)
+    }
+
+    /// Runs `embeddings` (batch, n, hidden) at `positions` (n) after the
+    /// tokens already in `cache` (batch 1, shared by the whole batch).
+    ///
+    /// The causal mask is built from the cache length, never from positions:
+    /// positions may be fractional or leave gaps, attention order may not.
+    pub fn forward(
+        &self,
+        embeddings: &Tensor,
+        positions: &[f32],
+        cache: Option<&KvCache>,
+        logits: Logits,
+    ) -> Result<ForwardOutput> {
+        let (batch, n_new, hidden) = embeddings.dims3()?;
+        if n_new != positions.len() || hidden != self.config.hidden_size || n_new == 0 {
+            return Err(Error::Invalid(format!(
+                "embeddings {:?} do not fit {} positions and hidden size {}",
+                embeddings.dims(),
+                positions.len(),
+                self.config.hidden_size
+            )));
+        }
+        if let Some(cache) = cache {
+            if cache.num_layers() != self.layers.len() && !cache.is_empty() {
+                return Err(Error::Invalid(format!(
+                    "cache has {} layers, model {}",
+                    cache.num_layers(),
+                    self.layers.len()
+                )));
+            }
+        }
+        let cached = cache.map_or(0, KvCache::len);
+        let rotation = Rotation::new(positions, self.config.head_dim(), self.config.rope_theta, self.dtype, &self.device)?;
+        let mask = causal_mask(n_new, cached, &self.device)?;
+
+        let mut hidden_states = embeddings.to_dtype(self.dtype)?;
+        let mut keys = Vec::with_capacity(self.layers.len());
+        let mut values = Vec::with_capacity(self.layers.len());
+        for (index, layer) in self.layers.iter().enumerate() {
+            let normed = rms_norm(&hidden_states, &layer.input_norm, self.config.rms_norm_eps)?;
+            let (query, key, value) = self.project_qkv(layer, &normed, &rotation, batch, n_new)?;
+            keys.push(key.clone());
+            values.push(value.clone());
+            let is_last = index + 1 == self.layers.len();
+            if is_last && logits == Logits::None {
+                break;
+            }
+            let cached_kv = cache.and_then(|c| c.layer(index));
+            let (all_keys, all_values) = match cached_kv {
+                Some((cached_keys, cached_values)) => (
+                    Tensor::cat(&[&expand_batch(cached_keys, batch)?, &key], 2)?,
+                    Tensor::cat(&[&expand_batch(cached_values, batch)?, &value], 2)?,
+                ),
+                None => (key, value),
+            };
+            let attended = self.attention(&query, &all_keys, &all_values, mask.as_ref())?;
+            hidden_states = (hidden_states + layer.o_proj.forward(&attended, self.weight_grad)?)?;
+            let normed = rms_norm(&hidden_states, &layer.post_attention_norm, self.config.rms_norm_eps)?;
+            hidden_states = (hidden_states + self.mlp(layer, &normed)?)?;
+        }
+        let logits = match logits {
+            Logits::None => None,
+            Logits::Last => Some(self.logits(&hidden_states.narrow(1, n_new - 1, 1)?)?),
+            Logits::All => Some(self.logits(&hidden_states)?),
+        };
+        Ok(ForwardOutput { keys, values, logits })
+    }
+
+    /// Q (batch, heads, n, d), K and V (batch, kv_heads, n, d), RoPE on Q and K.
+    fn project_qkv(
+        &self,
+        layer: &DecoderLayer,
+        normed: &Tensor,
+        rotation: &Rotation,
+        batch: usize,
+        n_new: usize,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let head_dim = self.config.head_dim();
+        let split_heads = |projected: Tensor, heads: usize| -> Result<Tensor> {
+            Ok(projected.reshape((batch, n_new, heads, head_dim))?.transpose(1, 2)?.contiguous()?)
+        };
+        let query = split_heads(layer.q_proj.forward(normed, self.weight_grad)?, self.config.num_attention_heads)?;
+        let key = split_heads(layer.k_proj.forward(normed, self.weight_grad)?, self.config.num_key_value_heads)?;
+        let value = split_heads(layer.v_proj.forward(normed, self.weight_grad)?, self.config.num_key_value_heads)?;
+        Ok((rotation.apply(&query)?, rotation.apply(&key)?, value))
+    }
+
+    /// Grouped-query attention without copying K/V per query head: the query
+    /// heads that share a KV head are stacked along the sequence axis.
+    /// query (b, heads, n, d); keys, values (b, kv, L, d) -> (b, n, hidden)
+    fn attention(&self, query: &Tensor, keys: &Tensor, values: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let (batch, heads, n_new, head_dim) = query.dims4()?;
+        let kv_heads = self.config.num_key_value_heads;
+        let groups = heads / kv_heads;
+        let total = keys.dim(2)?;
+        let grouped_query = query.reshape((batch, kv_heads, groups * n_new, head_dim))?;
+        let scores = (grouped_query.matmul(&keys.t()?)? / (head_dim as f64).sqrt())?;
+        // Softmax in at least f32 whatever the weights' dtype: bf16 rows of
+        // thousands of logits lose too much.
+        let softmax_dtype = if self.dtype == DType::F64 { DType::F64 } else { DType::F32 };
+        let scores = scores.to_dtype(softmax_dtype)?.reshape((batch, kv_heads, groups, n_new, total))?;
+        let scores = match mask {
+            Some(mask) => scores.broadcast_add(&mask.to_dtype(softmax_dtype)?)?,
+            None => scores,
+        };
+        let probs = softmax_last_dim(&scores)?.to_dtype(self.dtype)?;
+        let probs = probs.reshape((batch, kv_heads, groups * n_new, total))?;
+        let attended = probs.matmul(values)?; // (b, kv, groups * n, d)
+        let attended = attended.reshape((batch, heads, n_new, head_dim))?.transpose(1, 2)?;
+        Ok(attended.reshape((batch, n_new, heads * head_dim))?)
+    }
+
+    fn mlp(&self, layer: &DecoderLayer, normed: &Tensor) -> Result<Tensor> {
+        let gate = layer.gate_proj.forward(normed, self.weight_grad)?.silu()?;
+        let up = layer.up_proj.forward(normed, self.weight_grad)?;
+        layer.down_proj.forward(&(gate * up)?, self.weight_grad)
+    }
+
+    /// hidden (b, n, hidden) -> logits (b, n, vocab) in f32
+    fn logits(&self, hidden_states: &Tensor) -> Result<Tensor> {
+        let normed = rms_norm(hidden_states, &self.final_norm, self.config.rms_norm_eps)?;
+        let logits = self.lm_head.forward(&normed, self.weight_grad)?;
+        let logits = logits.narrow(D::Minus1, 0, self.config.vocab_size)?;
+        Ok(logits.to_dtype(DType::F32)?)
+    }
+}
+
+/// (n, cached + n), f32: 0 where new token i may attend, -inf where it may not
+/// (a later new token). None for a single new token, which sees everything.
+fn causal_mask(n_new: usize, cached: usize, device: &Device) -> Result<Option<Tensor>> {
+    if n_new == 1 {
+        return Ok(None);
+    }
+    let total = cached + n_new;
+    let mask: Vec<f32> = (0..n_new)
+        .flat_map(|i| (0..total).map(move |j| if j > cached + i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Ok(Some(Tensor::from_vec(mask, (n_new, total), device)?))
+}
+
+/// A batch-1 cache tensor (1, kv, L, d) seen by a batch of `batch` sequences.
+fn expand_batch(cached: &Tensor, batch: usize) -> Result<Tensor> {
+    if batch == 1 {
+        return Ok(cached.clone());
+    }
+    let (_, kv_heads, len, head_dim) = cached.dims4()?;
+    Ok(cached.broadcast_as((batch, kv_heads, len, head_dim))?.contiguous()?)
+}

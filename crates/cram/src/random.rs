@@ -1,0 +1,95 @@
+//! Small random-weight Qwen2 models, deterministic from a seed: the fast,
+//! download-free stand-in the tests and benchmarks build their mechanics on.
+
+use std::collections::HashMap;
+
+use candle_core::{Device, Tensor};
+
+use crate::model::{Qwen2, Qwen2Config};
+use crate::Result;
+
+/// A two-layer model with grouped-query attention (4 heads over 2 KV heads)
+/// and biases on Q/K/V, like the real Qwen2 layout, only small.
+pub fn tiny_config() -> Qwen2Config {
+    Qwen2Config {
+        vocab_size: 64,
+        hidden_size: 32,
+        intermediate_size: 64,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        rope_theta: 10_000.0,
+        rms_norm_eps: 1e-6,
+        tie_word_embeddings: false,
+    }
+}
+
+/// Random f32 weights under their HF checkpoint names, so the same weights
+/// can feed this crate, candle-transformers, or a safetensors file.
+pub fn named_weights(config: &Qwen2Config, seed: u64, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let mut normal = Normal::new(seed);
+    let mut tensors = HashMap::new();
+    let mut add = |name: String, shape: &[usize], mean: f32, std: f32| -> Result<()> {
+        let count = shape.iter().product();
+        let data: Vec<f32> = (0..count).map(|_| mean + std * normal.sample()).collect();
+        tensors.insert(name, Tensor::from_vec(data, shape, device)?);
+        Ok(())
+    };
+    let hidden = config.hidden_size;
+    let kv_width = config.num_key_value_heads * config.head_dim();
+    let ffn = config.intermediate_size;
+    let scale = |fan_in: usize| 1.0 / (fan_in as f32).sqrt();
+    add("model.embed_tokens.weight".into(), &[config.vocab_size, hidden], 0.0, 1.0)?;
+    for layer in 0..config.num_hidden_layers {
+        let p = format!("model.layers.{layer}");
+        add(format!("{p}.input_layernorm.weight"), &[hidden], 1.0, 0.1)?;
+        add(format!("{p}.self_attn.q_proj.weight"), &[hidden, hidden], 0.0, scale(hidden))?;
+        add(format!("{p}.self_attn.q_proj.bias"), &[hidden], 0.0, 0.1)?;
+        add(format!("{p}.self_attn.k_proj.weight"), &[kv_width, hidden], 0.0, scale(hidden))?;
+        add(format!("{p}.self_attn.k_proj.bias"), &[kv_width], 0.0, 0.1)?;
+        add(format!("{p}.self_attn.v_proj.weight"), &[kv_width, hidden], 0.0, scale(hidden))?;
+        add(format!("{p}.self_attn.v_proj.bias"), &[kv_width], 0.0, 0.1)?;
+        add(format!("{p}.self_attn.o_proj.weight"), &[hidden, hidden], 0.0, scale(hidden))?;
+        add(format!("{p}.post_attention_layernorm.weight"), &[hidden], 1.0, 0.1)?;
+        add(format!("{p}.mlp.gate_proj.weight"), &[ffn, hidden], 0.0, scale(hidden))?;
+        add(format!("{p}.mlp.up_proj.weight"), &[ffn, hidden], 0.0, scale(hidden))?;
+        add(format!("{p}.mlp.down_proj.weight"), &[hidden, ffn], 0.0, scale(ffn))?;
+    }
+    add("model.norm.weight".into(), &[hidden], 1.0, 0.1)?;
+    if !config.tie_word_embeddings {
+        add("lm_head.weight".into(), &[config.vocab_size, hidden], 0.0, scale(hidden))?;
+    }
+    Ok(tensors)
+}
+
+/// A random model built from [`named_weights`].
+pub fn model(config: &Qwen2Config, seed: u64, device: &Device) -> Result<Qwen2> {
+    let mut weights = named_weights(config, seed, device)?;
+    Qwen2::from_named_weights(config.clone(), |name| Ok(weights.remove(name)))
+}
+
+/// Standard normal samples from SplitMix64 and Box-Muller: reproducible
+/// across platforms, unlike a device RNG.
+struct Normal {
+    state: u64,
+}
+
+impl Normal {
+    fn new(seed: u64) -> Self {
+        Self { state: seed ^ 0x9E37_79B9_7F4A_7C15 }
+    }
+
+    fn uniform(&mut self) -> f64 {
+        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        ((z >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    }
+
+    fn sample(&mut self) -> f32 {
+        let (u1, u2) = (self.uniform(), self.uniform());
+        ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+    }
+}
