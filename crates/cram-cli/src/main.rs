@@ -1,16 +1,19 @@
-//! `cram`: fetch the models, check them, and (as the project grows) compress
-//! and evaluate.
+//! `cram`: fetch models, check them, compress spans in ratio sweeps, and
+//! reproduce the published single-turn table.
 
-use std::path::PathBuf;
+mod progress;
+mod reproduce;
+
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _, Result};
-use candle_core::Device;
 use clap::{Parser, Subcommand};
 use cram::Model;
 use cram_eval::cases::load_case_file;
-use cram_eval::evaluate::{answer_case, facts_score, Answered, Context};
+use cram_eval::evaluate::{facts_score, run_case, Answered, AskSettings, Condition};
 use cram_eval::models::{self, KnownModel, DEFAULT_MODEL};
 use cram_eval::render::Rendering;
+use cram_eval::sweep::{run_sweep, SweepConfig};
 
 #[derive(Parser)]
 #[command(name = "cram", version, about = "Representation-level context compression for Qwen2 models")]
@@ -53,7 +56,39 @@ enum Command {
         case: String,
         #[arg(long, default_value_t = 96)]
         max_new_tokens: usize,
+        /// Ask each question whole, as published, instead of one fact at a time.
+        #[arg(long)]
+        combined: bool,
         /// Also write the answers as JSON here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Run a ratio sweep from a config; resumable (finished cells are skipped).
+    Sweep {
+        config: PathBuf,
+        /// Output directory (default: runs/<config name>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Override the config's model.
+        #[arg(long)]
+        model: Option<String>,
+        /// Override the config's device.
+        #[arg(long)]
+        device: Option<String>,
+    },
+    /// Rewrite summary.csv and the plots of a sweep directory from its results.
+    Report { dir: PathBuf },
+    /// The published single-turn sweep (T8, T18, T24 x 1.6-4.8x x surprisal
+    /// and uniform pooling), with our table beside the published one.
+    Reproduce {
+        /// The whole published grid (hours on CPU) instead of the quick subset.
+        #[arg(long)]
+        full: bool,
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long)]
+        device: Option<String>,
+        /// Output directory (default: experiments/reproduce-{quick,full}-<model>).
         #[arg(long)]
         out: Option<PathBuf>,
     },
@@ -63,7 +98,19 @@ fn main() -> Result<()> {
     tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).init();
     match Cli::parse().command {
         Command::FetchModel { name, verify } => fetch_model(&name, verify),
-        Command::Check { model, cases, case, max_new_tokens, out } => check(&model, &cases, &case, max_new_tokens, out),
+        Command::Check { model, cases, case, max_new_tokens, combined, out } => {
+            check(&model, &CheckSpec { cases, case_id: case, max_new_tokens, per_fact: !combined }, out)
+        }
+        Command::Sweep { config, out, model, device } => {
+            let out = out.unwrap_or_else(|| Path::new("runs").join(config.file_stem().unwrap_or_default()));
+            sweep(&config, &out, model, device).map(|_| ())
+        }
+        Command::Report { dir } => {
+            cram_eval::plot::write_report(&dir)?;
+            println!("{}", dir.join("summary.csv").display());
+            Ok(())
+        }
+        Command::Reproduce { full, model, device, out } => reproduce::run(full, model, device, out),
     }
 }
 
@@ -83,44 +130,60 @@ fn fetch_model(name: &str, verify: bool) -> Result<()> {
     Ok(())
 }
 
-fn parse_device(spec: &str) -> Result<Device> {
-    match spec.split_once(':') {
-        None if spec == "cpu" => Ok(Device::Cpu),
-        None if spec == "cuda" => Ok(Device::new_cuda(0)?),
-        Some(("cuda", index)) => Ok(Device::new_cuda(index.parse().context("cuda device index")?)?),
-        _ => bail!("unknown device `{spec}` (cpu, cuda, cuda:N)"),
+/// Loads, validates and runs a sweep config, with progress bars.
+fn sweep(config_path: &Path, out: &Path, model: Option<String>, device: Option<String>) -> Result<SweepConfig> {
+    let mut config = SweepConfig::load(config_path)?;
+    if let Some(model) = model {
+        config.model = model;
     }
+    if let Some(device) = device {
+        config.device = device;
+    }
+    let mut bars = progress::SweepBars::default();
+    let outcome = run_sweep(&config, config_path, out, &mut |event| {
+        bars.on_event(event);
+        Ok(())
+    })?;
+    bars.finish();
+    eprintln!(
+        "[sweep] {} cells: {} already done, {} run; results in {}",
+        outcome.total,
+        outcome.skipped,
+        outcome.ran,
+        out.join("results.jsonl").display()
+    );
+    Ok(config)
 }
 
-fn load_model(args: &ModelArgs) -> Result<Model> {
-    let device = parse_device(&args.device)?;
-    let source = models::resolve(&args.model)?;
-    eprintln!("[load] {} on {}", source.name(), args.device);
-    let started = std::time::Instant::now();
-    let model = Model::load(&source, &device)?;
-    eprintln!("[load] done in {:.1}s", started.elapsed().as_secs_f64());
-    Ok(model)
+/// Which case `check` asks, and how.
+struct CheckSpec {
+    cases: PathBuf,
+    case_id: String,
+    max_new_tokens: usize,
+    per_fact: bool,
 }
 
-fn check(model_args: &ModelArgs, cases: &PathBuf, case_id: &str, max_new_tokens: usize, out: Option<PathBuf>) -> Result<()> {
-    let all = load_case_file(cases)?;
-    let Some(case) = all.iter().find(|c| c.id == case_id) else {
+fn check(model_args: &ModelArgs, spec: &CheckSpec, out: Option<PathBuf>) -> Result<()> {
+    let all = load_case_file(&spec.cases)?;
+    let Some(case) = all.iter().find(|c| c.id == spec.case_id) else {
         let ids: Vec<&str> = all.iter().map(|c| c.id.as_str()).collect();
-        bail!("no case `{case_id}` in {} (cases: {})", cases.display(), ids.join(", "));
+        bail!("no case `{}` in {} (cases: {})", spec.case_id, spec.cases.display(), ids.join(", "));
     };
     let model = load_model(model_args)?;
     let mut records = Vec::new();
     for rendering in [Rendering::Chatml, Rendering::TurnMarkers] {
-        for context in [Context::Full, Context::None] {
+        let settings = AskSettings { rendering, per_fact: spec.per_fact, max_new_tokens: spec.max_new_tokens };
+        for (label, condition) in [("full", Condition::Full), ("none", Condition::NoContext)] {
             let started = std::time::Instant::now();
-            let answers = answer_case(&model, case, rendering, context, true, max_new_tokens)?;
-            let (correct, total) = facts_score(&answers);
-            println!("\n== {case_id} | {rendering:?} | context {context:?}: {correct}/{total} facts ({:.1}s)", started.elapsed().as_secs_f64());
-            print_answers(&answers);
+            let run = run_case(&model, case, &settings, condition, &mut |_, _| {})?;
+            let (correct, total) = facts_score(&run.answers);
+            let seconds = started.elapsed().as_secs_f64();
+            println!("\n== {} | {rendering:?} | context {label}: {correct}/{total} facts ({seconds:.1}s)", spec.case_id);
+            print_answers(&run.answers);
             records.push(serde_json::json!({
-                "case": case_id, "model": model.name, "rendering": rendering, "context": context,
-                "facts_correct": correct, "facts_total": total, "answers": answers,
-                "seconds": started.elapsed().as_secs_f64(),
+                "case": spec.case_id, "model": model.name, "rendering": rendering, "context": label,
+                "per_fact": spec.per_fact, "facts_correct": correct, "facts_total": total,
+                "answers": run.answers, "seconds": seconds,
             }));
         }
     }
@@ -129,6 +192,16 @@ fn check(model_args: &ModelArgs, cases: &PathBuf, case_id: &str, max_new_tokens:
         eprintln!("[check] answers written to {}", out.display());
     }
     Ok(())
+}
+
+fn load_model(args: &ModelArgs) -> Result<Model> {
+    let device = models::parse_device(&args.device)?;
+    let source = models::resolve(&args.model)?;
+    eprintln!("[load] {} on {}", source.name(), args.device);
+    let started = std::time::Instant::now();
+    let model = Model::load(&source, &device)?;
+    eprintln!("[load] done in {:.1}s", started.elapsed().as_secs_f64());
+    Ok(model)
 }
 
 fn print_answers(answers: &[Answered]) {

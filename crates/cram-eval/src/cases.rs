@@ -95,9 +95,42 @@ pub struct Case {
     pub rendering: Rendering,
 }
 
-/// Reads a case file (`bearing-questions.json` form): a transcript path
-/// (relative to the case file) and a list of cases with their splits.
+/// Reads the cases of a file: a case file (`bearing-questions.json` form: a
+/// transcript path relative to it and cases with their splits), or a
+/// transcript in our JSON format carrying its own questions (one case).
 pub fn load_case_file(path: &Path) -> Result<Vec<Case>> {
+    let text = std::fs::read_to_string(path).map_err(|e| EvalError::io(path, e))?;
+    let is_case_file = serde_json::from_str::<serde_json::Value>(&text)
+        .map_err(|e| EvalError::Transcript { path: path.into(), reason: e.to_string() })?
+        .get("cases")
+        .is_some();
+    if is_case_file {
+        load_cases_of_case_file(path, &text)
+    } else {
+        Ok(vec![case_of_transcript(path)?])
+    }
+}
+
+/// A transcript of our JSON format as one case: its own split, or the
+/// default (system prompt kept, last user turn onward kept, the rest compressed).
+fn case_of_transcript(path: &Path) -> Result<Case> {
+    let transcript = Transcript::load(path)?;
+    if transcript.questions.is_empty() {
+        return Err(EvalError::Transcript { path: path.into(), reason: "the transcript has no questions".into() });
+    }
+    let split = match &transcript.split {
+        Some(split) => split.clone(),
+        None => {
+            let count = transcript.messages.len();
+            let last_user = transcript.messages.iter().rposition(|m| m.role == "user").unwrap_or(count);
+            Split { prefix: vec![0], compress: (1..last_user).collect(), suffix: (last_user..count).collect() }
+        }
+    };
+    check_split(&transcript, &split, path)?;
+    Ok(Case { id: transcript.id.clone(), questions: transcript.questions.clone(), transcript, split, rendering: Rendering::Chatml })
+}
+
+fn load_cases_of_case_file(path: &Path, text: &str) -> Result<Vec<Case>> {
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
     struct CaseFile {
@@ -116,9 +149,8 @@ pub fn load_case_file(path: &Path) -> Result<Vec<Case>> {
         suffix: Vec<usize>,
         questions: Vec<Question>,
     }
-    let text = std::fs::read_to_string(path).map_err(|e| EvalError::io(path, e))?;
     let file: CaseFile =
-        serde_json::from_str(&text).map_err(|e| EvalError::Transcript { path: path.into(), reason: e.to_string() })?;
+        serde_json::from_str(text).map_err(|e| EvalError::Transcript { path: path.into(), reason: e.to_string() })?;
     let transcript_path = path.parent().unwrap_or(Path::new(".")).join(&file.transcript);
     let transcript = Transcript::load(&transcript_path)?;
     let rendering = file.render.unwrap_or(Rendering::Chatml);
@@ -144,7 +176,57 @@ fn check_split(transcript: &Transcript, split: &Split, path: &Path) -> Result<()
         });
     }
     if split.compress.is_empty() {
-        return Err(EvalError::Transcript { path: path.into(), reason: "no message to compress".into() });
+        return Err(EvalError::Transcript { path: path.into(), reason: "no turn left to compress".into() });
     }
     Ok(())
+}
+
+impl Case {
+    /// Refuses a case whose answers can be read outside the compressed span:
+    /// a fact leaks when the kept prefix and suffix, or the question, would
+    /// on their own score it as recalled. A question that names an answer
+    /// only as one of the options it offers ("a library or regex?") does not
+    /// give it away, so such a mention does not count. Questions are checked
+    /// as they will be asked: whole, or one fact at a time with `per_fact`.
+    pub fn check_leaks(&self, rendering: Rendering, per_fact: bool) -> Result<()> {
+        let messages = &self.transcript.messages;
+        let kept = [&self.split.prefix, &self.split.suffix].map(|indices| rendering.messages(messages, indices)).join("\n");
+        let asked: Vec<Question> =
+            if per_fact { self.questions.iter().flat_map(Question::per_fact).collect() } else { self.questions.clone() };
+        for question in &asked {
+            for fact in &question.facts {
+                let expected: Vec<String> = fact.groups().into_iter().flatten().collect();
+                let asked = mask_offered_options(&question.question, &expected);
+                for (place, text) in [("the kept prefix or suffix", kept.as_str()), ("the question", asked.as_str())] {
+                    if fact.is_recalled(text) {
+                        let lower = text.to_lowercase();
+                        let answer = expected.iter().find(|e| lower.contains(&e.to_lowercase())).cloned().unwrap_or_default();
+                        return Err(EvalError::Leak { case: self.id.clone(), fact: fact.id.clone(), answer, place: place.into() });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The question, lower-cased, with every mention of an expected answer
+/// that is one side of an "A or B" choice blanked out.
+fn mask_offered_options(question: &str, expected: &[String]) -> String {
+    let mut text = question.to_lowercase();
+    for needle in expected.iter().map(|e| e.to_lowercase()).filter(|e| !e.is_empty()) {
+        let offered: Vec<usize> =
+            text.match_indices(&needle).map(|(at, _)| at).filter(|&at| offered_as_option(&text, at, needle.len())).collect();
+        for at in offered {
+            text.replace_range(at..at + needle.len(), &" ".repeat(needle.len()));
+        }
+    }
+    text
+}
+
+/// Whether the text at `at..at + len` is one side of an "A or B" choice.
+fn offered_as_option(text: &str, at: usize, len: usize) -> bool {
+    let before = text[..at].trim_end();
+    let after = text[at + len..].trim_start();
+    before.ends_with(" or") || after.starts_with("or ")
 }

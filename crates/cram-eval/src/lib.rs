@@ -4,7 +4,9 @@
 pub mod cases;
 pub mod evaluate;
 pub mod models;
+pub mod plot;
 pub mod render;
+pub mod sweep;
 pub mod transcript;
 
 use std::path::PathBuf;
@@ -18,10 +20,16 @@ pub enum EvalError {
     Transcript { path: PathBuf, reason: String },
     #[error("unknown model `{name}` (known: {known})")]
     UnknownModel { name: String, known: String },
+    #[error("unknown device `{0}` (cpu, cuda, cuda:N)")]
+    Device(String),
     #[error("fetching the model failed: {0}")]
     Fetch(String),
     #[error("{name}: sha256 mismatch: expected {expected}, found {found}")]
     Checksum { name: String, expected: String, found: String },
+    #[error("case `{case}` leaks fact `{fact}`: its answer `{answer}` appears in {place}")]
+    Leak { case: String, fact: String, answer: String, place: String },
+    #[error("sweep config {path}: {reason}")]
+    Config { path: PathBuf, reason: String },
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
 }

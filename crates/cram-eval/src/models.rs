@@ -196,3 +196,14 @@ pub fn resolve(spec: &str) -> Result<cram::ModelSource> {
         Err(unknown) => Err(unknown),
     }
 }
+
+/// `cpu`, `cuda` or `cuda:N` as a device (CUDA needs the `cuda` feature).
+pub fn parse_device(spec: &str) -> Result<candle_core::Device> {
+    let unknown = || EvalError::Device(spec.into());
+    match spec.split_once(':') {
+        None if spec == "cpu" => Ok(candle_core::Device::Cpu),
+        None if spec == "cuda" => Ok(candle_core::Device::new_cuda(0)?),
+        Some(("cuda", index)) => Ok(candle_core::Device::new_cuda(index.parse().map_err(|_| unknown())?)?),
+        _ => Err(unknown()),
+    }
+}

@@ -6,7 +6,7 @@ use std::path::Path;
 use candle_core::Device;
 use cram::{Model, ModelSource};
 use cram_eval::cases::load_case_file;
-use cram_eval::evaluate::{answer_case, facts_score, Answered, Context};
+use cram_eval::evaluate::{facts_score, run_case, Answered, AskSettings, Condition};
 use cram_eval::models::{KnownModel, DEFAULT_MODEL};
 use cram_eval::render::Rendering;
 
@@ -34,9 +34,10 @@ fn the_small_model_knows_the_t8_facts_only_from_the_span() {
     let cases = load_case_file(&cases_path).unwrap();
     let t8 = cases.iter().find(|c| c.id == "t8-claude-md").unwrap();
 
-    let full = answer_case(&model, t8, Rendering::Chatml, Context::Full, true, 48).unwrap();
+    let settings = AskSettings { rendering: Rendering::Chatml, per_fact: true, max_new_tokens: 48 };
+    let full = run_case(&model, t8, &settings, Condition::Full, &mut |_, _| {}).unwrap().answers;
     show("full", &full);
-    let none = answer_case(&model, t8, Rendering::Chatml, Context::None, true, 48).unwrap();
+    let none = run_case(&model, t8, &settings, Condition::NoContext, &mut |_, _| {}).unwrap().answers;
     show("none", &none);
     assert_eq!(facts_score(&full), (3, 3), "with the span in context every fact is found");
     assert_eq!(facts_score(&none), (0, 3), "without the span the model falls back to defaults");

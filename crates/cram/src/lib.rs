@@ -2,40 +2,67 @@
 //!
 //! Compresses a span of an LLM conversation into fewer *virtual tokens*:
 //! input embeddings optimised through a frozen Qwen2 so that their Value
-//! vectors at every layer match pooled Values of the original tokens. The
-//! result is a KV cache a caller keeps generating from.
+//! vectors at every layer match surprisal-pooled Values of the original
+//! tokens, at RoPE positions interpolated over the span. The result is KV
+//! cache entries a caller keeps generating from.
 //!
-//! This part of the crate is the foundation: a Qwen2 whose forward takes
-//! input embeddings at arbitrary float positions over a [`KvCache`] and
-//! backpropagates to them, greedy decoding, and model loading from GGUF,
-//! safetensors or hf-hub.
+//! The modules follow the method: [`model`] (load, differentiable forward)
+//! -> [`targets`] (V and surprisal of the span) -> [`pooling`] ->
+//! [`positions`] -> [`optimize`] (Adam on the embeddings, [`objective`]) ->
+//! [`compress`] (methods behind one trait) -> [`cache`] -> [`generate`].
 //!
 //! ```no_run
 //! use candle_core::Device;
-//! use cram::{generate, KvCache, Model, ModelSource};
+//! use cram::{generate, Compressor, KvCache, Logits, Model, ModelSource, Recipe, SpanTargets};
 //!
 //! # fn main() -> cram::Result<()> {
 //! let model = Model::load(&ModelSource::gguf("qwen2.5-coder-0.5b-instruct.gguf"), &Device::Cpu)?;
-//! let prompt = model.tokenizer.encode("<|im_start|>user\nSay hi.<|im_end|>\n<|im_start|>assistant\n")?;
+//! let (qwen, tok) = (&model.qwen2, &model.tokenizer);
+//! let at = |start: usize, n: usize| (start..start + n).map(|p| p as f32).collect::<Vec<f32>>();
+//!
+//! // The prefix, kept verbatim.
+//! let prefix_ids = tok.encode("<|im_start|>system\nYou are a coding agent.<|im_end|>\n")?;
+//! let out = qwen.forward(&qwen.embed(&prefix_ids)?, &at(0, prefix_ids.len()), None, Logits::None)?;
 //! let mut cache = KvCache::new();
-//! let stop = model.tokenizer.stop_ids();
-//! let answer = generate::greedy(&model.qwen2, &mut cache, &prompt, 0.0, 16, &stop)?;
-//! println!("{}", model.tokenizer.decode(&answer)?);
+//! cache.append(&out.keys, &out.values, &at(0, prefix_ids.len()))?;
+//!
+//! // The span, compressed 3.2x into virtual tokens at its own positions.
+//! let span_ids = tok.encode("<|im_start|>user\nWe hash passwords with bcryptjs.<|im_end|>\n")?;
+//! let span = SpanTargets::compute(qwen, &cache, &span_ids, &at(prefix_ids.len(), span_ids.len()))?;
+//! Recipe::published(3.2).compress(qwen, &cache, &span, &mut |_, _| {})?.append_to(&mut cache)?;
+//!
+//! // The question continues after the span's original positions.
+//! let question = tok.encode("<|im_start|>user\nWhich hashing library?<|im_end|>\n<|im_start|>assistant\n")?;
+//! let first = cache.next_position();
+//! let answer = generate::greedy(qwen, &mut cache, &question, first, 32, &tok.stop_ids())?;
+//! println!("{}", tok.decode(&answer)?);
 //! # Ok(())
 //! # }
 //! ```
 
-pub mod cache;
-pub mod error;
-pub mod generate;
+// In the order data flows through the method.
 pub mod model;
+pub mod tokenizer;
+pub mod targets;
+pub mod pooling;
+pub mod positions;
 pub mod objective;
+pub mod optimize;
+pub mod compress;
+pub mod cache;
+pub mod generate;
+
+pub mod error;
 pub mod ops;
 pub mod random;
 pub mod rope;
-pub mod tokenizer;
 
 pub use cache::KvCache;
+pub use compress::{CompressedSpan, CompressionReport, Compressor, RawSpan, Recipe};
+pub use optimize::OptimizerConfig;
+pub use pooling::Pooling;
+pub use positions::PositionMode;
+pub use targets::SpanTargets;
 pub use error::{Error, Result};
 pub use model::{ForwardOutput, Logits, Model, ModelSource, Qwen2, Qwen2Config};
 pub use tokenizer::Tokenizer;

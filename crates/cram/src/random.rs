@@ -2,6 +2,7 @@
 //! download-free stand-in the tests and benchmarks build their mechanics on.
 
 use std::collections::HashMap;
+use std::path::Path;
 
 use candle_core::{Device, Tensor};
 
@@ -66,6 +67,36 @@ pub fn named_weights(config: &Qwen2Config, seed: u64, device: &Device) -> Result
 pub fn model(config: &Qwen2Config, seed: u64, device: &Device) -> Result<Qwen2> {
     let mut weights = named_weights(config, seed, device)?;
     Qwen2::from_named_weights(config.clone(), |name| Ok(weights.remove(name)))
+}
+
+/// A word-level tokenizer over `vocab_size` tokens named `t0`, `t1`, ...,
+/// split on whitespace: text for a random model is written in those words.
+pub fn word_tokenizer(vocab_size: usize) -> Result<tokenizers::Tokenizer> {
+    use tokenizers::models::wordlevel::WordLevel;
+    let vocab = (0..vocab_size).map(|i| (format!("t{i}"), i as u32)).collect();
+    let model = WordLevel::builder()
+        .vocab(vocab)
+        .unk_token("t0".into())
+        .build()
+        .map_err(|e| crate::Error::Tokenizer(e.to_string()))?;
+    let mut tokenizer = tokenizers::Tokenizer::new(model);
+    tokenizer.with_pre_tokenizer(Some(tokenizers::pre_tokenizers::whitespace::Whitespace {}));
+    Ok(tokenizer)
+}
+
+/// Writes `weights` as an HF-style model directory (`config.json`,
+/// `tokenizer.json` from [`word_tokenizer`], `model.safetensors`), loadable
+/// with [`crate::ModelSource::SafetensorsDir`].
+pub fn write_model_dir(dir: &Path, config: &Qwen2Config, weights: &HashMap<String, Tensor>) -> Result<()> {
+    let io = |e: std::io::Error| crate::Error::io(dir, e);
+    let mut json = serde_json::to_value(config).map_err(|e| crate::Error::Config(e.to_string()))?;
+    json["model_type"] = "qwen2".into();
+    std::fs::write(dir.join("config.json"), json.to_string()).map_err(io)?;
+    word_tokenizer(config.vocab_size)?
+        .save(dir.join("tokenizer.json"), false)
+        .map_err(|e| crate::Error::Tokenizer(e.to_string()))?;
+    candle_core::safetensors::save(weights, dir.join("model.safetensors"))?;
+    Ok(())
 }
 
 /// Standard normal samples from SplitMix64 and Box-Muller: reproducible

@@ -16,24 +16,9 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     diff.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
 }
 
-/// A word-level tokenizer over `vocab_size` tokens named `t0`, `t1`, ...
-pub fn word_tokenizer(vocab_size: usize) -> tokenizers::Tokenizer {
-    use tokenizers::models::wordlevel::WordLevel;
-    let vocab = (0..vocab_size).map(|i| (format!("t{i}"), i as u32)).collect();
-    let model = WordLevel::builder().vocab(vocab).unk_token("t0".into()).build().unwrap();
-    let mut tokenizer = tokenizers::Tokenizer::new(model);
-    tokenizer.with_pre_tokenizer(Some(tokenizers::pre_tokenizers::whitespace::Whitespace {}));
-    tokenizer
-}
-
-/// Writes `weights` as an HF-style model directory (config.json,
-/// tokenizer.json, model.safetensors).
+/// Writes `weights` as an HF-style model directory.
 pub fn write_safetensors_dir(dir: &Path, config: &Qwen2Config, weights: &HashMap<String, Tensor>) {
-    let mut json = serde_json::to_value(config).unwrap();
-    json["model_type"] = "qwen2".into();
-    std::fs::write(dir.join("config.json"), json.to_string()).unwrap();
-    word_tokenizer(config.vocab_size).save(dir.join("tokenizer.json"), false).unwrap();
-    candle_core::safetensors::save(weights, dir.join("model.safetensors")).unwrap();
+    cram::random::write_model_dir(dir, config, weights).unwrap();
 }
 
 /// Writes `weights` as a llama.cpp-style GGUF (f32 tensors) with a tiny

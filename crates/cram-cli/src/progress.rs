@@ -1,0 +1,70 @@
+//! Progress bars for sweeps: one over cells, one over a cell's steps.
+
+use cram_eval::sweep::SweepEvent;
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+
+#[derive(Default)]
+pub struct SweepBars {
+    bars: MultiProgress,
+    cells: Option<ProgressBar>,
+    steps: Option<ProgressBar>,
+}
+
+impl SweepBars {
+    pub fn on_event(&mut self, event: &SweepEvent) {
+        match event {
+            SweepEvent::Planned { total, done } => {
+                let bar = self.bars.add(ProgressBar::new(*total as u64));
+                bar.set_style(style("cells {bar:30} {pos}/{len} [{elapsed} elapsed, ~{eta} left] {msg}"));
+                bar.set_position(*done as u64);
+                self.cells = Some(bar);
+            }
+            SweepEvent::CellStarted { cell, steps } => {
+                let label = format!("{} {} {}", cell.case, cell.method, cell.ratio.map_or(String::new(), |r| format!("{r}x")));
+                if let Some(cells) = &self.cells {
+                    cells.set_message(label.clone());
+                }
+                if let Some(steps) = steps {
+                    let bar = self.bars.add(ProgressBar::new(*steps as u64));
+                    bar.set_style(style("steps {bar:30} {pos}/{len} [{per_sec}, ~{eta} left] {msg}"));
+                    self.steps = Some(bar);
+                }
+            }
+            SweepEvent::Step { loss, .. } => {
+                if let Some(bar) = &self.steps {
+                    bar.inc(1);
+                    bar.set_message(format!("loss {loss:.4}"));
+                }
+            }
+            SweepEvent::CellFinished { result } => {
+                if let Some(bar) = self.steps.take() {
+                    bar.finish_and_clear();
+                }
+                if let Some(cells) = &self.cells {
+                    cells.inc(1);
+                    cells.println(format!(
+                        "{} {} {}: {}/{} facts, {} entries for {} tokens, {:.0}s",
+                        result.cell.case,
+                        result.cell.method,
+                        result.cell.ratio.map_or(String::new(), |r| format!("{r}x")),
+                        result.facts_correct,
+                        result.facts_total,
+                        result.n_virtual,
+                        result.n_tokens,
+                        result.seconds
+                    ));
+                }
+            }
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Some(cells) = &self.cells {
+            cells.finish();
+        }
+    }
+}
+
+fn style(template: &str) -> ProgressStyle {
+    ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar())
+}

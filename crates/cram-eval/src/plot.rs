@@ -1,0 +1,172 @@
+//! A sweep's report: `summary.csv` (one row per cell, then facts recalled per
+//! method and ratio) and SVG plots, all derived from `results.jsonl`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use plotters::prelude::*;
+
+use crate::sweep::{read_results, CellResult};
+use crate::{EvalError, Result};
+
+/// Facts recalled by one method at one ratio, summed over cases.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RatioPoint {
+    pub method: String,
+    /// None for baselines.
+    pub ratio: Option<f64>,
+    /// Mean over seeds of facts recalled (summed over cases).
+    pub correct: f64,
+    /// Smallest and largest over seeds.
+    pub spread: (usize, usize),
+    pub total: usize,
+}
+
+/// Aggregates results per (method, ratio): facts summed over cases, then
+/// mean and range over seeds.
+pub fn facts_by_ratio(results: &[CellResult]) -> Vec<RatioPoint> {
+    // (method, ratio bits) -> seed -> (correct, total)
+    let mut grouped: BTreeMap<(String, Option<u64>), BTreeMap<u64, (usize, usize)>> = BTreeMap::new();
+    for result in results {
+        let key = (result.cell.method.clone(), result.cell.ratio.map(f64::to_bits));
+        let per_seed = grouped.entry(key).or_default().entry(result.cell.seed).or_default();
+        per_seed.0 += result.facts_correct;
+        per_seed.1 += result.facts_total;
+    }
+    grouped
+        .into_iter()
+        .map(|((method, ratio), seeds)| {
+            let corrects: Vec<usize> = seeds.values().map(|(c, _)| *c).collect();
+            RatioPoint {
+                method,
+                ratio: ratio.map(f64::from_bits),
+                correct: corrects.iter().sum::<usize>() as f64 / corrects.len() as f64,
+                spread: (*corrects.iter().min().unwrap_or(&0), *corrects.iter().max().unwrap_or(&0)),
+                total: seeds.values().map(|(_, t)| *t).max().unwrap_or(0),
+            }
+        })
+        .collect()
+}
+
+/// Writes `summary.csv`, `facts_vs_ratio.svg` and `loss_curves.svg` into `dir`.
+pub fn write_report(dir: &Path) -> Result<()> {
+    let results = read_results(&dir.join("results.jsonl"))?;
+    let points = facts_by_ratio(&results);
+    let csv = dir.join("summary.csv");
+    std::fs::write(&csv, summary_csv(&results, &points)).map_err(|e| EvalError::io(&csv, e))?;
+    if results.is_empty() {
+        return Ok(());
+    }
+    plot_facts(&dir.join("facts_vs_ratio.svg"), &points)?;
+    plot_losses(&dir.join("loss_curves.svg"), &results)?;
+    Ok(())
+}
+
+fn summary_csv(results: &[CellResult], points: &[RatioPoint]) -> String {
+    let mut out = String::from(
+        "case,method,ratio,seed,n_tokens,n_virtual,facts_correct,facts_total,loss_final,steps,seconds,optimize_seconds\n",
+    );
+    for r in results {
+        let _ = writeln!(
+            out,
+            "{},{},{},{},{},{},{},{},{},{},{:.1},{:.1}",
+            r.cell.case,
+            r.cell.method,
+            r.cell.ratio.map_or(String::new(), |x| x.to_string()),
+            r.cell.seed,
+            r.n_tokens,
+            r.n_virtual,
+            r.facts_correct,
+            r.facts_total,
+            r.loss_final.map_or(String::new(), |x| format!("{x:.4}")),
+            r.steps,
+            r.seconds,
+            r.optimize_seconds
+        );
+    }
+    out.push_str("\nmethod,ratio,facts_correct_mean,facts_correct_min,facts_correct_max,facts_total\n");
+    for p in points {
+        let ratio = p.ratio.map_or(String::new(), |x| x.to_string());
+        let _ = writeln!(out, "{},{ratio},{:.2},{},{},{}", p.method, p.correct, p.spread.0, p.spread.1, p.total);
+    }
+    out
+}
+
+fn plot_error(e: impl std::fmt::Display) -> EvalError {
+    EvalError::io("plot", std::io::Error::other(e.to_string()))
+}
+
+const PALETTE: [RGBColor; 6] = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
+
+fn plot_facts(path: &Path, points: &[RatioPoint]) -> Result<()> {
+    let ratios: Vec<f64> = points.iter().filter_map(|p| p.ratio).collect();
+    let (lo, hi) = ratios.iter().fold((1.0f64, 2.0f64), |(lo, hi), r| (lo.min(*r), hi.max(*r)));
+    let total = points.iter().map(|p| p.total).max().unwrap_or(1).max(1) as f64;
+    let root = SVGBackend::new(path, (800, 500)).into_drawing_area();
+    root.fill(&WHITE).map_err(plot_error)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("Facts recalled vs compression ratio", ("sans-serif", 22))
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d((lo - 0.2)..(hi + 0.2), 0.0..(total + 0.5))
+        .map_err(plot_error)?;
+    chart
+        .configure_mesh()
+        .x_desc("compression ratio (tokens / cache entries)")
+        .y_desc(format!("facts recalled (of {total})"))
+        .draw()
+        .map_err(plot_error)?;
+    let mut methods: Vec<&str> = points.iter().map(|p| p.method.as_str()).collect();
+    methods.dedup();
+    for (index, method) in methods.iter().enumerate() {
+        let color = PALETTE[index % PALETTE.len()];
+        let mine: Vec<&RatioPoint> = points.iter().filter(|p| p.method == *method).collect();
+        let series: Vec<(f64, f64)> = match mine.first().and_then(|p| p.ratio) {
+            Some(_) => mine.iter().filter_map(|p| p.ratio.map(|r| (r, p.correct))).collect(),
+            None => vec![(lo - 0.2, mine[0].correct), (hi + 0.2, mine[0].correct)], // a baseline: flat
+        };
+        let style = ShapeStyle::from(&color).stroke_width(2);
+        chart
+            .draw_series(LineSeries::new(series.clone(), style))
+            .map_err(plot_error)?
+            .label(*method)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+        if mine.first().is_some_and(|p| p.ratio.is_some()) {
+            chart.draw_series(series.iter().map(|&(x, y)| Circle::new((x, y), 4, color.filled()))).map_err(plot_error)?;
+        }
+    }
+    chart.configure_series_labels().border_style(BLACK).background_style(WHITE.mix(0.8)).draw().map_err(plot_error)?;
+    root.present().map_err(plot_error)
+}
+
+fn plot_losses(path: &Path, results: &[CellResult]) -> Result<()> {
+    let curves: Vec<&CellResult> = results.iter().filter(|r| !r.loss_curve.is_empty()).collect();
+    if curves.is_empty() {
+        return Ok(());
+    }
+    let longest = curves.iter().map(|r| r.loss_curve.len()).max().unwrap_or(1);
+    let highest = curves.iter().flat_map(|r| r.loss_curve.iter().copied()).fold(0.0f32, f32::max) as f64;
+    let root = SVGBackend::new(path, (800, 500)).into_drawing_area();
+    root.fill(&WHITE).map_err(plot_error)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("V loss during optimisation", ("sans-serif", 22))
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0..longest, 0.0..highest * 1.05)
+        .map_err(plot_error)?;
+    chart.configure_mesh().x_desc("step").y_desc("Σ_layers MSE / mean(target²)").draw().map_err(plot_error)?;
+    for (index, result) in curves.iter().enumerate() {
+        let color = PALETTE[index % PALETTE.len()];
+        let label = format!("{} {} {}x s{}", result.cell.case, result.cell.method, result.cell.ratio.unwrap_or(0.0), result.cell.seed);
+        chart
+            .draw_series(LineSeries::new(result.loss_curve.iter().enumerate().map(|(i, l)| (i, *l as f64)), &color))
+            .map_err(plot_error)?
+            .label(label)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+    }
+    chart.configure_series_labels().border_style(BLACK).background_style(WHITE.mix(0.8)).draw().map_err(plot_error)?;
+    root.present().map_err(plot_error)
+}

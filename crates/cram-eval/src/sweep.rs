@@ -1,0 +1,398 @@
+//! Ratio sweeps from config files. Every cell (case x method x ratio x seed)
+//! appends one JSON line to `results.jsonl` the moment it finishes; a rerun
+//! skips the cells already there, so a crash loses at most the cell in
+//! progress. `summary.csv` and the plots are derived from the results.
+
+use std::collections::HashSet;
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use cram::{Compressor, Model, OptimizerConfig, Pooling, PositionMode, RawSpan, Recipe};
+use serde::{Deserialize, Serialize};
+
+use crate::cases::{load_case_file, Case};
+use crate::evaluate::{facts_score, run_case, Answered, AskSettings, Condition};
+use crate::models;
+use crate::{EvalError, Result};
+
+/// A sweep, as written in `configs/NAME.toml`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SweepConfig {
+    /// A known model name, a `.gguf` path, a safetensors directory or an hf-hub repo id.
+    pub model: String,
+    /// `cpu`, `cuda` or `cuda:N`.
+    #[serde(default = "default_device")]
+    pub device: String,
+    /// Case files and, optionally, which of their cases to run.
+    pub cases: Vec<CaseSource>,
+    /// Compression methods run at every ratio and seed.
+    pub methods: Vec<Method>,
+    /// Reference conditions run once per case.
+    #[serde(default = "default_baselines")]
+    pub baselines: Vec<Baseline>,
+    pub ratios: Vec<f64>,
+    #[serde(default = "default_seeds")]
+    pub seeds: Vec<u64>,
+    #[serde(default)]
+    pub positions: PositionMode,
+    #[serde(default)]
+    pub optimizer: OptimizerConfig,
+    #[serde(default)]
+    pub ask: AskSettings,
+}
+
+fn default_device() -> String {
+    "cpu".into()
+}
+
+fn default_baselines() -> Vec<Baseline> {
+    vec![Baseline::Full, Baseline::None]
+}
+
+fn default_seeds() -> Vec<u64> {
+    vec![0]
+}
+
+/// A case file (any path: users bring their own transcripts) and the ids to
+/// run from it (all when absent).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaseSource {
+    pub file: PathBuf,
+    pub ids: Option<Vec<String>>,
+}
+
+/// A compression method of the sweep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Method {
+    /// The published recipe with surprisal pooling.
+    Surprisal,
+    /// The recipe with uniform pooling (the ablation).
+    Uniform,
+}
+
+/// A reference condition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Baseline {
+    /// The span verbatim.
+    Full,
+    /// No span.
+    None,
+    /// The span's own embeddings through the compressed path.
+    Raw,
+}
+
+impl Baseline {
+    pub fn name(self) -> &'static str {
+        match self {
+            Baseline::Full => "full",
+            Baseline::None => "none",
+            Baseline::Raw => "raw",
+        }
+    }
+}
+
+impl SweepConfig {
+    /// Reads and validates a config; every problem is an error naming the file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let bad = |reason: String| EvalError::Config { path: path.to_path_buf(), reason };
+        let text = std::fs::read_to_string(path).map_err(|e| EvalError::io(path, e))?;
+        let config: Self = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        config.validate().map_err(bad)?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> std::result::Result<(), String> {
+        if let Some(ratio) = self.ratios.iter().find(|r| !(r.is_finite() && **r > 1.0)) {
+            return Err(format!(
+                "ratio {ratio} is not > 1: it would ask for at least as many virtual tokens as the span has tokens"
+            ));
+        }
+        if self.cases.is_empty() {
+            return Err("no [[cases]]".into());
+        }
+        if self.methods.is_empty() && self.baselines.is_empty() {
+            return Err("nothing to run: no methods and no baselines".into());
+        }
+        if !self.methods.is_empty() && self.ratios.is_empty() {
+            return Err("methods given but no ratios".into());
+        }
+        if self.seeds.is_empty() {
+            return Err("seeds is empty".into());
+        }
+        if self.optimizer.lr <= 0.0 || self.optimizer.steps == Some(0) {
+            return Err("optimizer lr must be > 0 and steps >= 1".into());
+        }
+        Ok(())
+    }
+
+    /// The cases the config names, loaded and leak-checked. Relative paths
+    /// are taken from the current directory, then from the config's own.
+    pub fn load_cases(&self, config_path: &Path) -> Result<Vec<Case>> {
+        let mut cases = Vec::new();
+        for source in &self.cases {
+            let beside_config = config_path.parent().unwrap_or(Path::new(".")).join(&source.file);
+            let file = if source.file.exists() || source.file.is_absolute() { source.file.clone() } else { beside_config };
+            if !file.exists() {
+                return Err(EvalError::Config {
+                    path: config_path.to_path_buf(),
+                    reason: format!("case file {} not found", source.file.display()),
+                });
+            }
+            let all = load_case_file(&file)?;
+            let chosen: Vec<Case> = match &source.ids {
+                None => all,
+                Some(ids) => ids
+                    .iter()
+                    .map(|id| {
+                        all.iter().find(|c| &c.id == id).cloned().ok_or_else(|| EvalError::Config {
+                            path: config_path.to_path_buf(),
+                            reason: format!("no case `{id}` in {}", file.display()),
+                        })
+                    })
+                    .collect::<Result<_>>()?,
+            };
+            for case in &chosen {
+                case.check_leaks(self.ask.rendering, self.ask.per_fact)?;
+            }
+            cases.extend(chosen);
+        }
+        Ok(cases)
+    }
+
+    /// Every cell of the sweep, baselines first.
+    pub fn cells(&self, cases: &[Case]) -> Vec<(Cell, CellKind)> {
+        let mut cells = Vec::new();
+        for case in cases {
+            for &baseline in &self.baselines {
+                let cell = Cell { case: case.id.clone(), method: baseline.name().into(), ratio: None, seed: 0 };
+                cells.push((cell, CellKind::Baseline(baseline)));
+            }
+            for &method in &self.methods {
+                for &ratio in &self.ratios {
+                    for &seed in &self.seeds {
+                        let cell = Cell { case: case.id.clone(), method: method_name(method).into(), ratio: Some(ratio), seed };
+                        cells.push((cell, CellKind::Compressed(method, ratio)));
+                    }
+                }
+            }
+        }
+        cells
+    }
+
+    fn recipe(&self, method: Method, ratio: f64) -> Recipe {
+        let pooling = match method {
+            Method::Surprisal => Pooling::Surprisal,
+            Method::Uniform => Pooling::Uniform,
+        };
+        Recipe { ratio, pooling, positions: self.positions, optimizer: self.optimizer.clone() }
+    }
+}
+
+fn method_name(method: Method) -> &'static str {
+    match method {
+        Method::Surprisal => "surprisal",
+        Method::Uniform => "uniform",
+    }
+}
+
+/// What a cell runs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum CellKind {
+    Baseline(Baseline),
+    Compressed(Method, f64),
+}
+
+/// One unit of work and its identity in `results.jsonl`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Cell {
+    pub case: String,
+    pub method: String,
+    /// None for baselines.
+    pub ratio: Option<f64>,
+    pub seed: u64,
+}
+
+impl Cell {
+    fn key(&self) -> String {
+        format!("{}|{}|{}|{}", self.case, self.method, self.ratio.map_or("-".into(), |r| r.to_string()), self.seed)
+    }
+}
+
+/// One line of `results.jsonl`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CellResult {
+    #[serde(flatten)]
+    pub cell: Cell,
+    pub model: String,
+    pub n_tokens: usize,
+    /// Cache entries standing for the span (virtual tokens for the recipe).
+    pub n_virtual: usize,
+    pub facts_correct: usize,
+    pub facts_total: usize,
+    pub loss_final: Option<f32>,
+    pub steps: usize,
+    /// Wall time of the whole cell (compression and answers).
+    pub seconds: f64,
+    /// Seconds spent optimising.
+    pub optimize_seconds: f64,
+    /// Every answer, joined (the full records are in `answers`).
+    pub answer: String,
+    pub answers: Vec<Answered>,
+    pub loss_curve: Vec<f32>,
+}
+
+/// What a sweep reports while it runs.
+pub enum SweepEvent<'a> {
+    /// Cells in all, and how many `results.jsonl` already held.
+    Planned { total: usize, done: usize },
+    /// A cell starts; `steps` is its optimisation budget, if it optimises.
+    CellStarted { cell: &'a Cell, steps: Option<usize> },
+    /// An optimisation step finished.
+    Step { step: usize, loss: f32 },
+    CellFinished { result: &'a CellResult },
+}
+
+/// What a sweep did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SweepOutcome {
+    pub total: usize,
+    pub skipped: usize,
+    pub ran: usize,
+}
+
+/// Runs every cell not yet in `out_dir/results.jsonl`, then writes the
+/// summary and plots. `on_event` may stop the sweep by returning an error
+/// (the cell in progress is then lost, as in a crash).
+pub fn run_sweep(
+    config: &SweepConfig,
+    config_path: &Path,
+    out_dir: &Path,
+    on_event: &mut dyn FnMut(&SweepEvent) -> Result<()>,
+) -> Result<SweepOutcome> {
+    let cases = config.load_cases(config_path)?;
+    std::fs::create_dir_all(out_dir).map_err(|e| EvalError::io(out_dir, e))?;
+    std::fs::write(out_dir.join("config.toml"), toml::to_string(config).unwrap_or_default())
+        .map_err(|e| EvalError::io(out_dir, e))?;
+    let results_path = out_dir.join("results.jsonl");
+    let finished: HashSet<String> = read_results(&results_path)?.iter().map(|r| r.cell.key()).collect();
+    let cells = config.cells(&cases);
+    let pending: Vec<&(Cell, CellKind)> = cells.iter().filter(|(c, _)| !finished.contains(&c.key())).collect();
+    let outcome = SweepOutcome { total: cells.len(), skipped: cells.len() - pending.len(), ran: pending.len() };
+    on_event(&SweepEvent::Planned { total: cells.len(), done: outcome.skipped })?;
+
+    if !pending.is_empty() {
+        let model = load_model(config)?;
+        for (cell, kind) in pending {
+            let Some(case) = cases.iter().find(|c| c.id == cell.case) else { continue };
+            let result = run_cell(&model, config, case, cell, *kind, on_event)?;
+            append_result(&results_path, &result)?;
+            on_event(&SweepEvent::CellFinished { result: &result })?;
+        }
+    }
+    crate::plot::write_report(out_dir)?;
+    Ok(outcome)
+}
+
+fn load_model(config: &SweepConfig) -> Result<Model> {
+    let device = models::parse_device(&config.device)?;
+    Ok(Model::load(&models::resolve(&config.model)?, &device)?)
+}
+
+/// Tokens of the case's span as the config renders it (for step budgets).
+fn case_span_tokens(model: &Model, config: &SweepConfig, case: &Case) -> usize {
+    let text = config.ask.rendering.messages(&case.transcript.messages, &case.split.compress);
+    model.tokenizer.encode(&text).map_or(0, |ids| ids.len())
+}
+
+fn run_cell(
+    model: &Model,
+    config: &SweepConfig,
+    case: &Case,
+    cell: &Cell,
+    kind: CellKind,
+    on_event: &mut dyn FnMut(&SweepEvent) -> Result<()>,
+) -> Result<CellResult> {
+    let started = Instant::now();
+    let recipe = match kind {
+        CellKind::Compressed(method, ratio) => Some(config.recipe(method, ratio)),
+        CellKind::Baseline(_) => None,
+    };
+    let steps = recipe.as_ref().map(|r| r.optimizer.steps_for(case_span_tokens(model, config, case)));
+    on_event(&SweepEvent::CellStarted { cell, steps })?;
+    let mut step_error = None;
+    let mut on_step = |step: usize, loss: f32| {
+        if step_error.is_none() {
+            step_error = on_event(&SweepEvent::Step { step, loss }).err();
+        }
+    };
+    let condition = match (kind, &recipe) {
+        (CellKind::Baseline(Baseline::Full), _) => Condition::Full,
+        (CellKind::Baseline(Baseline::None), _) => Condition::NoContext,
+        (CellKind::Baseline(Baseline::Raw), _) => Condition::Compressed(&RawSpan as &dyn Compressor),
+        (CellKind::Compressed(..), Some(recipe)) => Condition::Compressed(recipe),
+        (CellKind::Compressed(..), None) => Condition::NoContext,
+    };
+    let run = run_case(model, case, &config.ask, condition, &mut on_step)?;
+    if let Some(error) = step_error {
+        return Err(error);
+    }
+    let (facts_correct, facts_total) = facts_score(&run.answers);
+    let optimization = run.compression.and_then(|c| c.optimization);
+    let answer = run.answers.iter().map(|a| a.answer.trim()).collect::<Vec<_>>().join(" | ");
+    Ok(CellResult {
+        cell: cell.clone(),
+        model: model.name.clone(),
+        n_tokens: run.n_tokens,
+        n_virtual: run.n_kept,
+        facts_correct,
+        facts_total,
+        loss_final: optimization.as_ref().and_then(|o| o.final_loss()),
+        steps: optimization.as_ref().map_or(0, |o| o.steps),
+        seconds: started.elapsed().as_secs_f64(),
+        optimize_seconds: optimization.as_ref().map_or(0.0, |o| o.seconds),
+        answer,
+        answers: run.answers,
+        loss_curve: optimization.map(|o| o.loss_curve).unwrap_or_default(),
+    })
+}
+
+/// The finished cells of a results file. A last line cut short by a crash
+/// is dropped (and removed, so the next append starts on a fresh line).
+pub fn read_results(path: &Path) -> Result<Vec<CellResult>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(EvalError::io(path, e)),
+    };
+    let complete = match text.rfind('\n') {
+        Some(end) => &text[..=end],
+        None => "",
+    };
+    if complete.len() != text.len() {
+        std::fs::write(path, complete).map_err(|e| EvalError::io(path, e))?;
+    }
+    complete
+        .lines()
+        .enumerate()
+        .filter(|(_, line)| !line.trim().is_empty())
+        .map(|(number, line)| {
+            serde_json::from_str(line).map_err(|e| EvalError::Transcript {
+                path: path.to_path_buf(),
+                reason: format!("line {}: {e}", number + 1),
+            })
+        })
+        .collect()
+}
+
+fn append_result(path: &Path, result: &CellResult) -> Result<()> {
+    let mut line = serde_json::to_string(result).map_err(|e| EvalError::io(path, e.into()))?;
+    line.push('\n');
+    let mut file = OpenOptions::new().create(true).append(true).open(path).map_err(|e| EvalError::io(path, e))?;
+    file.write_all(line.as_bytes()).and_then(|_| file.sync_data()).map_err(|e| EvalError::io(path, e))
+}

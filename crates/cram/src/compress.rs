@@ -1,0 +1,155 @@
+//! Step 5: compressors. Each method is one small unit behind [`Compressor`]:
+//! span in, KV entries to append out. The published recipe, and the sanity
+//! baseline that keeps the span's own KV, sit side by side.
+
+use serde::{Deserialize, Serialize};
+
+use crate::cache::KvCache;
+use crate::model::{Logits, Qwen2};
+use crate::optimize::{optimise, Objective, OptimizationReport, OptimizerConfig};
+use crate::pooling::{self, Pooling};
+use crate::positions::{virtual_positions, PositionMode};
+use crate::targets::SpanTargets;
+use crate::Result;
+use candle_core::Tensor;
+
+/// KV entries that stand for a span, ready to append to the cache that
+/// held the prefix.
+#[derive(Debug, Clone)]
+pub struct CompressedSpan {
+    /// Per layer, (1, kv_heads, n_kept, head_dim), RoPE applied.
+    pub keys: Vec<Tensor>,
+    /// Per layer, (1, kv_heads, n_kept, head_dim).
+    pub values: Vec<Tensor>,
+    /// (n_kept): the entries' positions, inside the span's range.
+    pub positions: Vec<f32>,
+    pub report: CompressionReport,
+}
+
+impl CompressedSpan {
+    /// Appends the entries to `cache`.
+    pub fn append_to(&self, cache: &mut KvCache) -> Result<()> {
+        cache.append(&self.keys, &self.values, &self.positions)
+    }
+}
+
+/// What a compression did, for reports.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CompressionReport {
+    pub method: String,
+    pub n_tokens: usize,
+    /// Cache entries that stand for the span.
+    pub n_kept: usize,
+    pub optimization: Option<OptimizationReport>,
+}
+
+/// A way of turning a span into fewer cache entries.
+pub trait Compressor {
+    /// A short name for reports (`surprisal`, `uniform`, `raw`, ...).
+    fn name(&self) -> String;
+
+    /// Compresses the span whose targets were computed over `prefix`.
+    /// `on_step(step, loss)` reports progress of iterative methods.
+    fn compress(
+        &self,
+        model: &Qwen2,
+        prefix: &KvCache,
+        span: &SpanTargets,
+        on_step: &mut dyn FnMut(usize, f32),
+    ) -> Result<CompressedSpan>;
+}
+
+/// The published method: surprisal- (or uniformly) pooled V targets,
+/// chunk-mean initial embeddings, interpolated positions, Adam on V at
+/// every layer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Recipe {
+    pub ratio: f64,
+    pub pooling: Pooling,
+    pub positions: PositionMode,
+    pub optimizer: OptimizerConfig,
+}
+
+impl Recipe {
+    /// The published settings at `ratio`.
+    pub fn published(ratio: f64) -> Self {
+        Self { ratio, pooling: Pooling::Surprisal, positions: PositionMode::Rounded, optimizer: OptimizerConfig::default() }
+    }
+}
+
+impl Compressor for Recipe {
+    fn name(&self) -> String {
+        match self.pooling {
+            Pooling::Surprisal => "surprisal".into(),
+            Pooling::Uniform => "uniform".into(),
+        }
+    }
+
+    fn compress(
+        &self,
+        model: &Qwen2,
+        prefix: &KvCache,
+        span: &SpanTargets,
+        on_step: &mut dyn FnMut(usize, f32),
+    ) -> Result<CompressedSpan> {
+        let n_tokens = span.len();
+        let n_virtual = pooling::n_virtual(n_tokens, self.ratio)?;
+        let bounds = pooling::chunk_bounds(n_tokens, n_virtual)?;
+        let device = span.embeddings.device();
+
+        let weights = pooling::token_weights(&span.surprisal, &bounds, self.pooling);
+        let target_matrix = pooling::pooling_matrix(&weights, &bounds, device)?;
+        let targets =
+            span.values.iter().map(|v| pooling::pool(&target_matrix, v)).collect::<Result<Vec<_>>>()?;
+
+        let mean_weights = pooling::token_weights(&span.surprisal, &bounds, Pooling::Uniform);
+        let mean_matrix = pooling::pooling_matrix(&mean_weights, &bounds, device)?;
+        let init = pooling::pool(&mean_matrix, &span.embeddings)?;
+
+        let first = span.positions[0];
+        let last = span.positions[n_tokens - 1];
+        let positions = virtual_positions(first, last, n_virtual, self.positions);
+        let steps = self.optimizer.steps_for(n_tokens);
+        let objective = Objective { prefix, positions: &positions, targets: &targets };
+        let optimized = optimise(model, objective, &init, &self.optimizer, steps, on_step)?;
+        Ok(CompressedSpan {
+            keys: optimized.keys,
+            values: optimized.values,
+            positions,
+            report: CompressionReport {
+                method: self.name(),
+                n_tokens,
+                n_kept: n_virtual,
+                optimization: Some(optimized.report),
+            },
+        })
+    }
+}
+
+/// The span's own embeddings through the compressed path (forward over the
+/// prefix at the original positions, no optimisation): must score as full
+/// context, or the path itself is broken.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RawSpan;
+
+impl Compressor for RawSpan {
+    fn name(&self) -> String {
+        "raw".into()
+    }
+
+    fn compress(
+        &self,
+        model: &Qwen2,
+        prefix: &KvCache,
+        span: &SpanTargets,
+        _on_step: &mut dyn FnMut(usize, f32),
+    ) -> Result<CompressedSpan> {
+        let output = model.forward(&span.embeddings, &span.positions, Some(prefix), Logits::None)?;
+        Ok(CompressedSpan {
+            keys: output.keys,
+            values: output.values,
+            positions: span.positions.clone(),
+            report: CompressionReport { method: self.name(), n_tokens: span.len(), n_kept: span.len(), optimization: None },
+        })
+    }
+}

@@ -1,0 +1,82 @@
+//! Step 1 of the recipe: what the virtual tokens must reproduce. One forward
+//! of the span over the prefix cache gives every layer's V (the targets) and
+//! each token's surprisal (the pooling weights).
+
+use candle_core::{DType, Tensor, D};
+
+use crate::cache::KvCache;
+use crate::model::{Logits, Qwen2};
+use crate::{Error, Result};
+
+/// The span as the model saw it, and what the compression is judged against.
+#[derive(Debug, Clone)]
+pub struct SpanTargets {
+    /// (1, n, hidden) f32: the span's input embeddings.
+    pub embeddings: Tensor,
+    /// (n): the span's original positions.
+    pub positions: Vec<f32>,
+    /// Per layer, (1, kv_heads, n, head_dim), RoPE applied: the span's real keys.
+    pub keys: Vec<Tensor>,
+    /// Per layer, (1, kv_heads, n, head_dim): the span's real values.
+    pub values: Vec<Tensor>,
+    /// (n): -log p(token | everything before it); 0 for the span's first token.
+    pub surprisal: Vec<f32>,
+}
+
+impl SpanTargets {
+    /// Runs `span_ids` at `positions` after `prefix`.
+    pub fn compute(model: &Qwen2, prefix: &KvCache, span_ids: &[u32], positions: &[f32]) -> Result<Self> {
+        if span_ids.is_empty() || span_ids.len() != positions.len() {
+            return Err(Error::Invalid(format!(
+                "a span needs tokens and one position per token (got {} and {})",
+                span_ids.len(),
+                positions.len()
+            )));
+        }
+        let embeddings = model.embed(span_ids)?;
+        let output = model.forward(&embeddings, positions, Some(prefix), Logits::All)?;
+        let logits = output.logits.ok_or_else(|| Error::Invalid("forward returned no logits".into()))?;
+        Ok(Self {
+            embeddings,
+            positions: positions.to_vec(),
+            keys: output.keys,
+            values: output.values,
+            surprisal: surprisal(&logits, span_ids)?,
+        })
+    }
+
+    /// Number of tokens in the span.
+    pub fn len(&self) -> usize {
+        self.positions.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.positions.is_empty()
+    }
+}
+
+/// Token i's surprisal from the logits at i - 1; the first token, whose
+/// prediction lies outside the span, gets 0.
+/// logits: (1, n, vocab) f32
+fn surprisal(logits: &Tensor, span_ids: &[u32]) -> Result<Vec<f32>> {
+    let n = span_ids.len();
+    let mut surprisal = vec![0.0f32; n];
+    if n == 1 {
+        return Ok(surprisal);
+    }
+    let predicting = logits.squeeze(0)?.narrow(0, 0, n - 1)?.to_dtype(DType::F32)?; // (n-1, vocab)
+    let log_probs = log_softmax(&predicting)?;
+    let next_ids = Tensor::new(&span_ids[1..], logits.device())?.unsqueeze(1)?; // (n-1, 1)
+    let picked: Vec<f32> = log_probs.gather(&next_ids, 1)?.squeeze(1)?.to_vec1()?;
+    for (slot, log_prob) in surprisal[1..].iter_mut().zip(picked) {
+        *slot = -log_prob;
+    }
+    Ok(surprisal)
+}
+
+fn log_softmax(xs: &Tensor) -> Result<Tensor> {
+    let max = xs.max_keepdim(D::Minus1)?;
+    let shifted = xs.broadcast_sub(&max)?;
+    let log_sum = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    Ok(shifted.broadcast_sub(&log_sum)?)
+}

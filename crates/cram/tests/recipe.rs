@@ -1,0 +1,148 @@
+//! The published recipe's pieces on a small random model: pooling, positions,
+//! surprisal targets, optimisation, and the compressors.
+
+mod common;
+
+use candle_core::{Tensor, D};
+use common::{cpu, max_abs_diff};
+use cram::optimize::default_steps;
+use cram::pooling::{chunk_bounds, n_virtual, pool, pooling_matrix, token_weights};
+use cram::positions::virtual_positions;
+use cram::{random, Compressor, KvCache, Logits, OptimizerConfig, Pooling, PositionMode, Qwen2, RawSpan, Recipe, SpanTargets};
+
+const PREFIX: [u32; 4] = [5, 9, 14, 2];
+const SPAN: [u32; 12] = [30, 31, 8, 8, 44, 17, 63, 1, 12, 40, 41, 7];
+
+fn positions(start: usize, n: usize) -> Vec<f32> {
+    (start..start + n).map(|p| p as f32).collect()
+}
+
+fn prefix_cache(model: &Qwen2) -> KvCache {
+    let out = model.forward(&model.embed(&PREFIX).unwrap(), &positions(0, PREFIX.len()), None, Logits::None).unwrap();
+    let mut cache = KvCache::new();
+    cache.append(&out.keys, &out.values, &positions(0, PREFIX.len())).unwrap();
+    cache
+}
+
+#[test]
+fn chunk_bounds_are_a_truncated_linspace() {
+    assert_eq!(chunk_bounds(10, 3).unwrap(), vec![0, 3, 6, 10]);
+    assert_eq!(chunk_bounds(7, 7).unwrap(), (0..=7).collect::<Vec<_>>());
+    assert_eq!(chunk_bounds(242, 76).unwrap().len(), 77);
+    assert!(chunk_bounds(5, 6).is_err(), "more virtual tokens than tokens");
+    assert!(chunk_bounds(5, 0).is_err());
+}
+
+#[test]
+fn n_virtual_rounds_like_python_and_refuses_ratios_of_one_or_less() {
+    assert_eq!(n_virtual(242, 3.2).unwrap(), 76); // 75.625
+    assert_eq!(n_virtual(240, 1.6).unwrap(), 150);
+    assert_eq!(n_virtual(10, 4.0).unwrap(), 2); // 2.5 -> 2, ties to even
+    assert_eq!(n_virtual(3, 100.0).unwrap(), 1);
+    for bad in [1.0, 0.5, -2.0, f64::NAN] {
+        assert!(n_virtual(100, bad).is_err(), "ratio {bad}");
+    }
+}
+
+#[test]
+fn surprisal_weights_are_a_softmax_within_each_chunk() {
+    let surprisal = [0.0f32, 2.0, 1.0, 5.0, 5.0];
+    let bounds = chunk_bounds(5, 2).unwrap(); // [0, 2, 5]
+    let weights = token_weights(&surprisal, &bounds, Pooling::Surprisal);
+    // Chunk 0: softmax(0, 2); chunk 1: softmax(1, 5, 5).
+    let e = std::f32::consts::E;
+    let expected = [1.0 / (1.0 + e * e), e * e / (1.0 + e * e), 1.0 / (1.0 + 2.0 * e.powi(4)), e.powi(4) / (1.0 + 2.0 * e.powi(4)), e.powi(4) / (1.0 + 2.0 * e.powi(4))];
+    for (w, x) in weights.iter().zip(expected) {
+        assert!((w - x).abs() < 1e-6, "{weights:?} vs {expected:?}");
+    }
+    for chunk in bounds.windows(2) {
+        let sum: f32 = weights[chunk[0]..chunk[1]].iter().sum();
+        assert!((sum - 1.0).abs() < 1e-6);
+    }
+    let uniform = token_weights(&surprisal, &bounds, Pooling::Uniform);
+    assert_eq!(uniform, vec![0.5, 0.5, 1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0]);
+}
+
+#[test]
+fn pooling_takes_the_weighted_mean_of_each_chunk() -> anyhow::Result<()> {
+    let values = Tensor::new(&[[[[1.0f32, 0.0], [3.0, 2.0], [10.0, 4.0]]]], &cpu())?; // (1, 1, 3, 2)
+    let bounds = chunk_bounds(3, 2)?; // [0, 1, 3]
+    let matrix = pooling_matrix(&[1.0, 0.25, 0.75], &bounds, &cpu())?;
+    let pooled = pool(&matrix, &values)?.squeeze(0)?.squeeze(0)?.to_vec2::<f32>()?;
+    assert_eq!(pooled, vec![vec![1.0, 0.0], vec![0.25 * 3.0 + 0.75 * 10.0, 0.25 * 2.0 + 0.75 * 4.0]]);
+    Ok(())
+}
+
+#[test]
+fn virtual_positions_spread_over_the_span() {
+    assert_eq!(virtual_positions(10.0, 19.0, 4, PositionMode::Fractional), vec![10.0, 13.0, 16.0, 19.0]);
+    assert_eq!(virtual_positions(10.0, 20.0, 4, PositionMode::Fractional)[1], 10.0 + 10.0 / 3.0);
+    // 10, 13.33, 16.67, 20 -> rounded; 12.5 ties to even (12).
+    assert_eq!(virtual_positions(10.0, 20.0, 4, PositionMode::Rounded), vec![10.0, 13.0, 17.0, 20.0]);
+    assert_eq!(virtual_positions(10.0, 15.0, 3, PositionMode::Rounded), vec![10.0, 12.0, 15.0]);
+    assert_eq!(virtual_positions(7.0, 30.0, 1, PositionMode::Rounded), vec![7.0]);
+}
+
+#[test]
+fn default_steps_scale_with_the_span() {
+    assert_eq!(default_steps(250), 300);
+    assert_eq!(default_steps(242), 290);
+    assert_eq!(default_steps(1231), 1477);
+    assert_eq!(default_steps(20), 100);
+}
+
+#[test]
+fn targets_hold_the_span_kv_and_its_surprisal() -> anyhow::Result<()> {
+    let model = random::model(&random::tiny_config(), 17, &cpu())?;
+    let prefix = prefix_cache(&model);
+    let span_positions = positions(PREFIX.len(), SPAN.len());
+    let targets = SpanTargets::compute(&model, &prefix, &SPAN, &span_positions)?;
+    assert_eq!(targets.surprisal[0], 0.0, "the first token's prediction lies outside the span");
+
+    let logits = model.forward(&model.embed(&SPAN)?, &span_positions, Some(&prefix), Logits::All)?.logits.unwrap();
+    let log_probs = candle_nn::ops::log_softmax(&logits.squeeze(0)?, D::Minus1)?.to_vec2::<f32>()?;
+    for i in 1..SPAN.len() {
+        let expected = -log_probs[i - 1][SPAN[i] as usize];
+        assert!((targets.surprisal[i] - expected).abs() < 1e-4, "token {i}");
+    }
+    Ok(())
+}
+
+#[test]
+fn the_raw_span_compressor_reproduces_the_span_kv() -> anyhow::Result<()> {
+    let model = random::model(&random::tiny_config(), 19, &cpu())?;
+    let prefix = prefix_cache(&model);
+    let targets = SpanTargets::compute(&model, &prefix, &SPAN, &positions(PREFIX.len(), SPAN.len()))?;
+    let raw = RawSpan.compress(&model, &prefix, &targets, &mut |_, _| {})?;
+    assert_eq!(raw.positions, targets.positions);
+    for layer in 0..targets.values.len() {
+        assert!(max_abs_diff(&raw.keys[layer], &targets.keys[layer]) <= 1e-6);
+        assert!(max_abs_diff(&raw.values[layer], &targets.values[layer]) <= 1e-6);
+    }
+    Ok(())
+}
+
+#[test]
+fn optimisation_lowers_the_value_loss() -> anyhow::Result<()> {
+    let model = random::model(&random::tiny_config(), 23, &cpu())?;
+    let prefix = prefix_cache(&model);
+    let targets = SpanTargets::compute(&model, &prefix, &SPAN, &positions(PREFIX.len(), SPAN.len()))?;
+    for pooling in [Pooling::Surprisal, Pooling::Uniform] {
+        let recipe = Recipe {
+            ratio: 3.0,
+            pooling,
+            positions: PositionMode::Rounded,
+            optimizer: OptimizerConfig { lr: 0.05, steps: Some(60), ..Default::default() },
+        };
+        let mut steps_seen = 0;
+        let compressed = recipe.compress(&model, &prefix, &targets, &mut |_, _| steps_seen += 1)?;
+        let report = compressed.report.optimization.unwrap();
+        assert_eq!((steps_seen, report.steps, report.loss_curve.len()), (60, 60, 61));
+        let (first, last) = (report.loss_curve[0], *report.loss_curve.last().unwrap());
+        assert!(last < 0.5 * first, "{pooling:?}: loss {first} -> {last}");
+        assert_eq!(compressed.report.n_kept, 4);
+        assert_eq!(compressed.positions, vec![4.0, 8.0, 11.0, 15.0]);
+        assert_eq!(compressed.keys[0].dims(), &[1, 2, 4, 8]);
+    }
+    Ok(())
+}
