@@ -42,7 +42,7 @@ impl SweepBars {
                 }
                 if let Some(cells) = &self.cells {
                     cells.inc(1);
-                    cells.println(format!(
+                    self.say(format!(
                         "{} {} {}: {}/{} facts, {} entries for {} tokens, {:.0}s",
                         result.cell.case,
                         result.cell.method,
@@ -55,6 +55,16 @@ impl SweepBars {
                     ));
                 }
             }
+        }
+    }
+
+    /// A line above the bars, or on stderr when they are hidden (no terminal),
+    /// so logs of unattended runs still show each finished cell.
+    fn say(&self, line: String) {
+        if self.bars.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            let _ = self.bars.println(line);
         }
     }
 

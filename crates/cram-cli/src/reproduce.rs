@@ -28,7 +28,11 @@ pub fn run(full: bool, model: Option<String>, device: Option<String>, out: Optio
     let config = cram_eval::sweep::SweepConfig::load(&config_path)
         .with_context(|| "run `cram reproduce` from the repository root")?;
     let model_name = model.clone().unwrap_or(config.model.clone());
-    let model_label = Path::new(&model_name).file_stem().map_or(model_name.clone(), |s| s.to_string_lossy().into_owned());
+    // A path names the run by its file; a model name or repo id by itself.
+    let model_label = match model_name.strip_suffix(".gguf") {
+        Some(stem) => Path::new(stem).file_name().map_or(stem.to_string(), |s| s.to_string_lossy().into_owned()),
+        None => model_name.replace('/', "_"),
+    };
     let out = out.unwrap_or_else(|| PathBuf::from(format!("experiments/reproduce-{name}-{model_label}")));
     let config = crate::sweep(&config_path, &out, model, device)?;
     let results = read_results(&out.join("results.jsonl"))?;

@@ -23,11 +23,15 @@ pub struct RatioPoint {
     pub total: usize,
 }
 
+/// (method, ratio as bits, None for baselines)
+type MethodRatio = (String, Option<u64>);
+/// (facts correct, facts total)
+type FactCount = (usize, usize);
+
 /// Aggregates results per (method, ratio): facts summed over cases, then
 /// mean and range over seeds.
 pub fn facts_by_ratio(results: &[CellResult]) -> Vec<RatioPoint> {
-    // (method, ratio bits) -> seed -> (correct, total)
-    let mut grouped: BTreeMap<(String, Option<u64>), BTreeMap<u64, (usize, usize)>> = BTreeMap::new();
+    let mut grouped: BTreeMap<MethodRatio, BTreeMap<u64, FactCount>> = BTreeMap::new();
     for result in results {
         let key = (result.cell.method.clone(), result.cell.ratio.map(f64::to_bits));
         let per_seed = grouped.entry(key).or_default().entry(result.cell.seed).or_default();
