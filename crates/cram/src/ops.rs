@@ -4,7 +4,7 @@
 //! virtual embeddings would never move.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor, D};
 
 use crate::Result;
 
@@ -19,10 +19,15 @@ pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
 }
 
 /// RMS normalisation over the last dimension, times a (frozen) gain.
+/// Computed in at least f32 and cast back once before the gain, as HF's
+/// Qwen2RMSNorm does: a bf16 mean of squares drifts.
 pub fn rms_norm(xs: &Tensor, gain: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = xs.dtype();
+    let wide = if dtype == DType::F64 { DType::F64 } else { DType::F32 };
+    let xs = xs.to_dtype(wide)?;
     let mean_square = xs.sqr()?.mean_keepdim(D::Minus1)?;
     let inv_rms = (mean_square + eps)?.sqrt()?.recip()?;
-    Ok(xs.broadcast_mul(&inv_rms)?.broadcast_mul(gain)?)
+    Ok(xs.broadcast_mul(&inv_rms)?.to_dtype(dtype)?.broadcast_mul(gain)?)
 }
 
 /// How a linear layer treats its frozen weight in the backward pass.

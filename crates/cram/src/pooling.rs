@@ -3,7 +3,7 @@
 //! within the chunk) pull the target toward the informative tokens, uniform
 //! weights are the ablation.
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
@@ -26,13 +26,18 @@ pub fn n_virtual(n_tokens: usize, ratio: f64) -> Result<usize> {
     Ok(((n_tokens as f64 / ratio).round_ties_even() as usize).max(1))
 }
 
-/// Chunk boundaries `linspace(0, n, n_virtual + 1)` truncated to integers:
-/// chunk j covers tokens `bounds[j]..bounds[j + 1]`, never empty.
+/// Chunk boundaries `linspace(0, n, n_virtual + 1)` truncated to integers,
+/// computed as numpy does (`j * (n / k)`, last point exactly `n`) so the
+/// chunks match the reference's: chunk j covers tokens
+/// `bounds[j]..bounds[j + 1]`, never empty.
 pub fn chunk_bounds(n_tokens: usize, n_virtual: usize) -> Result<Vec<usize>> {
     if n_virtual == 0 || n_virtual > n_tokens {
         return Err(Error::Invalid(format!("{n_virtual} virtual tokens for a span of {n_tokens} tokens")));
     }
-    Ok((0..=n_virtual).map(|j| (j as f64 * n_tokens as f64 / n_virtual as f64) as usize).collect())
+    let step = n_tokens as f64 / n_virtual as f64;
+    let mut bounds: Vec<usize> = (0..n_virtual).map(|j| (j as f64 * step) as usize).collect();
+    bounds.push(n_tokens);
+    Ok(bounds)
 }
 
 /// Each token's weight within its chunk; the weights of a chunk sum to 1.
@@ -70,12 +75,14 @@ pub fn pooling_matrix(weights: &[f32], bounds: &[usize], device: &Device) -> Res
 }
 
 /// Applies a pooling matrix (n_virtual, n) along the token axis of
-/// (1, kv_heads, n, head_dim) or (1, n, hidden) tensors.
+/// (1, kv_heads, n, head_dim) or (1, n, hidden) tensors, in f32 whatever
+/// their dtype (bf16 weights would no longer sum to 1).
 pub fn pool(matrix: &Tensor, per_token: &Tensor) -> Result<Tensor> {
-    let matrix = matrix.to_dtype(per_token.dtype())?;
+    let matrix = matrix.to_dtype(DType::F32)?;
+    let per_token = per_token.to_dtype(DType::F32)?;
     Ok(match per_token.rank() {
-        4 => matrix.broadcast_matmul(per_token)?,
-        3 => matrix.unsqueeze(0)?.matmul(per_token)?,
+        4 => matrix.broadcast_matmul(&per_token)?,
+        3 => matrix.unsqueeze(0)?.matmul(&per_token)?,
         rank => return Err(Error::Invalid(format!("cannot pool a rank-{rank} tensor"))),
     })
 }

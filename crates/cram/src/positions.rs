@@ -15,12 +15,12 @@ pub enum PositionMode {
 }
 
 /// `linspace(first, last, n_virtual)` over the span's first and last
-/// original positions.
+/// original positions, as numpy computes it (the last point exactly `last`).
 pub fn virtual_positions(first: f32, last: f32, n_virtual: usize, mode: PositionMode) -> Vec<f32> {
     let step = if n_virtual > 1 { (last as f64 - first as f64) / (n_virtual - 1) as f64 } else { 0.0 };
     (0..n_virtual)
         .map(|i| {
-            let position = first as f64 + i as f64 * step;
+            let position = if i + 1 == n_virtual && n_virtual > 1 { last as f64 } else { first as f64 + i as f64 * step };
             match mode {
                 PositionMode::Rounded => position.round_ties_even() as f32,
                 PositionMode::Fractional => position as f32,

@@ -29,6 +29,8 @@ fn chunk_bounds_are_a_truncated_linspace() {
     assert_eq!(chunk_bounds(10, 3).unwrap(), vec![0, 3, 6, 10]);
     assert_eq!(chunk_bounds(7, 7).unwrap(), (0..=7).collect::<Vec<_>>());
     assert_eq!(chunk_bounds(242, 76).unwrap().len(), 77);
+    // numpy's linspace computes j * (n / k): 39 * (248 / 78) lands just under 124.
+    assert_eq!(chunk_bounds(248, 78).unwrap()[39], 123);
     assert!(chunk_bounds(5, 6).is_err(), "more virtual tokens than tokens");
     assert!(chunk_bounds(5, 0).is_err());
 }
