@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use anyhow::Result;
 use candle_core::{Tensor, Var};
 use cram::ops::WeightGrad;
-use cram::{objective, KvCache, Logits, Model, ModelSource};
+use cram::{objective, KvCache, Logits, Model, ModelSource, Recipe, SpanTargets};
 use cram_eval::models::{KnownModel, DEFAULT_MODEL};
 
 /// Wraps the system allocator, counting live bytes and their peak.
@@ -57,33 +57,22 @@ pub struct StepSetup {
 }
 
 impl StepSetup {
-    /// The first `prefix_len` tokens of `text` as the prefix; `n_virtual`
-    /// virtual tokens initialised from the next tokens' embeddings, over a
-    /// span 3.2 times as long; targets are that span's real Values pooled to
-    /// `n_virtual` by chunk means (a stand-in for the recipe's targets).
+    /// The first `prefix_len` tokens of `text` as the prefix and the next
+    /// `round(3.2 n_virtual)` as the span, set up exactly as the published
+    /// recipe starts its optimisation at 3.2x (`Recipe::virtual_start`).
     pub fn new(model: &Model, text: &str, prefix_len: usize, n_virtual: usize) -> Result<Self> {
-        let span_len = (n_virtual as f32 * 3.2).round() as usize;
-        let mut ids = model.tokenizer.encode(text)?;
+        let ratio = 3.2;
+        let span_len = (n_virtual as f64 * ratio).round() as usize;
+        let ids = model.tokenizer.encode(text)?;
         anyhow::ensure!(ids.len() >= prefix_len + span_len, "text too short: {} tokens", ids.len());
-        ids.truncate(prefix_len + span_len);
-        let positions: Vec<f32> = (0..ids.len()).map(|i| i as f32).collect();
+        let positions: Vec<f32> = (0..prefix_len + span_len).map(|i| i as f32).collect();
         let prefix = model.qwen2.forward(&model.qwen2.embed(&ids[..prefix_len])?, &positions[..prefix_len], None, Logits::None)?;
         let mut cache = KvCache::new();
         cache.append(&prefix.keys, &prefix.values, &positions[..prefix_len])?;
-        let span = model.qwen2.forward(&model.qwen2.embed(&ids[prefix_len..])?, &positions[prefix_len..], Some(&cache), Logits::None)?;
-        let chunk = span_len / n_virtual;
-        let targets = span
-            .values
-            .iter()
-            .map(|v| {
-                let (b, h, _, d) = v.dims4()?;
-                v.narrow(2, 0, chunk * n_virtual)?.reshape((b, h, n_virtual, chunk, d))?.mean(3)
-            })
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let init = model.qwen2.embed(&ids[prefix_len..prefix_len + n_virtual])?;
-        let step = (span_len - 1) as f32 / (n_virtual - 1).max(1) as f32;
-        let virtual_positions = (0..n_virtual).map(|i| prefix_len as f32 + (i as f32 * step).round()).collect();
-        Ok(Self { cache, virtual_embeddings: Var::from_tensor(&init)?, virtual_positions, targets })
+        let span = SpanTargets::compute(&model.qwen2, &cache, &ids[prefix_len..prefix_len + span_len], &positions[prefix_len..])?;
+        let start = Recipe::published(ratio).virtual_start(&span)?;
+        anyhow::ensure!(start.positions.len() == n_virtual, "{} virtual tokens, wanted {n_virtual}", start.positions.len());
+        Ok(Self { cache, virtual_embeddings: Var::from_tensor(&start.init)?, virtual_positions: start.positions, targets: start.targets })
     }
 
     /// Forward to every layer's V, the normalised V loss, backward to the

@@ -77,6 +77,39 @@ impl Recipe {
     }
 }
 
+/// Where the recipe's optimisation starts: chunk-mean embeddings at
+/// interpolated positions, and the pooled V targets they must reach.
+#[derive(Debug, Clone)]
+pub struct VirtualStart {
+    /// (1, n_virtual, hidden) f32
+    pub init: Tensor,
+    /// (n_virtual)
+    pub positions: Vec<f32>,
+    /// Per layer, (1, kv_heads, n_virtual, head_dim) f32.
+    pub targets: Vec<Tensor>,
+}
+
+impl Recipe {
+    /// Pools the span into this recipe's starting point (no optimisation).
+    pub fn virtual_start(&self, span: &SpanTargets) -> Result<VirtualStart> {
+        let n_tokens = span.len();
+        let n_virtual = pooling::n_virtual(n_tokens, self.ratio)?;
+        let bounds = pooling::chunk_bounds(n_tokens, n_virtual)?;
+        let device = span.embeddings.device();
+
+        let weights = pooling::token_weights(&span.surprisal, &bounds, self.pooling);
+        let target_matrix = pooling::pooling_matrix(&weights, &bounds, device)?;
+        let targets = span.values.iter().map(|v| pooling::pool(&target_matrix, v)).collect::<Result<Vec<_>>>()?;
+
+        let mean_weights = pooling::token_weights(&span.surprisal, &bounds, Pooling::Uniform);
+        let mean_matrix = pooling::pooling_matrix(&mean_weights, &bounds, device)?;
+        let init = pooling::pool(&mean_matrix, &span.embeddings)?;
+
+        let positions = virtual_positions(span.positions[0], span.positions[n_tokens - 1], n_virtual, self.positions);
+        Ok(VirtualStart { init, positions, targets })
+    }
+}
+
 impl Compressor for Recipe {
     fn name(&self) -> String {
         match self.pooling {
@@ -93,22 +126,8 @@ impl Compressor for Recipe {
         on_step: &mut dyn FnMut(usize, f32),
     ) -> Result<CompressedSpan> {
         let n_tokens = span.len();
-        let n_virtual = pooling::n_virtual(n_tokens, self.ratio)?;
-        let bounds = pooling::chunk_bounds(n_tokens, n_virtual)?;
-        let device = span.embeddings.device();
-
-        let weights = pooling::token_weights(&span.surprisal, &bounds, self.pooling);
-        let target_matrix = pooling::pooling_matrix(&weights, &bounds, device)?;
-        let targets =
-            span.values.iter().map(|v| pooling::pool(&target_matrix, v)).collect::<Result<Vec<_>>>()?;
-
-        let mean_weights = pooling::token_weights(&span.surprisal, &bounds, Pooling::Uniform);
-        let mean_matrix = pooling::pooling_matrix(&mean_weights, &bounds, device)?;
-        let init = pooling::pool(&mean_matrix, &span.embeddings)?;
-
-        let first = span.positions[0];
-        let last = span.positions[n_tokens - 1];
-        let positions = virtual_positions(first, last, n_virtual, self.positions);
+        let VirtualStart { init, positions, targets } = self.virtual_start(span)?;
+        let n_virtual = positions.len();
         let steps = self.optimizer.steps_for(n_tokens);
         let objective = Objective { prefix, positions: &positions, targets: &targets };
         let optimized = optimise(model, objective, &init, &self.optimizer, steps, on_step)?;

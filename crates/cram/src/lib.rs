@@ -58,7 +58,7 @@ pub mod random;
 pub mod rope;
 
 pub use cache::KvCache;
-pub use compress::{CompressedSpan, CompressionReport, Compressor, RawSpan, Recipe};
+pub use compress::{CompressedSpan, CompressionReport, Compressor, RawSpan, Recipe, VirtualStart};
 pub use optimize::OptimizerConfig;
 pub use pooling::Pooling;
 pub use positions::PositionMode;
