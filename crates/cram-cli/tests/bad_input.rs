@@ -25,7 +25,7 @@ fn assert_clean_failure(output: &Output, expected: &str) {
 fn a_missing_gguf() {
     let home = tempfile::tempdir().unwrap();
     let output = cram(&["check", "--model", "/nonexistent/model.gguf"], home.path());
-    assert_clean_failure(&output, "model file not found");
+    assert_clean_failure(&output, "file not found");
 }
 
 #[test]

@@ -93,6 +93,33 @@ pub struct Case {
     pub questions: Vec<Question>,
     /// The rendering the case file names (`chatml` if it names none).
     pub rendering: Rendering,
+    /// Whether the span is compressed whole or turn by turn.
+    pub kind: CaseKind,
+    /// Keep only the suffix's first tokens (the published sequential case
+    /// cuts its last turn to 38 tokens).
+    pub suffix_max_tokens: Option<usize>,
+}
+
+/// How a case's span is compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CaseKind {
+    /// All compressed messages as one span.
+    #[default]
+    SingleTurn,
+    /// Each compressed message in turn, against the running compressed cache.
+    Sequential,
+}
+
+impl Case {
+    /// The message indices of each span compressed in turn: one span of all
+    /// of them for a single-turn case, one per message for a sequential one.
+    pub fn turns(&self) -> Vec<Vec<usize>> {
+        match self.kind {
+            CaseKind::SingleTurn => vec![self.split.compress.clone()],
+            CaseKind::Sequential => self.split.compress.iter().map(|&i| vec![i]).collect(),
+        }
+    }
 }
 
 /// Reads the cases of a file: a case file (`bearing-questions.json` form: a
@@ -127,7 +154,15 @@ fn case_of_transcript(path: &Path) -> Result<Case> {
         }
     };
     check_split(&transcript, &split, path)?;
-    Ok(Case { id: transcript.id.clone(), questions: transcript.questions.clone(), transcript, split, rendering: Rendering::Chatml })
+    Ok(Case {
+        id: transcript.id.clone(),
+        questions: transcript.questions.clone(),
+        transcript,
+        split,
+        rendering: Rendering::Chatml,
+        kind: CaseKind::SingleTurn,
+        suffix_max_tokens: None,
+    })
 }
 
 fn load_cases_of_case_file(path: &Path, text: &str) -> Result<Vec<Case>> {
@@ -147,6 +182,9 @@ fn load_cases_of_case_file(path: &Path, text: &str) -> Result<Vec<Case>> {
         compress: Vec<usize>,
         #[serde(default)]
         suffix: Vec<usize>,
+        #[serde(default)]
+        kind: CaseKind,
+        suffix_max_tokens: Option<usize>,
         questions: Vec<Question>,
     }
     let file: CaseFile =
@@ -160,7 +198,15 @@ fn load_cases_of_case_file(path: &Path, text: &str) -> Result<Vec<Case>> {
         .map(|entry| {
             let split = Split { prefix: entry.prefix, compress: entry.compress, suffix: entry.suffix };
             check_split(&transcript, &split, path)?;
-            Ok(Case { id: entry.id, transcript: transcript.clone(), split, questions: entry.questions, rendering })
+            Ok(Case {
+                id: entry.id,
+                transcript: transcript.clone(),
+                split,
+                questions: entry.questions,
+                rendering,
+                kind: entry.kind,
+                suffix_max_tokens: entry.suffix_max_tokens,
+            })
         })
         .collect::<Result<Vec<_>>>()?;
     Ok(cases)

@@ -3,6 +3,7 @@
 
 pub mod cases;
 pub mod evaluate;
+pub mod memory;
 pub mod models;
 pub mod plot;
 pub mod render;

@@ -9,12 +9,13 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use cram::{Compressor, Model, OptimizerConfig, Pooling, PositionMode, RawSpan, Recipe};
+use cram::optimize::OptimizationReport;
+use cram::{CompressThenEvict, Compressor, Hybrid, Model, OptimizerConfig, Pooling, PositionMode, RawSpan, Recipe, Truncate};
 use serde::{Deserialize, Serialize};
 
 use crate::cases::{load_case_file, Case};
 use crate::evaluate::{facts_score, run_case, Answered, AskSettings, Condition};
-use crate::models;
+use crate::{memory, models};
 use crate::{EvalError, Result};
 
 /// A sweep, as written in `configs/NAME.toml`.
@@ -28,8 +29,9 @@ pub struct SweepConfig {
     pub device: String,
     /// Case files and, optionally, which of their cases to run.
     pub cases: Vec<CaseSource>,
-    /// Compression methods run at every ratio and seed.
-    pub methods: Vec<Method>,
+    /// Compression methods, each run at every ratio (its own, if it names
+    /// them: `{ method = "hybrid", ratios = [2.0] }`) and seed.
+    pub methods: Vec<MethodEntry>,
     /// Reference conditions run once per case.
     #[serde(default = "default_baselines")]
     pub baselines: Vec<Baseline>,
@@ -42,6 +44,40 @@ pub struct SweepConfig {
     pub optimizer: OptimizerConfig,
     #[serde(default)]
     pub ask: AskSettings,
+    #[serde(default)]
+    pub hybrid: HybridSettings,
+    #[serde(default)]
+    pub evict: EvictSettings,
+}
+
+/// The hybrid's knob.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HybridSettings {
+    /// Share of a span's tokens kept verbatim.
+    pub verbatim_share: f64,
+}
+
+impl Default for HybridSettings {
+    fn default() -> Self {
+        Self { verbatim_share: 0.15 }
+    }
+}
+
+/// Compress-then-evict's knobs.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvictSettings {
+    /// The ratio the recipe compresses at before eviction.
+    pub first_ratio: f64,
+    /// Observing tokens (the span's last) that score the entries.
+    pub window: usize,
+}
+
+impl Default for EvictSettings {
+    fn default() -> Self {
+        Self { first_ratio: 2.0, window: 32 }
+    }
 }
 
 fn default_device() -> String {
@@ -73,6 +109,44 @@ pub enum Method {
     Surprisal,
     /// The recipe with uniform pooling (the ablation).
     Uniform,
+    /// The most unique tokens verbatim, the rest through the recipe.
+    Hybrid,
+    /// The recipe at `evict.first_ratio`, then attention eviction to the ratio.
+    CompressEvict,
+}
+
+impl Method {
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Surprisal => "surprisal",
+            Method::Uniform => "uniform",
+            Method::Hybrid => "hybrid",
+            Method::CompressEvict => "compress-evict",
+        }
+    }
+}
+
+/// A method at the sweep's ratios, or at its own.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum MethodEntry {
+    Method(Method),
+    WithRatios { method: Method, ratios: Vec<f64> },
+}
+
+impl MethodEntry {
+    fn method(&self) -> Method {
+        match self {
+            Self::Method(method) | Self::WithRatios { method, .. } => *method,
+        }
+    }
+
+    fn ratios<'a>(&'a self, sweep_ratios: &'a [f64]) -> &'a [f64] {
+        match self {
+            Self::Method(_) => sweep_ratios,
+            Self::WithRatios { ratios, .. } => ratios,
+        }
+    }
 }
 
 /// A reference condition.
@@ -85,6 +159,8 @@ pub enum Baseline {
     None,
     /// The span's own embeddings through the compressed path.
     Raw,
+    /// The span dropped; what follows keeps its original positions.
+    Truncated,
 }
 
 impl Baseline {
@@ -93,6 +169,7 @@ impl Baseline {
             Baseline::Full => "full",
             Baseline::None => "none",
             Baseline::Raw => "raw",
+            Baseline::Truncated => "truncated",
         }
     }
 }
@@ -108,7 +185,8 @@ impl SweepConfig {
     }
 
     fn validate(&self) -> std::result::Result<(), String> {
-        if let Some(ratio) = self.ratios.iter().find(|r| !(r.is_finite() && **r > 1.0)) {
+        let all_ratios = self.methods.iter().flat_map(|m| m.ratios(&self.ratios).iter());
+        if let Some(ratio) = all_ratios.clone().find(|r| !(r.is_finite() && **r > 1.0)) {
             return Err(format!(
                 "ratio {ratio} is not > 1: it would ask for at least as many virtual tokens as the span has tokens"
             ));
@@ -119,8 +197,18 @@ impl SweepConfig {
         if self.methods.is_empty() && self.baselines.is_empty() {
             return Err("nothing to run: no methods and no baselines".into());
         }
-        if !self.methods.is_empty() && self.ratios.is_empty() {
-            return Err("methods given but no ratios".into());
+        if let Some(entry) = self.methods.iter().find(|m| m.ratios(&self.ratios).is_empty()) {
+            return Err(format!("method {} has no ratios", entry.method().name()));
+        }
+        let evicts_at = self.methods.iter().filter(|m| m.method() == Method::CompressEvict).flat_map(|m| m.ratios(&self.ratios));
+        if let Some(ratio) = evicts_at.clone().find(|&&r| r <= self.evict.first_ratio) {
+            return Err(format!(
+                "compress-evict at {ratio}x: eviction must go beyond the first compression's {}x (evict.first_ratio)",
+                self.evict.first_ratio
+            ));
+        }
+        if !(0.0..1.0).contains(&self.hybrid.verbatim_share) {
+            return Err(format!("hybrid.verbatim_share {} is not in [0, 1)", self.hybrid.verbatim_share));
         }
         if self.seeds.is_empty() {
             return Err("seeds is empty".into());
@@ -173,10 +261,11 @@ impl SweepConfig {
                 let cell = Cell { case: case.id.clone(), method: baseline.name().into(), ratio: None, seed: 0 };
                 cells.push((cell, CellKind::Baseline(baseline)));
             }
-            for &method in &self.methods {
-                for &ratio in &self.ratios {
+            for entry in &self.methods {
+                let method = entry.method();
+                for &ratio in entry.ratios(&self.ratios) {
                     for &seed in &self.seeds {
-                        let cell = Cell { case: case.id.clone(), method: method_name(method).into(), ratio: Some(ratio), seed };
+                        let cell = Cell { case: case.id.clone(), method: method.name().into(), ratio: Some(ratio), seed };
                         cells.push((cell, CellKind::Compressed(method, ratio)));
                     }
                 }
@@ -185,19 +274,25 @@ impl SweepConfig {
         cells
     }
 
-    fn recipe(&self, method: Method, ratio: f64) -> Recipe {
-        let pooling = match method {
-            Method::Surprisal => Pooling::Surprisal,
-            Method::Uniform => Pooling::Uniform,
-        };
+    fn recipe(&self, pooling: Pooling, ratio: f64) -> Recipe {
         Recipe { ratio, pooling, positions: self.positions, optimizer: self.optimizer.clone() }
     }
-}
 
-fn method_name(method: Method) -> &'static str {
-    match method {
-        Method::Surprisal => "surprisal",
-        Method::Uniform => "uniform",
+    /// The compressor a cell runs.
+    pub fn compressor(&self, method: Method, ratio: f64) -> Box<dyn Compressor> {
+        match method {
+            Method::Surprisal => Box::new(self.recipe(Pooling::Surprisal, ratio)),
+            Method::Uniform => Box::new(self.recipe(Pooling::Uniform, ratio)),
+            Method::Hybrid => Box::new(Hybrid {
+                verbatim_share: self.hybrid.verbatim_share,
+                recipe: self.recipe(Pooling::Surprisal, ratio),
+            }),
+            Method::CompressEvict => Box::new(CompressThenEvict {
+                recipe: self.recipe(Pooling::Surprisal, self.evict.first_ratio),
+                ratio,
+                window: self.evict.window,
+            }),
+        }
     }
 }
 
@@ -235,7 +330,9 @@ pub struct CellResult {
     pub n_virtual: usize,
     pub facts_correct: usize,
     pub facts_total: usize,
+    /// The final loss, averaged over compressed turns.
     pub loss_final: Option<f32>,
+    /// Optimisation steps, summed over compressed turns.
     pub steps: usize,
     /// Wall time of the whole cell (compression and answers).
     pub seconds: f64,
@@ -244,7 +341,14 @@ pub struct CellResult {
     /// Every answer, joined (the full records are in `answers`).
     pub answer: String,
     pub answers: Vec<Answered>,
+    /// The loss curves of every compressed turn, one after the other.
     pub loss_curve: Vec<f32>,
+    /// Each compressed turn's final loss (one entry for a single-turn case).
+    #[serde(default)]
+    pub turn_losses: Vec<f32>,
+    /// Peak resident memory of the process during the cell (Linux), MiB.
+    #[serde(default)]
+    pub peak_rss_mib: Option<f64>,
 }
 
 /// What a sweep reports while it runs.
@@ -304,12 +408,6 @@ fn load_model(config: &SweepConfig) -> Result<Model> {
     Ok(Model::load(&models::resolve(&config.model)?, &device)?)
 }
 
-/// Tokens of the case's span as the config renders it (for step budgets).
-fn case_span_tokens(model: &Model, config: &SweepConfig, case: &Case) -> usize {
-    let text = config.ask.rendering.messages(&case.transcript.messages, &case.split.compress);
-    model.tokenizer.encode(&text).map_or(0, |ids| ids.len())
-}
-
 fn run_cell(
     model: &Model,
     config: &SweepConfig,
@@ -319,31 +417,36 @@ fn run_cell(
     on_event: &mut dyn FnMut(&SweepEvent) -> Result<()>,
 ) -> Result<CellResult> {
     let started = Instant::now();
-    let recipe = match kind {
-        CellKind::Compressed(method, ratio) => Some(config.recipe(method, ratio)),
-        CellKind::Baseline(_) => None,
+    memory::reset_peak_rss();
+    let compressor: Option<Box<dyn Compressor>> = match kind {
+        CellKind::Compressed(method, ratio) => Some(config.compressor(method, ratio)),
+        CellKind::Baseline(Baseline::Raw) => Some(Box::new(RawSpan)),
+        CellKind::Baseline(Baseline::Truncated) => Some(Box::new(Truncate)),
+        CellKind::Baseline(Baseline::Full | Baseline::None) => None,
     };
-    let steps = recipe.as_ref().map(|r| r.optimizer.steps_for(case_span_tokens(model, config, case)));
+    let steps = matches!(kind, CellKind::Compressed(..)).then(|| total_steps(model, config, case));
     on_event(&SweepEvent::CellStarted { cell, steps })?;
     let mut step_error = None;
-    let mut on_step = |step: usize, loss: f32| {
+    let mut steps_done = 0;
+    let mut on_step = |_: usize, loss: f32| {
         if step_error.is_none() {
-            step_error = on_event(&SweepEvent::Step { step, loss }).err();
+            step_error = on_event(&SweepEvent::Step { step: steps_done, loss }).err();
         }
+        steps_done += 1;
     };
-    let condition = match (kind, &recipe) {
+    let condition = match (kind, &compressor) {
         (CellKind::Baseline(Baseline::Full), _) => Condition::Full,
         (CellKind::Baseline(Baseline::None), _) => Condition::NoContext,
-        (CellKind::Baseline(Baseline::Raw), _) => Condition::Compressed(&RawSpan as &dyn Compressor),
-        (CellKind::Compressed(..), Some(recipe)) => Condition::Compressed(recipe),
-        (CellKind::Compressed(..), None) => Condition::NoContext,
+        (_, Some(compressor)) => Condition::Compressed(compressor.as_ref()),
+        (_, None) => Condition::NoContext,
     };
     let run = run_case(model, case, &config.ask, condition, &mut on_step)?;
     if let Some(error) = step_error {
         return Err(error);
     }
     let (facts_correct, facts_total) = facts_score(&run.answers);
-    let optimization = run.compression.and_then(|c| c.optimization);
+    let optimizations: Vec<&OptimizationReport> = run.compressions.iter().filter_map(|c| c.optimization.as_ref()).collect();
+    let turn_losses: Vec<f32> = optimizations.iter().filter_map(|o| o.final_loss()).collect();
     let answer = run.answers.iter().map(|a| a.answer.trim()).collect::<Vec<_>>().join(" | ");
     Ok(CellResult {
         cell: cell.clone(),
@@ -352,14 +455,27 @@ fn run_cell(
         n_virtual: run.n_kept,
         facts_correct,
         facts_total,
-        loss_final: optimization.as_ref().and_then(|o| o.final_loss()),
-        steps: optimization.as_ref().map_or(0, |o| o.steps),
+        loss_final: (!turn_losses.is_empty()).then(|| turn_losses.iter().sum::<f32>() / turn_losses.len() as f32),
+        steps: optimizations.iter().map(|o| o.steps).sum(),
         seconds: started.elapsed().as_secs_f64(),
-        optimize_seconds: optimization.as_ref().map_or(0.0, |o| o.seconds),
+        optimize_seconds: optimizations.iter().map(|o| o.seconds).sum(),
         answer,
         answers: run.answers,
-        loss_curve: optimization.map(|o| o.loss_curve).unwrap_or_default(),
+        loss_curve: optimizations.iter().flat_map(|o| o.loss_curve.iter().copied()).collect(),
+        turn_losses,
+        peak_rss_mib: memory::peak_rss_bytes().map(|b| b as f64 / (1024.0 * 1024.0)),
     })
+}
+
+/// Optimisation steps of a compressed cell, over all its turns (for progress bars).
+fn total_steps(model: &Model, config: &SweepConfig, case: &Case) -> usize {
+    case.turns()
+        .iter()
+        .map(|turn| {
+            let text = config.ask.rendering.messages(&case.transcript.messages, turn);
+            config.optimizer.steps_for(model.tokenizer.encode(&text).map_or(0, |ids| ids.len()))
+        })
+        .sum()
 }
 
 /// The finished cells of a results file. A last line cut short by a crash

@@ -136,3 +136,83 @@ fn bad_configs_are_clear_errors() {
     let err = SweepConfig::load(&path).unwrap().load_cases(&path).unwrap_err().to_string();
     assert!(err.contains("leaks fact `f`"), "{err}");
 }
+
+/// A case file whose one case compresses three turns one after the other.
+fn sequential_fixture(dir: &Path) -> PathBuf {
+    let turn = |from: usize| (from..from + 10).map(|i| format!("t{i}")).collect::<Vec<_>>().join(" ");
+    std::fs::write(dir.join("turns.json"), serde_json::json!({
+        "id": "turns",
+        "messages": [
+            {"role": "system", "content": "t1 t2 t3"},
+            {"role": "user", "content": turn(20)},
+            {"role": "assistant", "content": turn(30)},
+            {"role": "user", "content": turn(40)},
+            {"role": "user", "content": "t4 t5 t6 t7 t8 t9 t10 t11"}
+        ],
+        "questions": []
+    }).to_string()).unwrap();
+    let case_file = dir.join("cases.json");
+    std::fs::write(&case_file, serde_json::json!({
+        "transcript": "turns.json",
+        "cases": [{
+            "id": "seq", "kind": "sequential", "prefix": [0], "compress": [1, 2, 3], "suffix": [4],
+            "suffix_max_tokens": 4,
+            "questions": [{"id": "q", "question": "t6 t7?", "facts": [{"id": "f", "expect_any": ["t31"]}]}]
+        }]
+    }).to_string()).unwrap();
+    case_file
+}
+
+#[test]
+fn a_sequential_case_compresses_turn_by_turn_with_every_method() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, _) = fixture(dir.path());
+    let cases = sequential_fixture(dir.path());
+    let path = dir.path().join("seq.toml");
+    std::fs::write(&path, format!(
+        "model = {model:?}\nratios = [2.0]\nbaselines = [\"full\", \"truncated\"]\n\
+         methods = [\"surprisal\", {{ method = \"hybrid\", ratios = [2.0] }}, {{ method = \"compress-evict\", ratios = [4.0] }}]\n\
+         [[cases]]\nfile = {cases:?}\n[optimizer]\nsteps = 2\n[evict]\nfirst_ratio = 2.0\nwindow = 4\n[ask]\nrendering = \"chatml\"\nper_fact = true\nmax_new_tokens = 3\n"
+    )).unwrap();
+    let config = SweepConfig::load(&path).unwrap();
+    let out = dir.path().join("out");
+    let outcome = run_sweep(&config, &path, &out, &mut |_| Ok(())).unwrap();
+    assert_eq!(outcome.total, 5);
+
+    let results = read_results(&out.join("results.jsonl")).unwrap();
+    let result = |method: &str| results.iter().find(|r| r.cell.method == method).unwrap();
+    let full = result("full");
+    // Three turns, each its 10 words inside chat markers.
+    let n_tokens = full.n_tokens;
+    assert!(n_tokens > 30 && full.n_virtual == n_tokens);
+    assert_eq!(result("truncated").n_virtual, 0);
+
+    let surprisal = result("surprisal");
+    assert_eq!(surprisal.turn_losses.len(), 3, "one optimisation per turn");
+    assert_eq!(surprisal.steps, 6);
+    assert_eq!(surprisal.loss_curve.len(), 9);
+    let per_turn = n_tokens / 3; // the three turns render to the same length
+    assert_eq!(surprisal.n_virtual, 3 * (per_turn as f64 / 2.0).round_ties_even() as usize);
+    assert_eq!(result("hybrid").n_virtual, surprisal.n_virtual, "the hybrid meets the same ratio");
+    assert_eq!(result("compress-evict").n_virtual, 3 * (per_turn as f64 / 4.0).round_ties_even() as usize);
+    assert!(results.iter().all(|r| r.peak_rss_mib.is_some_and(|mib| mib > 1.0)));
+}
+
+#[test]
+fn method_settings_that_cannot_work_are_clear_errors() {
+    let err = config_error("[evict]\nfirst_ratio = 4.0\nwindow = 8", None);
+    assert!(err.is_empty(), "no compress-evict method, nothing to refuse: {err}");
+    let dir = tempfile::tempdir().unwrap();
+    let (model, cases) = fixture(dir.path());
+    let path = dir.path().join("evict.toml");
+    let write = |methods: &str| {
+        std::fs::write(&path, format!("model = {model:?}\nratios = [3.0]\nmethods = [{methods}]\n[[cases]]\nfile = {cases:?}\n")).unwrap();
+        SweepConfig::load(&path).map(|_| ()).unwrap_err().to_string()
+    };
+    let err = write("{ method = \"compress-evict\", ratios = [1.5] }");
+    assert!(err.contains("compress-evict at 1.5x") && err.contains("first_ratio"), "{err}");
+    let err = write("{ method = \"hybrid\", ratios = [] }");
+    assert!(err.contains("method hybrid has no ratios"), "{err}");
+    let err = write("\"hybird\"");
+    assert!(err.contains("did not match any variant"), "{err}");
+}

@@ -3,7 +3,10 @@
 //! and logical positions are separate on purpose: a compressed span holds
 //! fewer entries than the positions it covers.
 
-use candle_core::Tensor;
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
 
 use crate::{Error, Result};
 
@@ -29,6 +32,7 @@ impl KvCache {
         self.positions.len()
     }
 
+    /// Whether the cache holds no entries.
     pub fn is_empty(&self) -> bool {
         self.positions.is_empty()
     }
@@ -53,9 +57,32 @@ impl KvCache {
         Some((self.keys.get(index)?, self.values.get(index)?))
     }
 
+    /// A cache from per-layer keys and values (1, kv_heads, len, head_dim)
+    /// and the position of each entry: how caller code hands over a cache
+    /// it built or loaded itself.
+    pub fn from_parts(keys: Vec<Tensor>, values: Vec<Tensor>, positions: Vec<f32>) -> Result<Self> {
+        let mut cache = Self::new();
+        cache.append(&keys, &values, &positions)?;
+        Ok(cache)
+    }
+
+    /// Keys of every layer, (1, kv_heads, len, head_dim) each.
+    pub fn keys(&self) -> &[Tensor] {
+        &self.keys
+    }
+
+    /// Values of every layer, (1, kv_heads, len, head_dim) each.
+    pub fn values(&self) -> &[Tensor] {
+        &self.values
+    }
+
     /// Appends per-layer keys and values (1, kv_heads, n, head_dim) of `n`
     /// entries at `positions`. They are detached: a cache never holds a graph.
+    /// Appending no entries (a span dropped whole) changes nothing.
     pub fn append(&mut self, keys: &[Tensor], values: &[Tensor], positions: &[f32]) -> Result<()> {
+        if positions.is_empty() && keys.iter().chain(values).all(|t| t.dims().get(2) == Some(&0)) {
+            return Ok(());
+        }
         if keys.len() != values.len() || (!self.is_empty() && keys.len() != self.num_layers()) {
             return Err(Error::Invalid(format!(
                 "appending {} key and {} value layers to a cache of {} layers",
@@ -89,4 +116,49 @@ impl KvCache {
         self.positions.extend_from_slice(positions);
         Ok(())
     }
+}
+
+/// Tensor names in a saved cache file: `keys.{layer}`, `values.{layer}`, `positions`.
+const POSITIONS: &str = "positions";
+
+impl KvCache {
+    /// Writes the cache as a safetensors file any candle (or numpy) code can
+    /// read: `keys.{layer}` and `values.{layer}` (1, kv_heads, len,
+    /// head_dim), `positions` (len) in f32, and `metadata` in the header.
+    pub fn save(&self, path: &Path, metadata: HashMap<String, String>) -> Result<()> {
+        let mut tensors: Vec<(String, Tensor)> = Vec::with_capacity(2 * self.num_layers() + 1);
+        for (layer, (key, value)) in self.keys.iter().zip(&self.values).enumerate() {
+            tensors.push((format!("keys.{layer}"), key.contiguous()?));
+            tensors.push((format!("values.{layer}"), value.contiguous()?));
+        }
+        tensors.push((POSITIONS.into(), Tensor::new(self.positions.as_slice(), &Device::Cpu)?));
+        safetensors::serialize_to_file(tensors, Some(metadata), path)
+            .map_err(|e| Error::Invalid(format!("writing cache {}: {e}", path.display())))
+    }
+
+    /// Reads a file written by [`KvCache::save`] onto `device`; returns the
+    /// cache and the header's metadata.
+    pub fn load(path: &Path, device: &Device) -> Result<(Self, HashMap<String, String>)> {
+        if !path.exists() {
+            return Err(Error::MissingFile(path.to_path_buf()));
+        }
+        let bad = |reason: String| Error::Invalid(format!("cache file {}: {reason}", path.display()));
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
+        let metadata = header.metadata().clone().unwrap_or_default();
+        let mut tensors = candle_core::safetensors::load_buffer(&bytes, device)?;
+        let positions = tensors.remove(POSITIONS).ok_or_else(|| bad("no `positions` tensor".into()))?.to_vec1::<f32>()?;
+        let layers = tensors.len() / 2;
+        let mut take = |name: String| tensors.remove(&name).ok_or_else(|| bad(format!("no `{name}` tensor")));
+        let keys = (0..layers).map(|layer| take(format!("keys.{layer}"))).collect::<Result<Vec<_>>>()?;
+        let values = (0..layers).map(|layer| take(format!("values.{layer}"))).collect::<Result<Vec<_>>>()?;
+        Ok((Self::from_parts(keys, values, positions)?, metadata))
+    }
+}
+
+/// The entries at `indices` of per-layer (1, kv_heads, len, head_dim) tensors.
+pub(crate) fn select_entries(per_layer: &[Tensor], indices: &[usize]) -> Result<Vec<Tensor>> {
+    let Some(first) = per_layer.first() else { return Ok(Vec::new()) };
+    let ids = Tensor::new(indices.iter().map(|&i| i as u32).collect::<Vec<_>>(), first.device())?;
+    per_layer.iter().map(|t| Ok(t.index_select(&ids, 2)?)).collect()
 }

@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::cache::KvCache;
+use crate::cache::{select_entries, KvCache};
 use crate::model::{Logits, Qwen2};
 use crate::optimize::{optimise, Objective, OptimizationReport, OptimizerConfig};
 use crate::pooling::{self, Pooling};
@@ -23,6 +23,7 @@ pub struct CompressedSpan {
     pub values: Vec<Tensor>,
     /// (n_kept): the entries' positions, inside the span's range.
     pub positions: Vec<f32>,
+    /// What the compression did.
     pub report: CompressionReport,
 }
 
@@ -31,15 +32,60 @@ impl CompressedSpan {
     pub fn append_to(&self, cache: &mut KvCache) -> Result<()> {
         cache.append(&self.keys, &self.values, &self.positions)
     }
+
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.positions.len()
+    }
+
+    /// Whether the span is represented by no entries.
+    pub fn is_empty(&self) -> bool {
+        self.positions.is_empty()
+    }
+
+    /// The entries at `indices` (in that order); the report is kept, with
+    /// `n_kept` updated.
+    pub fn select(&self, indices: &[usize]) -> Result<Self> {
+        if let Some(bad) = indices.iter().find(|&&i| i >= self.len()) {
+            return Err(crate::Error::Invalid(format!("entry {bad} of a span of {} entries", self.len())));
+        }
+        let mut report = self.report.clone();
+        report.n_kept = indices.len();
+        Ok(Self {
+            keys: select_entries(&self.keys, indices)?,
+            values: select_entries(&self.values, indices)?,
+            positions: indices.iter().map(|&i| self.positions[i]).collect(),
+            report,
+        })
+    }
+
+    /// `self`'s entries followed by `other`'s, under `self`'s report with
+    /// `n_kept` summed.
+    pub fn followed_by(&self, other: &Self) -> Result<Self> {
+        let join = |a: &[Tensor], b: &[Tensor]| {
+            a.iter().zip(b).map(|(a, b)| Ok(Tensor::cat(&[a, b], 2)?)).collect::<Result<Vec<_>>>()
+        };
+        let mut report = self.report.clone();
+        report.n_kept += other.report.n_kept;
+        Ok(Self {
+            keys: join(&self.keys, &other.keys)?,
+            values: join(&self.values, &other.values)?,
+            positions: self.positions.iter().chain(&other.positions).copied().collect(),
+            report,
+        })
+    }
 }
 
 /// What a compression did, for reports.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CompressionReport {
+    /// The compressor's name (`surprisal`, `hybrid`, ...).
     pub method: String,
+    /// Tokens of the span.
     pub n_tokens: usize,
     /// Cache entries that stand for the span.
     pub n_kept: usize,
+    /// The optimisation's report, for methods that optimise.
     pub optimization: Option<OptimizationReport>,
 }
 
@@ -64,9 +110,13 @@ pub trait Compressor {
 /// every layer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Recipe {
+    /// Compression ratio: span tokens / virtual tokens.
     pub ratio: f64,
+    /// How the V targets are pooled.
     pub pooling: Pooling,
+    /// Whether virtual positions are rounded.
     pub positions: PositionMode,
+    /// Adam's settings and the step budget.
     pub optimizer: OptimizerConfig,
 }
 
@@ -92,8 +142,12 @@ pub struct VirtualStart {
 impl Recipe {
     /// Pools the span into this recipe's starting point (no optimisation).
     pub fn virtual_start(&self, span: &SpanTargets) -> Result<VirtualStart> {
+        self.virtual_start_sized(span, pooling::n_virtual(span.len(), self.ratio)?)
+    }
+
+    /// The starting point with exactly `n_virtual` virtual tokens.
+    pub fn virtual_start_sized(&self, span: &SpanTargets, n_virtual: usize) -> Result<VirtualStart> {
         let n_tokens = span.len();
-        let n_virtual = pooling::n_virtual(n_tokens, self.ratio)?;
         let bounds = pooling::chunk_bounds(n_tokens, n_virtual)?;
         let device = span.embeddings.device();
 
@@ -125,9 +179,23 @@ impl Compressor for Recipe {
         span: &SpanTargets,
         on_step: &mut dyn FnMut(usize, f32),
     ) -> Result<CompressedSpan> {
+        self.compress_into(model, prefix, span, pooling::n_virtual(span.len(), self.ratio)?, on_step)
+    }
+}
+
+impl Recipe {
+    /// The recipe with exactly `n_virtual` virtual tokens (the ratio is then
+    /// unused): for methods that spend part of a budget otherwise.
+    pub fn compress_into(
+        &self,
+        model: &Qwen2,
+        prefix: &KvCache,
+        span: &SpanTargets,
+        n_virtual: usize,
+        on_step: &mut dyn FnMut(usize, f32),
+    ) -> Result<CompressedSpan> {
         let n_tokens = span.len();
-        let VirtualStart { init, positions, targets } = self.virtual_start(span)?;
-        let n_virtual = positions.len();
+        let VirtualStart { init, positions, targets } = self.virtual_start_sized(span, n_virtual)?;
         let steps = self.optimizer.steps_for(n_tokens);
         let objective = Objective { prefix, positions: &positions, targets: &targets };
         let optimized = optimise(model, objective, &init, &self.optimizer, steps, on_step)?;
@@ -169,6 +237,32 @@ impl Compressor for RawSpan {
             values: output.values,
             positions: span.positions.clone(),
             report: CompressionReport { method: self.name(), n_tokens: span.len(), n_kept: span.len(), optimization: None },
+        })
+    }
+}
+
+/// Drops the span: no entries, and what follows keeps its original
+/// positions (the truncation baseline).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Truncate;
+
+impl Compressor for Truncate {
+    fn name(&self) -> String {
+        "truncated".into()
+    }
+
+    fn compress(
+        &self,
+        _model: &Qwen2,
+        _prefix: &KvCache,
+        span: &SpanTargets,
+        _on_step: &mut dyn FnMut(usize, f32),
+    ) -> Result<CompressedSpan> {
+        Ok(CompressedSpan {
+            keys: Vec::new(),
+            values: Vec::new(),
+            positions: Vec::new(),
+            report: CompressionReport { method: self.name(), n_tokens: span.len(), n_kept: 0, optimization: None },
         })
     }
 }

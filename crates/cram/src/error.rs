@@ -4,10 +4,12 @@
 use std::path::PathBuf;
 
 /// Errors of loading a model, running it, or using a cache.
+// The variants are documented; their fields are named for what they hold.
+#[allow(missing_docs)]
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A model file that does not exist.
-    #[error("model file not found: {0}")]
+    /// A model or cache file that does not exist.
+    #[error("file not found: {0}")]
     MissingFile(PathBuf),
     /// A file that is not a readable GGUF, or one cut short.
     #[error("{path}: not a valid GGUF file: {reason}")]
@@ -33,6 +35,9 @@ pub enum Error {
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// A saved cache was made by another model than the one loading it.
+    #[error("cache {path} was computed by another model:\n  saved:   {saved}\n  loading: {loading}")]
+    WrongModel { path: PathBuf, saved: String, loading: String },
     /// A filesystem operation failed.
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },

@@ -9,7 +9,9 @@
 //! The modules follow the method: [`model`] (load, differentiable forward)
 //! -> [`targets`] (V and surprisal of the span) -> [`pooling`] ->
 //! [`positions`] -> [`optimize`] (Adam on the embeddings, [`objective`]) ->
-//! [`compress`] (methods behind one trait) -> [`cache`] -> [`generate`].
+//! [`compress`] (methods behind one trait: the recipe, [`hybrid`],
+//! [`evict`]) -> [`cache`] -> [`generate`]. [`session`] runs the whole
+//! flow turn by turn, as an agent's history ages.
 //!
 //! ```no_run
 //! use candle_core::Device;
@@ -40,6 +42,8 @@
 //! # }
 //! ```
 
+#![warn(missing_docs)]
+
 // In the order data flows through the method.
 pub mod model;
 pub mod tokenizer;
@@ -49,7 +53,10 @@ pub mod positions;
 pub mod objective;
 pub mod optimize;
 pub mod compress;
+pub mod hybrid;
+pub mod evict;
 pub mod cache;
+pub mod session;
 pub mod generate;
 
 pub mod error;
@@ -58,7 +65,10 @@ pub mod random;
 pub mod rope;
 
 pub use cache::KvCache;
-pub use compress::{CompressedSpan, CompressionReport, Compressor, RawSpan, Recipe, VirtualStart};
+pub use compress::{CompressedSpan, CompressionReport, Compressor, RawSpan, Recipe, Truncate, VirtualStart};
+pub use evict::CompressThenEvict;
+pub use hybrid::Hybrid;
+pub use session::{Session, Turn};
 pub use optimize::OptimizerConfig;
 pub use pooling::Pooling;
 pub use positions::PositionMode;

@@ -53,10 +53,12 @@ pub struct Linear {
 }
 
 impl Linear {
+    /// `weight` (out, in) and an optional `bias` (out).
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
         Self { weight, bias }
     }
 
+    /// The (out, in) weight.
     pub fn weight(&self) -> &Tensor {
         &self.weight
     }

@@ -17,11 +17,15 @@ use crate::Result;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct OptimizerConfig {
+    /// Adam's learning rate.
     pub lr: f64,
     /// Fixed step count; `None` uses [`default_steps`].
     pub steps: Option<usize>,
+    /// Adam's first-moment decay.
     pub beta1: f64,
+    /// Adam's second-moment decay.
     pub beta2: f64,
+    /// Adam's denominator epsilon.
     pub eps: f64,
 }
 
@@ -50,11 +54,14 @@ pub fn default_steps(n_tokens: usize) -> usize {
 pub struct OptimizationReport {
     /// The loss before each step, then the final loss.
     pub loss_curve: Vec<f32>,
+    /// Steps taken.
     pub steps: usize,
+    /// Wall time of the optimisation, seconds.
     pub seconds: f64,
 }
 
 impl OptimizationReport {
+    /// The loss after the last step.
     pub fn final_loss(&self) -> Option<f32> {
         self.loss_curve.last().copied()
     }
@@ -69,6 +76,7 @@ pub struct Optimized {
     pub keys: Vec<Tensor>,
     /// Per layer, (1, kv_heads, n_virtual, head_dim).
     pub values: Vec<Tensor>,
+    /// The loss curve and timing.
     pub report: OptimizationReport,
 }
 
@@ -76,6 +84,7 @@ pub struct Optimized {
 /// the Values they must produce.
 #[derive(Debug, Clone, Copy)]
 pub struct Objective<'a> {
+    /// The cache the virtual tokens follow.
     pub prefix: &'a KvCache,
     /// (n_virtual) positions.
     pub positions: &'a [f32],

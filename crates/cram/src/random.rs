@@ -69,6 +69,15 @@ pub fn model(config: &Qwen2Config, seed: u64, device: &Device) -> Result<Qwen2> 
     Qwen2::from_named_weights(config.clone(), |name| Ok(weights.remove(name)))
 }
 
+/// A random [`crate::Model`]: [`model`] with [`word_tokenizer`], named `random-{seed}`.
+pub fn full_model(config: &Qwen2Config, seed: u64, device: &Device) -> Result<crate::Model> {
+    Ok(crate::Model {
+        qwen2: model(config, seed, device)?,
+        tokenizer: crate::Tokenizer::from_inner(word_tokenizer(config.vocab_size)?),
+        name: format!("random-{seed}"),
+    })
+}
+
 /// A word-level tokenizer over `vocab_size` tokens named `t0`, `t1`, ...,
 /// split on whitespace: text for a random model is written in those words.
 pub fn word_tokenizer(vocab_size: usize) -> Result<tokenizers::Tokenizer> {

@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Tensor, D};
 
-use crate::cache::KvCache;
+use crate::cache::{select_entries, KvCache};
 use crate::model::{Logits, Qwen2};
 use crate::{Error, Result};
 
@@ -45,11 +45,29 @@ impl SpanTargets {
         })
     }
 
+    /// The tokens at `indices` (ascending), with their targets as computed
+    /// over the whole span: what is left to compress once some tokens are
+    /// kept verbatim.
+    pub fn select(&self, indices: &[usize]) -> Result<Self> {
+        if indices.is_empty() || indices.iter().any(|&i| i >= self.len()) {
+            return Err(Error::Invalid(format!("cannot select {indices:?} from a span of {} tokens", self.len())));
+        }
+        let ids = Tensor::new(indices.iter().map(|&i| i as u32).collect::<Vec<_>>(), self.embeddings.device())?;
+        Ok(Self {
+            embeddings: self.embeddings.index_select(&ids, 1)?,
+            positions: indices.iter().map(|&i| self.positions[i]).collect(),
+            keys: select_entries(&self.keys, indices)?,
+            values: select_entries(&self.values, indices)?,
+            surprisal: indices.iter().map(|&i| self.surprisal[i]).collect(),
+        })
+    }
+
     /// Number of tokens in the span.
     pub fn len(&self) -> usize {
         self.positions.len()
     }
 
+    /// Whether the span has no tokens.
     pub fn is_empty(&self) -> bool {
         self.positions.is_empty()
     }

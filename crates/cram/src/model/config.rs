@@ -10,13 +10,21 @@ use crate::{Error, Result};
 /// The hyperparameters of a Qwen2 decoder.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Qwen2Config {
+    /// Vocabulary size (rows of the output projection used).
     pub vocab_size: usize,
+    /// Width of the residual stream.
     pub hidden_size: usize,
+    /// Width of the MLP.
     pub intermediate_size: usize,
+    /// Decoder layers.
     pub num_hidden_layers: usize,
+    /// Query heads.
     pub num_attention_heads: usize,
+    /// Key/value heads (grouped-query attention).
     pub num_key_value_heads: usize,
+    /// RoPE base frequency.
     pub rope_theta: f64,
+    /// Epsilon of RMS norm.
     pub rms_norm_eps: f64,
     /// Whether the output projection reuses the token embedding matrix.
     #[serde(default)]

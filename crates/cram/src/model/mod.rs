@@ -27,18 +27,26 @@ pub enum ModelSource {
     SafetensorsDir(PathBuf),
     /// An hf-hub repository id such as `Qwen/Qwen2.5-Coder-7B-Instruct`,
     /// fetched (or taken from the hub cache) with the hf-hub crate.
-    HfHub { repo: String, revision: Option<String> },
+    HfHub {
+        /// `owner/name`.
+        repo: String,
+        /// A branch, tag or commit; the default branch when `None`.
+        revision: Option<String>,
+    },
 }
 
 impl ModelSource {
+    /// A GGUF file.
     pub fn gguf(path: impl Into<PathBuf>) -> Self {
         Self::Gguf(path.into())
     }
 
+    /// A local HF-style safetensors directory.
     pub fn safetensors_dir(path: impl Into<PathBuf>) -> Self {
         Self::SafetensorsDir(path.into())
     }
 
+    /// An hf-hub repository at its default revision.
     pub fn hf_hub(repo: impl Into<String>) -> Self {
         Self::HfHub { repo: repo.into(), revision: None }
     }

@@ -127,10 +127,12 @@ impl Qwen2 {
         })
     }
 
+    /// The hyperparameters.
     pub fn config(&self) -> &Qwen2Config {
         &self.config
     }
 
+    /// The device the weights live on.
     pub fn device(&self) -> &Device {
         &self.device
     }
@@ -143,6 +145,24 @@ impl Qwen2 {
     /// Chooses how frozen weights behave in backward (see [`WeightGrad`]).
     pub fn set_weight_grad(&mut self, weight_grad: WeightGrad) {
         self.weight_grad = weight_grad;
+    }
+
+    /// A fingerprint of the network a cache was computed with: its
+    /// architecture and a digest of some embedding rows, so two checkpoints
+    /// of one architecture are told apart. The rows are rounded to bf16
+    /// first, so the same model in f32 (CPU) and bf16 (GPU) agrees.
+    pub fn identity(&self) -> Result<String> {
+        let c = &self.config;
+        let rows = self.embed_tokens.narrow(0, 0, 64.min(c.vocab_size))?;
+        let values = rows.to_dtype(DType::BF16)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        // FNV-1a over the bits: a digest, not a security measure.
+        let digest = values.iter().flat_map(|v| v.to_bits().to_le_bytes()).fold(0xcbf29ce484222325u64, |hash, byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(0x100000001b3)
+        });
+        Ok(format!(
+            "qwen2 layers={} hidden={} heads={} kv_heads={} vocab={} rope_theta={} embed_digest={digest:016x}",
+            c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.vocab_size, c.rope_theta
+        ))
     }
 
     /// Token embeddings, (1, n, hidden) in f32: the input the forward takes.
@@ -164,6 +184,30 @@ impl Qwen2 {
         cache: Option<&KvCache>,
         logits: Logits,
     ) -> Result<ForwardOutput> {
+        Ok(self.run(embeddings, positions, cache, logits, false)?.0)
+    }
+
+    /// Every layer's attention probabilities of the new tokens over the
+    /// cache and themselves, (batch, heads, n, cached + n) in f32: what
+    /// attention-based eviction scores cache entries by.
+    pub fn attention_probabilities(
+        &self,
+        embeddings: &Tensor,
+        positions: &[f32],
+        cache: Option<&KvCache>,
+    ) -> Result<Vec<Tensor>> {
+        Ok(self.run(embeddings, positions, cache, Logits::Last, true)?.1)
+    }
+
+    /// The forward; with `keep_attention`, also each layer's attention probabilities.
+    fn run(
+        &self,
+        embeddings: &Tensor,
+        positions: &[f32],
+        cache: Option<&KvCache>,
+        logits: Logits,
+        keep_attention: bool,
+    ) -> Result<(ForwardOutput, Vec<Tensor>)> {
         let (batch, n_new, hidden) = embeddings.dims3()?;
         if n_new != positions.len() || hidden != self.config.hidden_size || n_new == 0 {
             return Err(Error::Invalid(format!(
@@ -189,6 +233,7 @@ impl Qwen2 {
         let mut hidden_states = embeddings.to_dtype(self.dtype)?;
         let mut keys = Vec::with_capacity(self.layers.len());
         let mut values = Vec::with_capacity(self.layers.len());
+        let mut attention = Vec::new();
         for (index, layer) in self.layers.iter().enumerate() {
             let normed = rms_norm(&hidden_states, &layer.input_norm, self.config.rms_norm_eps)?;
             let (query, key, value) = self.project_qkv(layer, &normed, &rotation, batch, n_new)?;
@@ -206,7 +251,10 @@ impl Qwen2 {
                 ),
                 None => (key, value),
             };
-            let attended = self.attention(&query, &all_keys, &all_values, mask.as_ref())?;
+            let (attended, probabilities) = self.attention(&query, &all_keys, &all_values, mask.as_ref())?;
+            if keep_attention {
+                attention.push(probabilities.detach());
+            }
             hidden_states = (hidden_states + layer.o_proj.forward(&attended, self.weight_grad)?)?;
             let normed = rms_norm(&hidden_states, &layer.post_attention_norm, self.config.rms_norm_eps)?;
             hidden_states = (hidden_states + self.mlp(layer, &normed)?)?;
@@ -216,7 +264,7 @@ impl Qwen2 {
             Logits::Last => Some(self.logits(&hidden_states.narrow(1, n_new - 1, 1)?)?),
             Logits::All => Some(self.logits(&hidden_states)?),
         };
-        Ok(ForwardOutput { keys, values, logits })
+        Ok((ForwardOutput { keys, values, logits }, attention))
     }
 
     /// Q (batch, heads, n, d), K and V (batch, kv_heads, n, d), RoPE on Q and K.
@@ -240,8 +288,15 @@ impl Qwen2 {
 
     /// Grouped-query attention without copying K/V per query head: the query
     /// heads that share a KV head are stacked along the sequence axis.
-    /// query (b, heads, n, d); keys, values (b, kv, L, d) -> (b, n, hidden)
-    fn attention(&self, query: &Tensor, keys: &Tensor, values: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    /// query (b, heads, n, d); keys, values (b, kv, L, d) -> (b, n, hidden),
+    /// and the probabilities (b, heads, n, L) in f32.
+    fn attention(
+        &self,
+        query: &Tensor,
+        keys: &Tensor,
+        values: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Result<(Tensor, Tensor)> {
         let (batch, heads, n_new, head_dim) = query.dims4()?;
         let kv_heads = self.config.num_key_value_heads;
         let groups = heads / kv_heads;
@@ -256,11 +311,13 @@ impl Qwen2 {
             Some(mask) => scores.broadcast_add(&mask.to_dtype(softmax_dtype)?)?,
             None => scores,
         };
-        let probs = softmax_last_dim(&scores)?.to_dtype(self.dtype)?;
-        let probs = probs.reshape((batch, kv_heads, groups * n_new, total))?;
-        let attended = probs.matmul(values)?; // (b, kv, groups * n, d)
+        let probabilities = softmax_last_dim(&scores)?;
+        let grouped = probabilities.to_dtype(self.dtype)?.reshape((batch, kv_heads, groups * n_new, total))?;
+        let attended = grouped.matmul(values)?; // (b, kv, groups * n, d)
         let attended = attended.reshape((batch, heads, n_new, head_dim))?.transpose(1, 2)?;
-        Ok(attended.reshape((batch, n_new, heads * head_dim))?)
+        // Query head h shares KV head h / groups: kv-major order is head order.
+        let probabilities = probabilities.reshape((batch, heads, n_new, total))?;
+        Ok((attended.reshape((batch, n_new, heads * head_dim))?, probabilities))
     }
 
     fn mlp(&self, layer: &DecoderLayer, normed: &Tensor) -> Result<Tensor> {

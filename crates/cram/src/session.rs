@@ -1,0 +1,176 @@
+//! A conversation compressed turn by turn, as an agent's history ages.
+//!
+//! A [`Session`] holds the running KV cache. Each turn is pushed verbatim or
+//! through a [`Compressor`]; a compressed turn's targets are computed over
+//! the cache as it stands (earlier turns already compressed), at the turn's
+//! original positions. The cache's physical length (entries) and the
+//! logical position the next turn starts at are tracked apart: a compressed
+//! turn holds fewer entries than the positions it covers.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::cache::KvCache;
+use crate::compress::{CompressionReport, Compressor};
+use crate::generate;
+use crate::model::{Logits, Model};
+use crate::targets::SpanTargets;
+use crate::{Error, Result};
+
+/// What one pushed turn became.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Turn {
+    /// Tokens of the turn as rendered.
+    pub n_tokens: usize,
+    /// Cache entries that stand for it.
+    pub n_kept: usize,
+    /// The compressor's report; `None` for a verbatim turn.
+    pub compression: Option<CompressionReport>,
+}
+
+/// A running conversation over a frozen model.
+#[derive(Debug, Clone)]
+pub struct Session<'m> {
+    model: &'m Model,
+    cache: KvCache,
+    /// Where the next turn starts: the original positions, as if every
+    /// turn were still there verbatim.
+    next_position: f32,
+    turns: Vec<Turn>,
+}
+
+/// Header keys of a saved session.
+const FORMAT_KEY: &str = "cram.format";
+const FORMAT: &str = "cram-session-1";
+const IDENTITY_KEY: &str = "model.identity";
+const NAME_KEY: &str = "model.name";
+const NEXT_POSITION_KEY: &str = "next_position";
+const TURNS_KEY: &str = "turns";
+
+impl<'m> Session<'m> {
+    /// A session whose cache holds `system_prompt`, already rendered (e.g.
+    /// `<|im_start|>system\n...<|im_end|>\n`); it may be empty.
+    pub fn new(model: &'m Model, system_prompt: &str) -> Result<Self> {
+        let mut session = Self { model, cache: KvCache::new(), next_position: 0.0, turns: Vec::new() };
+        session.push_verbatim(system_prompt)?;
+        Ok(session)
+    }
+
+    /// Appends rendered text verbatim.
+    pub fn push_verbatim(&mut self, text: &str) -> Result<()> {
+        let ids = self.model.tokenizer.encode(text)?;
+        self.push_verbatim_ids(&ids)
+    }
+
+    /// Appends tokens verbatim.
+    pub fn push_verbatim_ids(&mut self, ids: &[u32]) -> Result<()> {
+        if !ids.is_empty() {
+            let positions = self.turn_positions(ids.len());
+            let qwen2 = &self.model.qwen2;
+            let output = qwen2.forward(&qwen2.embed(ids)?, &positions, Some(&self.cache), Logits::None)?;
+            self.cache.append(&output.keys, &output.values, &positions)?;
+            self.next_position += ids.len() as f32;
+        }
+        self.turns.push(Turn { n_tokens: ids.len(), n_kept: ids.len(), compression: None });
+        Ok(())
+    }
+
+    /// Compresses rendered text with `compressor` against the running cache
+    /// and appends the result. `on_step(step, loss)` reports optimisation.
+    pub fn push_compressed(
+        &mut self,
+        text: &str,
+        compressor: &dyn Compressor,
+        on_step: &mut dyn FnMut(usize, f32),
+    ) -> Result<CompressionReport> {
+        let ids = self.model.tokenizer.encode(text)?;
+        if ids.is_empty() {
+            return Err(Error::Invalid("cannot compress an empty turn".into()));
+        }
+        let positions = self.turn_positions(ids.len());
+        let span = SpanTargets::compute(&self.model.qwen2, &self.cache, &ids, &positions)?;
+        let compressed = compressor.compress(&self.model.qwen2, &self.cache, &span, on_step)?;
+        compressed.append_to(&mut self.cache)?;
+        self.next_position += ids.len() as f32;
+        let report = compressed.report;
+        self.turns.push(Turn { n_tokens: ids.len(), n_kept: report.n_kept, compression: Some(report.clone()) });
+        Ok(report)
+    }
+
+    /// Answers `prompt` (rendered, e.g. a user turn and the assistant
+    /// header) greedily, up to `max_new_tokens`, on a copy of the cache: the
+    /// session itself does not change.
+    pub fn ask(&self, prompt: &str, max_new_tokens: usize) -> Result<String> {
+        let tokenizer = &self.model.tokenizer;
+        let prompt_ids = tokenizer.encode(prompt)?;
+        let mut cache = self.cache.clone();
+        let answer = generate::greedy(
+            &self.model.qwen2,
+            &mut cache,
+            &prompt_ids,
+            self.next_position,
+            max_new_tokens,
+            &tokenizer.stop_ids(),
+        )?;
+        tokenizer.decode(&answer)
+    }
+
+    /// The running cache.
+    pub fn cache(&self) -> &KvCache {
+        &self.cache
+    }
+
+    /// The position the next turn starts at (the logical length).
+    pub fn next_position(&self) -> f32 {
+        self.next_position
+    }
+
+    /// Every turn pushed so far, the system prompt first.
+    pub fn turns(&self) -> &[Turn] {
+        &self.turns
+    }
+
+    /// Saves the cache, its positions, the turns and the model's identity
+    /// as one safetensors file (see [`KvCache::save`] for the tensors).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let turns = serde_json::to_string(&self.turns).map_err(|e| Error::Invalid(e.to_string()))?;
+        let metadata = HashMap::from([
+            (FORMAT_KEY.to_string(), FORMAT.to_string()),
+            (IDENTITY_KEY.to_string(), self.model.qwen2.identity()?),
+            (NAME_KEY.to_string(), self.model.name.clone()),
+            (NEXT_POSITION_KEY.to_string(), self.next_position.to_string()),
+            (TURNS_KEY.to_string(), turns),
+        ]);
+        self.cache.save(path, metadata)
+    }
+
+    /// Loads a session saved by [`Session::save`]; a cache computed by
+    /// another model is refused with [`Error::WrongModel`].
+    pub fn load(model: &'m Model, path: &Path) -> Result<Self> {
+        let (cache, metadata) = KvCache::load(path, model.qwen2.device())?;
+        let bad = |reason: &str| Error::Invalid(format!("{}: {reason}", path.display()));
+        if metadata.get(FORMAT_KEY).map(String::as_str) != Some(FORMAT) {
+            return Err(bad("not a saved cram session"));
+        }
+        let saved = metadata.get(IDENTITY_KEY).cloned().unwrap_or_default();
+        let loading = model.qwen2.identity()?;
+        if saved != loading {
+            return Err(Error::WrongModel { path: path.to_path_buf(), saved, loading });
+        }
+        let next_position = metadata.get(NEXT_POSITION_KEY).and_then(|p| p.parse().ok()).ok_or_else(|| bad("no next_position"))?;
+        let turns = metadata.get(TURNS_KEY).and_then(|t| serde_json::from_str(t).ok()).ok_or_else(|| bad("no turns"))?;
+        let cache = KvCache::from_parts(
+            cache.keys().iter().map(|k| k.to_dtype(model.qwen2.dtype())).collect::<candle_core::Result<_>>()?,
+            cache.values().iter().map(|v| v.to_dtype(model.qwen2.dtype())).collect::<candle_core::Result<_>>()?,
+            cache.positions().to_vec(),
+        )?;
+        Ok(Self { model, cache, next_position, turns })
+    }
+
+    /// Positions of a turn of `n` tokens starting at the next position.
+    fn turn_positions(&self, n: usize) -> Vec<f32> {
+        (0..n).map(|i| self.next_position + i as f32).collect()
+    }
+}
