@@ -30,10 +30,15 @@ impl SweepBars {
                     self.steps = Some(bar);
                 }
             }
-            SweepEvent::Step { loss, .. } => {
+            SweepEvent::Step { step, loss } => {
                 if let Some(bar) = &self.steps {
                     bar.inc(1);
                     bar.set_message(format!("loss {loss:.4}"));
+                    // Unattended logs get a line now and then instead of a bar.
+                    if self.bars.is_hidden() && (step + 1) % 50 == 0 {
+                        let total = bar.length().unwrap_or(0);
+                        eprintln!("  step {}/{total}, loss {loss:.4}, {:.0}s", step + 1, bar.elapsed().as_secs_f64());
+                    }
                 }
             }
             SweepEvent::CellFinished { result } => {

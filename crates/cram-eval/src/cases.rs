@@ -234,16 +234,30 @@ impl Case {
     /// only as one of the options it offers ("a library or regex?") does not
     /// give it away, so such a mention does not count. Questions are checked
     /// as they will be asked: whole, or one fact at a time with `per_fact`.
+    ///
+    /// A suffix cut to its first tokens can only be checked as cut once it is
+    /// tokenized: [`crate::evaluate::run_case`] does that with
+    /// [`Case::check_kept_text`].
     pub fn check_leaks(&self, rendering: Rendering, per_fact: bool) -> Result<()> {
         let messages = &self.transcript.messages;
-        let kept = [&self.split.prefix, &self.split.suffix].map(|indices| rendering.messages(messages, indices)).join("\n");
+        let mut kept = rendering.messages(messages, &self.split.prefix);
+        if self.suffix_max_tokens.is_none() {
+            kept.push('\n');
+            kept.push_str(&rendering.messages(messages, &self.split.suffix));
+        }
+        self.check_kept_text(&kept, per_fact)
+    }
+
+    /// Refuses the case if `kept` (text the model reads besides the span),
+    /// or a question, would on its own score a fact as recalled.
+    pub fn check_kept_text(&self, kept: &str, per_fact: bool) -> Result<()> {
         let asked: Vec<Question> =
             if per_fact { self.questions.iter().flat_map(Question::per_fact).collect() } else { self.questions.clone() };
         for question in &asked {
             for fact in &question.facts {
                 let expected: Vec<String> = fact.groups().into_iter().flatten().collect();
                 let asked = mask_offered_options(&question.question, &expected);
-                for (place, text) in [("the kept prefix or suffix", kept.as_str()), ("the question", asked.as_str())] {
+                for (place, text) in [("the kept prefix or suffix", kept), ("the question", asked.as_str())] {
                     if fact.is_recalled(text) {
                         let lower = text.to_lowercase();
                         let answer = expected.iter().find(|e| lower.contains(&e.to_lowercase())).cloned().unwrap_or_default();

@@ -96,7 +96,10 @@ pub fn run_case(
         n_kept = n_tokens;
     }
     let mut suffix_ids = model.tokenizer.encode(&rendering.messages(messages, &case.split.suffix))?;
-    suffix_ids.truncate(case.suffix_max_tokens.unwrap_or(usize::MAX));
+    if let Some(max_tokens) = case.suffix_max_tokens {
+        suffix_ids.truncate(max_tokens);
+        case.check_kept_text(&model.tokenizer.decode(&suffix_ids)?, settings.per_fact)?;
+    }
     session.push_verbatim_ids(&suffix_ids)?;
     let answers = ask_all(&session, case, settings)?;
     Ok(CaseRun { answers, n_tokens, n_kept, compressions })

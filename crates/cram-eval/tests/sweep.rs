@@ -137,8 +137,10 @@ fn bad_configs_are_clear_errors() {
     assert!(err.contains("leaks fact `f`"), "{err}");
 }
 
-/// A case file whose one case compresses three turns one after the other.
-fn sequential_fixture(dir: &Path) -> PathBuf {
+/// A case file whose one case compresses three turns one after the other;
+/// the answer sits at the end of the suffix, past its first
+/// `suffix_max_tokens` tokens.
+fn sequential_fixture(dir: &Path, suffix_max_tokens: usize) -> PathBuf {
     let turn = |from: usize| (from..from + 10).map(|i| format!("t{i}")).collect::<Vec<_>>().join(" ");
     std::fs::write(dir.join("turns.json"), serde_json::json!({
         "id": "turns",
@@ -147,7 +149,7 @@ fn sequential_fixture(dir: &Path) -> PathBuf {
             {"role": "user", "content": turn(20)},
             {"role": "assistant", "content": turn(30)},
             {"role": "user", "content": turn(40)},
-            {"role": "user", "content": "t4 t5 t6 t7 t8 t9 t10 t11"}
+            {"role": "user", "content": "t4 t5 t6 t7 t8 t9 t10 t11 t31"}
         ],
         "questions": []
     }).to_string()).unwrap();
@@ -156,7 +158,7 @@ fn sequential_fixture(dir: &Path) -> PathBuf {
         "transcript": "turns.json",
         "cases": [{
             "id": "seq", "kind": "sequential", "prefix": [0], "compress": [1, 2, 3], "suffix": [4],
-            "suffix_max_tokens": 4,
+            "suffix_max_tokens": suffix_max_tokens,
             "questions": [{"id": "q", "question": "t6 t7?", "facts": [{"id": "f", "expect_any": ["t31"]}]}]
         }]
     }).to_string()).unwrap();
@@ -167,7 +169,7 @@ fn sequential_fixture(dir: &Path) -> PathBuf {
 fn a_sequential_case_compresses_turn_by_turn_with_every_method() {
     let dir = tempfile::tempdir().unwrap();
     let (model, _) = fixture(dir.path());
-    let cases = sequential_fixture(dir.path());
+    let cases = sequential_fixture(dir.path(), 4);
     let path = dir.path().join("seq.toml");
     std::fs::write(&path, format!(
         "model = {model:?}\nratios = [2.0]\nbaselines = [\"full\", \"truncated\"]\n\
@@ -196,6 +198,11 @@ fn a_sequential_case_compresses_turn_by_turn_with_every_method() {
     assert_eq!(result("hybrid").n_virtual, surprisal.n_virtual, "the hybrid meets the same ratio");
     assert_eq!(result("compress-evict").n_virtual, 3 * (per_turn as f64 / 4.0).round_ties_even() as usize);
     assert!(results.iter().all(|r| r.peak_rss_mib.is_some_and(|mib| mib > 1.0)));
+
+    // Uncut, the suffix gives the answer away: refused when it is fed.
+    sequential_fixture(dir.path(), 100);
+    let err = run_sweep(&config, &path, &dir.path().join("out-uncut"), &mut |_| Ok(())).unwrap_err().to_string();
+    assert!(err.contains("leaks fact `f`"), "{err}");
 }
 
 #[test]
