@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::{Error, Result};
 
@@ -136,9 +136,10 @@ impl KvCache {
             .map_err(|e| Error::Invalid(format!("writing cache {}: {e}", path.display())))
     }
 
-    /// Reads a file written by [`KvCache::save`] onto `device`; returns the
-    /// cache and the header's metadata.
-    pub fn load(path: &Path, device: &Device) -> Result<(Self, HashMap<String, String>)> {
+    /// Reads a file written by [`KvCache::save`] onto `device`, keys and
+    /// values in `dtype` (a cache saved from bf16 GPU weights loads into an
+    /// f32 CPU model); returns the cache and the header's metadata.
+    pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<(Self, HashMap<String, String>)> {
         if !path.exists() {
             return Err(Error::MissingFile(path.to_path_buf()));
         }
@@ -149,7 +150,9 @@ impl KvCache {
         let mut tensors = candle_core::safetensors::load_buffer(&bytes, device)?;
         let positions = tensors.remove(POSITIONS).ok_or_else(|| bad("no `positions` tensor".into()))?.to_vec1::<f32>()?;
         let layers = tensors.len() / 2;
-        let mut take = |name: String| tensors.remove(&name).ok_or_else(|| bad(format!("no `{name}` tensor")));
+        let mut take = |name: String| -> Result<Tensor> {
+            Ok(tensors.remove(&name).ok_or_else(|| bad(format!("no `{name}` tensor")))?.to_dtype(dtype)?)
+        };
         let keys = (0..layers).map(|layer| take(format!("keys.{layer}"))).collect::<Result<Vec<_>>>()?;
         let values = (0..layers).map(|layer| take(format!("values.{layer}"))).collect::<Result<Vec<_>>>()?;
         Ok((Self::from_parts(keys, values, positions)?, metadata))

@@ -149,7 +149,7 @@ impl<'m> Session<'m> {
     /// Loads a session saved by [`Session::save`]; a cache computed by
     /// another model is refused with [`Error::WrongModel`].
     pub fn load(model: &'m Model, path: &Path) -> Result<Self> {
-        let (cache, metadata) = KvCache::load(path, model.qwen2.device())?;
+        let (cache, metadata) = KvCache::load(path, model.qwen2.device(), model.qwen2.dtype())?;
         let bad = |reason: &str| Error::Invalid(format!("{}: {reason}", path.display()));
         if metadata.get(FORMAT_KEY).map(String::as_str) != Some(FORMAT) {
             return Err(bad("not a saved cram session"));
@@ -161,11 +161,6 @@ impl<'m> Session<'m> {
         }
         let next_position = metadata.get(NEXT_POSITION_KEY).and_then(|p| p.parse().ok()).ok_or_else(|| bad("no next_position"))?;
         let turns = metadata.get(TURNS_KEY).and_then(|t| serde_json::from_str(t).ok()).ok_or_else(|| bad("no turns"))?;
-        let cache = KvCache::from_parts(
-            cache.keys().iter().map(|k| k.to_dtype(model.qwen2.dtype())).collect::<candle_core::Result<_>>()?,
-            cache.values().iter().map(|v| v.to_dtype(model.qwen2.dtype())).collect::<candle_core::Result<_>>()?,
-            cache.positions().to_vec(),
-        )?;
         Ok(Self { model, cache, next_position, turns })
     }
 

@@ -109,7 +109,7 @@ fn a_saved_session_answers_the_same_bit_for_bit() {
 }
 
 #[test]
-fn a_cache_saved_by_another_model_is_refused() {
+fn a_cache_saved_by_another_model_or_not_a_cache_is_refused() {
     let (model, other) = (model(1), model(2));
     let session = Session::new(&model, SYSTEM).unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -118,6 +118,10 @@ fn a_cache_saved_by_another_model_is_refused() {
     let error = Session::load(&other, &path).unwrap_err();
     assert!(matches!(error, Error::WrongModel { .. }), "{error}");
     assert!(matches!(Session::load(&model, &dir.path().join("absent")).unwrap_err(), Error::MissingFile(_)));
+    let garbage = dir.path().join("garbage.safetensors");
+    std::fs::write(&garbage, b"not a safetensors file").unwrap();
+    let error = Session::load(&model, &garbage).unwrap_err();
+    assert!(matches!(error, Error::Invalid(_)) && error.to_string().contains("garbage.safetensors"), "{error}");
 }
 
 /// The span of TURN_1 after the system prompt.
