@@ -1,7 +1,9 @@
 //! Shared pieces of the benchmarks: the real-model optimisation step and a
 //! counting allocator to measure its peak memory.
 
-use std::alloc::{GlobalAlloc, Layout, System};
+use std::alloc::{GlobalAlloc, Layout};
+
+use mimalloc::MiMalloc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use anyhow::Result;
@@ -10,7 +12,8 @@ use cram::ops::WeightGrad;
 use cram::{objective, KvCache, Logits, Model, ModelSource, Recipe, SpanTargets};
 use cram_eval::models::{KnownModel, DEFAULT_MODEL};
 
-/// Wraps the system allocator, counting live bytes and their peak.
+/// Wraps mimalloc (the allocator the `cram` binary runs on), counting live
+/// bytes and their peak.
 pub struct CountingAllocator;
 
 static LIVE: AtomicUsize = AtomicUsize::new(0);
@@ -18,7 +21,7 @@ static PEAK: AtomicUsize = AtomicUsize::new(0);
 
 unsafe impl GlobalAlloc for CountingAllocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let pointer = System.alloc(layout);
+        let pointer = MiMalloc.alloc(layout);
         if !pointer.is_null() {
             let live = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
             PEAK.fetch_max(live, Ordering::Relaxed);
@@ -27,7 +30,7 @@ unsafe impl GlobalAlloc for CountingAllocator {
     }
 
     unsafe fn dealloc(&self, pointer: *mut u8, layout: Layout) {
-        System.dealloc(pointer, layout);
+        MiMalloc.dealloc(pointer, layout);
         LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
     }
 }
@@ -66,9 +69,7 @@ impl StepSetup {
         let ids = model.tokenizer.encode(text)?;
         anyhow::ensure!(ids.len() >= prefix_len + span_len, "text too short: {} tokens", ids.len());
         let positions: Vec<f32> = (0..prefix_len + span_len).map(|i| i as f32).collect();
-        let prefix = model.qwen2.forward(&model.qwen2.embed(&ids[..prefix_len])?, &positions[..prefix_len], None, Logits::None)?;
-        let mut cache = KvCache::new();
-        cache.append(&prefix.keys, &prefix.values, &positions[..prefix_len])?;
+        let cache = cram_eval::bench::prefix_cache(&model.qwen2, &ids[..prefix_len], &positions[..prefix_len])?;
         let span = SpanTargets::compute(&model.qwen2, &cache, &ids[prefix_len..prefix_len + span_len], &positions[prefix_len..])?;
         let start = Recipe::published(ratio).virtual_start(&span)?;
         anyhow::ensure!(start.positions.len() == n_virtual, "{} virtual tokens, wanted {n_virtual}", start.positions.len());

@@ -4,16 +4,25 @@
 mod progress;
 mod reproduce;
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 use cram::Model;
+use cram_eval::bench::{transcript_ids, BenchSettings};
 use cram_eval::cases::load_case_file;
 use cram_eval::evaluate::{facts_score, run_case, Answered, AskSettings, Condition};
 use cram_eval::models::{self, KnownModel, DEFAULT_MODEL};
 use cram_eval::render::Rendering;
 use cram_eval::sweep::{run_sweep, SweepConfig};
+
+/// candle allocates a fresh buffer for every op's output. With glibc's
+/// malloc, buffers over its mmap threshold come straight from the kernel
+/// and go back on free, so every step faulted in and zeroed its pages
+/// again: a third of a step on 2 threads. mimalloc keeps and reuses them.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
 #[command(name = "cram", version, about = "Representation-level context compression for Qwen2 models")]
@@ -78,6 +87,40 @@ enum Command {
     },
     /// Rewrite summary.csv and the plots of a sweep directory from its results.
     Report { dir: PathBuf },
+    /// Time the parts of one compression (target forward, optimisation step,
+    /// spans optimised together, answer generation) at several sizes, with
+    /// FLOP/s and peak memory.
+    Bench {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Virtual token counts to time.
+        #[arg(long = "virtual", value_delimiter = ',', default_values_t = [64, 128, 256, 512, 1024])]
+        virtual_tokens: Vec<usize>,
+        /// Verbatim prefix tokens the virtual tokens follow.
+        #[arg(long, default_value_t = 140)]
+        prefix: usize,
+        /// Span tokens per virtual token.
+        #[arg(long, default_value_t = 3.2)]
+        ratio: f64,
+        /// Steps timed per size (the first is a warm-up).
+        #[arg(long, default_value_t = 4)]
+        steps: usize,
+        /// Ratios of one span optimised together in the batched timing.
+        #[arg(long, value_delimiter = ',', default_values_t = [1.6, 2.4, 3.2, 4.8, 6.4])]
+        together: Vec<f64>,
+        /// Skip the batched timing.
+        #[arg(long)]
+        no_together: bool,
+        /// CPU threads (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Whose transcript supplies the tokens.
+        #[arg(long, default_value = "eval/bearing/bearing-questions.json")]
+        transcript: PathBuf,
+        /// Append one JSON line per size here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// The published single-turn sweep (T8, T18, T24 x 1.6-4.8x x surprisal
     /// and uniform pooling), with our table beside the published one.
     Reproduce {
@@ -111,6 +154,14 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Reproduce { full, model, device, out } => reproduce::run(full, model, device, out),
+        Command::Bench { model, virtual_tokens, prefix, ratio, steps, together, no_together, threads, transcript, out } => {
+            if let Some(threads) = threads {
+                // Read by candle's CPU kernels and rayon; set before either starts.
+                std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+            }
+            let settings = BenchSettings { prefix_tokens: prefix, ratio, steps, answer_tokens: 32, together_ratios: if no_together { Vec::new() } else { together } };
+            bench(&model, &virtual_tokens, &settings, &transcript, out.as_deref())
+        }
     }
 }
 
@@ -153,6 +204,38 @@ fn sweep(config_path: &Path, out: &Path, model: Option<String>, device: Option<S
         out.join("results.jsonl").display()
     );
     Ok(config)
+}
+
+/// Times each size in turn, printing a row as each finishes.
+fn bench(model_args: &ModelArgs, sizes: &[usize], settings: &BenchSettings, transcript: &Path, out: Option<&Path>) -> Result<()> {
+    let model = load_model(model_args)?;
+    let ids = transcript_ids(&model, transcript)?;
+    println!(
+        "{:>9} {:>6} {:>10} {:>9} {:>8} {:>9} {:>10} {:>12} {:>9} {:>8}",
+        "n_virtual", "span", "targets_s", "step_s", "GFLOP/s", "peak_MiB", "together_s", "together/one", "answer/s", "threads"
+    );
+    for &n_virtual in sizes {
+        let record = cram_eval::bench::measure(&model, &ids, n_virtual, settings)?;
+        let optional = |value: Option<f64>, precision: usize| value.map_or("-".into(), |v| format!("{v:.precision$}"));
+        println!(
+            "{:>9} {:>6} {:>10.3} {:>9.3} {:>8.1} {:>9} {:>10} {:>12} {:>9.1} {:>8}",
+            record.n_virtual,
+            record.span_tokens,
+            record.target_forward_seconds,
+            record.step_seconds,
+            record.step_gflops_per_second,
+            optional(record.step_peak_rss_mib, 0),
+            optional(record.together_step_seconds, 3),
+            optional(record.together_over_single, 2),
+            record.answer_tokens_per_second,
+            record.threads,
+        );
+        if let Some(out) = out {
+            let mut file = std::fs::OpenOptions::new().create(true).append(true).open(out).with_context(|| format!("opening {}", out.display()))?;
+            writeln!(file, "{}", serde_json::to_string(&record)?)?;
+        }
+    }
+    Ok(())
 }
 
 /// Which case `check` asks, and how.

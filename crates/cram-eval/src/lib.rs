@@ -1,6 +1,7 @@
 //! Evaluating cram: transcripts and their rendering, questions and keyword
 //! fact scoring, and the real models the evaluation runs on.
 
+pub mod bench;
 pub mod cases;
 pub mod evaluate;
 pub mod memory;

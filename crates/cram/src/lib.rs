@@ -74,5 +74,5 @@ pub use pooling::Pooling;
 pub use positions::PositionMode;
 pub use targets::SpanTargets;
 pub use error::{Error, Result};
-pub use model::{ForwardOutput, Logits, Model, ModelSource, Qwen2, Qwen2Config};
+pub use model::{ForwardOutput, Logits, Model, ModelSource, Placement, Qwen2, Qwen2Config};
 pub use tokenizer::Tokenizer;

@@ -1,21 +1,99 @@
-//! Differentiable building blocks made only of candle ops that have a backward
-//! pass. Stock candle's fused `softmax_last_dim`, `rms_norm`, `rope*` and
+//! Differentiable building blocks: candle ops that have a backward pass, or
+//! custom ops that bring their own. Stock candle's fused `softmax_last_dim`, `rms_norm`, `rope*` and
 //! `sdpa` have none: a gradient through them silently vanishes, and the
 //! virtual embeddings would never move.
 
 use candle_core::backend::BackendStorage;
+use candle_core::op::{Add, Div, Exp, ReduceOp, Sub};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor, D};
 
 use crate::Result;
 
-/// Softmax over the last dimension, written out so that it backpropagates.
-/// The row maximum is detached: softmax does not depend on it, and a detached
-/// shift keeps its (zero) gradient out of the graph.
+/// Softmax over the last dimension, with a backward pass.
 pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
-    let row_max = xs.max_keepdim(D::Minus1)?.detach();
-    let exp = xs.broadcast_sub(&row_max)?.exp()?;
-    let row_sum = exp.sum_keepdim(D::Minus1)?;
-    Ok(exp.broadcast_div(&row_sum)?)
+    masked_softmax_last_dim(xs, None)
+}
+
+/// Softmax over the last dimension of `scores + mask`, with a backward pass.
+/// `mask` (rows, columns) broadcasts over the leading dimensions of `scores`
+/// (..., rows, columns) and holds 0 or -inf; every row must keep one entry.
+///
+/// One op rather than a chain of candle ops: autograd then keeps only the
+/// scores and the probabilities for the backward, not the masked, shifted
+/// and exponentiated copies in between. On attention over a long cache
+/// those copies were most of an optimisation step's memory.
+pub fn masked_softmax_last_dim(scores: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    let mask = mask.map(|mask| mask.to_dtype(scores.dtype())).transpose()?;
+    Ok(scores.apply_op1(MaskedSoftmax { mask })?)
+}
+
+/// The op behind [`masked_softmax_last_dim`]; the mask is a constant.
+struct MaskedSoftmax {
+    mask: Option<Tensor>,
+}
+
+impl MaskedSoftmax {
+    /// The forward on whichever backend holds the storages, from candle's
+    /// own storage-level kernels; the intermediates die inside the op.
+    fn softmax<S: BackendStorage>(
+        scores: &S,
+        layout: &Layout,
+        mask: Option<(&S, &Layout)>,
+    ) -> candle_core::Result<(S, Shape)> {
+        let shape = layout.shape().clone();
+        let dense = Layout::contiguous(&shape);
+        let masked;
+        let (input, input_layout) = match mask {
+            Some((mask, mask_layout)) => {
+                masked = scores.binary_impl::<Add>(mask, layout, &mask_layout.broadcast_as(&shape)?)?;
+                (&masked, &dense)
+            }
+            None => (scores, layout),
+        };
+        let last = shape.rank() - 1;
+        let mut row_dims = shape.dims().to_vec();
+        row_dims[last] = 1;
+        let per_row = Layout::contiguous(row_dims.as_slice()).broadcast_as(&shape)?;
+        let row_max = input.reduce_op(ReduceOp::Max, input_layout, &[last])?;
+        let exp = input.binary_impl::<Sub>(&row_max, input_layout, &per_row)?.unary_impl::<Exp>(&dense)?;
+        let row_sum = exp.reduce_op(ReduceOp::Sum, &dense, &[last])?;
+        Ok((exp.binary_impl::<Div>(&row_sum, &dense, &per_row)?, shape))
+    }
+}
+
+impl CustomOp1 for MaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "masked-softmax"
+    }
+
+    fn cpu_fwd(&self, scores: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let Some(mask) = &self.mask else { return Self::softmax(scores, layout, None) };
+        let (storage, mask_layout) = mask.storage_and_layout();
+        match &*storage {
+            Storage::Cpu(mask) => Self::softmax(scores, layout, Some((mask, mask_layout))),
+            _ => candle_core::bail!("masked-softmax: scores on cpu, mask elsewhere"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        scores: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let Some(mask) = &self.mask else { return Self::softmax(scores, layout, None) };
+        let (storage, mask_layout) = mask.storage_and_layout();
+        match &*storage {
+            Storage::Cuda(mask) => Self::softmax(scores, layout, Some((mask, mask_layout))),
+            _ => candle_core::bail!("masked-softmax: scores on cuda, mask elsewhere"),
+        }
+    }
+
+    /// dL/dx = p * (g - sum(g * p)) along each row, from the output alone.
+    fn bwd(&self, _scores: &Tensor, probabilities: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let along_row = (grad * probabilities)?.sum_keepdim(D::Minus1)?;
+        Ok(Some(probabilities.mul(&grad.broadcast_sub(&along_row)?)?))
+    }
 }
 
 /// RMS normalisation over the last dimension, times a (frozen) gain.

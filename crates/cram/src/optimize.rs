@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::cache::KvCache;
 use crate::model::{Logits, Qwen2};
 use crate::objective::value_loss;
-use crate::Result;
+use crate::{Error, Result};
 
 /// Adam's settings and the step budget.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -103,24 +103,103 @@ pub fn optimise(
     steps: usize,
     on_step: &mut dyn FnMut(usize, f32),
 ) -> Result<Optimized> {
-    let Objective { prefix, positions, targets } = objective;
+    let mut optimized = optimise_together(model, &[objective], &[init.clone()], config, steps, on_step)?;
+    Ok(optimized.remove(0))
+}
+
+/// Optimises several sets of virtual tokens that follow the same prefix
+/// (say, one span at several ratios, or several seeds) in one forward and
+/// one backward per step: the sets sit side by side in the sequence and
+/// the attention mask keeps them from seeing each other, so each set's
+/// gradient, and Adam's elementwise update, is what it would be alone. One
+/// span under-fills a GPU; several fill it for little more time.
+///
+/// `on_step(step, loss)` gets the sum of the sets' losses. Each result's
+/// report has its own loss curve and the batch's wall time.
+pub fn optimise_together(
+    model: &Qwen2,
+    objectives: &[Objective<'_>],
+    inits: &[Tensor],
+    config: &OptimizerConfig,
+    steps: usize,
+    on_step: &mut dyn FnMut(usize, f32),
+) -> Result<Vec<Optimized>> {
+    let prefix = shared_prefix(objectives, inits)?;
     let started = Instant::now();
-    let embeddings = Var::from_tensor(&init.detach())?;
+    let lengths: Vec<usize> = objectives.iter().map(|objective| objective.positions.len()).collect();
+    let positions: Vec<f32> = objectives.iter().flat_map(|objective| objective.positions.iter().copied()).collect();
+    // Built once: no per-step RoPE tables or mask to upload.
+    let placement = model.placement(&positions, &lengths, prefix.len())?;
+    let group_losses = |values: &[Tensor]| -> Result<Vec<Tensor>> {
+        let mut offset = 0;
+        objectives
+            .iter()
+            .map(|objective| {
+                let length = objective.positions.len();
+                let own: Vec<Tensor> = values.iter().map(|v| v.narrow(2, offset, length)).collect::<candle_core::Result<_>>()?;
+                offset += length;
+                value_loss(&own, objective.targets)
+            })
+            .collect()
+    };
+
+    let inits: Vec<Tensor> = inits.iter().map(Tensor::detach).collect();
+    let embeddings = Var::from_tensor(&Tensor::cat(&inits, 1)?)?;
     let params = ParamsAdamW { lr: config.lr, beta1: config.beta1, beta2: config.beta2, eps: config.eps, weight_decay: 0.0 };
     let mut adam = AdamW::new(vec![embeddings.clone()], params)?;
-    let mut loss_curve = Vec::with_capacity(steps + 1);
+    let mut loss_curves = vec![Vec::with_capacity(steps + 1); objectives.len()];
     for step in 0..steps {
-        let output = model.forward(embeddings.as_tensor(), positions, Some(prefix), Logits::None)?;
-        let loss = value_loss(&output.values, targets)?;
-        adam.backward_step(&loss)?;
-        let loss = loss.to_scalar::<f32>()?;
-        loss_curve.push(loss);
-        on_step(step, loss);
+        let output = model.forward_placed(embeddings.as_tensor(), &placement, Some(prefix), Logits::None)?;
+        let losses = group_losses(&output.values)?;
+        let total = losses.iter().skip(1).try_fold(losses[0].clone(), |sum, loss| sum.add(loss))?;
+        adam.backward_step(&total)?;
+        let total = record(&losses, &mut loss_curves)?;
+        on_step(step, total);
     }
     // One more forward: the cache entries of the final embeddings, and their loss.
     let embeddings = embeddings.as_tensor().detach();
-    let output = model.forward(&embeddings, positions, Some(prefix), Logits::None)?;
-    loss_curve.push(value_loss(&output.values, targets)?.to_scalar::<f32>()?);
-    let report = OptimizationReport { loss_curve, steps, seconds: started.elapsed().as_secs_f64() };
-    Ok(Optimized { embeddings, keys: output.keys, values: output.values, report })
+    let output = model.forward_placed(&embeddings, &placement, Some(prefix), Logits::None)?;
+    record(&group_losses(&output.values)?, &mut loss_curves)?;
+    let seconds = started.elapsed().as_secs_f64();
+
+    let mut offset = 0;
+    let mut optimized = Vec::with_capacity(objectives.len());
+    for (length, loss_curve) in lengths.into_iter().zip(loss_curves) {
+        let own = |tensors: &[Tensor]| tensors.iter().map(|t| t.narrow(2, offset, length)).collect::<candle_core::Result<Vec<_>>>();
+        optimized.push(Optimized {
+            embeddings: embeddings.narrow(1, offset, length)?,
+            keys: own(&output.keys)?,
+            values: own(&output.values)?,
+            report: OptimizationReport { loss_curve, steps, seconds },
+        });
+        offset += length;
+    }
+    Ok(optimized)
+}
+
+/// Appends each set's loss to its curve (one device read for all); returns their sum.
+fn record(losses: &[Tensor], curves: &mut [Vec<f32>]) -> Result<f32> {
+    let losses = Tensor::stack(losses, 0)?.to_vec1::<f32>()?;
+    curves.iter_mut().zip(&losses).for_each(|(curve, loss)| curve.push(*loss));
+    Ok(losses.iter().sum())
+}
+
+/// The one prefix every objective follows; an init per objective, sized to it.
+fn shared_prefix<'a>(objectives: &[Objective<'a>], inits: &[Tensor]) -> Result<&'a KvCache> {
+    let Some(first) = objectives.first() else {
+        return Err(Error::Invalid("nothing to optimise".into()));
+    };
+    if objectives.iter().any(|objective| !std::ptr::eq(objective.prefix, first.prefix)) {
+        return Err(Error::Invalid("optimised together, objectives must follow the same prefix cache".into()));
+    }
+    if inits.len() != objectives.len() {
+        return Err(Error::Invalid(format!("{} inits for {} objectives", inits.len(), objectives.len())));
+    }
+    for (objective, init) in objectives.iter().zip(inits) {
+        let n_init = init.dim(1)?;
+        if n_init != objective.positions.len() || objective.positions.is_empty() {
+            return Err(Error::Invalid(format!("{n_init} initial embeddings for {} positions", objective.positions.len())));
+        }
+    }
+    Ok(first.prefix)
 }

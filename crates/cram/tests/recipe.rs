@@ -5,7 +5,7 @@ mod common;
 
 use candle_core::{Tensor, D};
 use common::{cpu, max_abs_diff};
-use cram::optimize::default_steps;
+use cram::optimize::{default_steps, optimise, optimise_together, Objective};
 use cram::pooling::{chunk_bounds, n_virtual, pool, pooling_matrix, token_weights};
 use cram::positions::virtual_positions;
 use cram::{random, Compressor, KvCache, Logits, OptimizerConfig, Pooling, PositionMode, Qwen2, RawSpan, Recipe, SpanTargets};
@@ -146,5 +146,53 @@ fn optimisation_lowers_the_value_loss() -> anyhow::Result<()> {
         assert_eq!(compressed.positions, vec![4.0, 8.0, 11.0, 15.0]);
         assert_eq!(compressed.keys[0].dims(), &[1, 2, 4, 8]);
     }
+    Ok(())
+}
+
+#[test]
+fn spans_optimised_together_match_each_optimised_alone() -> anyhow::Result<()> {
+    // Three ratios of one span side by side in one forward: the mask keeps
+    // them apart, so each gets the gradients and Adam steps it would alone.
+    let model = random::model(&random::tiny_config(), 29, &cpu())?;
+    let prefix = prefix_cache(&model);
+    let span = SpanTargets::compute(&model, &prefix, &SPAN, &positions(PREFIX.len(), SPAN.len()))?;
+    let config = OptimizerConfig { lr: 0.05, ..Default::default() };
+    let starts: Vec<_> = [2.0, 3.0, 6.0].iter().map(|&ratio| Recipe::published(ratio).virtual_start(&span)).collect::<Result<_, _>>()?;
+    let objectives: Vec<Objective> =
+        starts.iter().map(|s| Objective { prefix: &prefix, positions: &s.positions, targets: &s.targets }).collect();
+    let inits: Vec<Tensor> = starts.iter().map(|s| s.init.clone()).collect();
+    let mut summed_losses = Vec::new();
+    let together = optimise_together(&model, &objectives, &inits, &config, 15, &mut |_, loss| summed_losses.push(loss))?;
+    assert_eq!(together.len(), 3);
+    for ((objective, init), joint) in objectives.iter().zip(&inits).zip(&together) {
+        let alone = optimise(&model, *objective, init, &config, 15, &mut |_, _| {})?;
+        assert_eq!(joint.keys[0].dims(), alone.keys[0].dims());
+        assert!(max_abs_diff(&joint.embeddings, &alone.embeddings) <= 1e-4);
+        for layer in 0..alone.values.len() {
+            assert!(max_abs_diff(&joint.values[layer], &alone.values[layer]) <= 1e-4, "layer {layer}");
+            assert!(max_abs_diff(&joint.keys[layer], &alone.keys[layer]) <= 1e-4, "layer {layer}");
+        }
+        let (joint_curve, alone_curve) = (&joint.report.loss_curve, &alone.report.loss_curve);
+        assert!(joint_curve.iter().zip(alone_curve).all(|(a, b)| (a - b).abs() <= 1e-4 * b.abs().max(1.0)));
+    }
+    // The callback gets the sum of the three losses.
+    let first_sum: f32 = together.iter().map(|t| t.report.loss_curve[0]).sum();
+    assert!((summed_losses[0] - first_sum).abs() <= 1e-4 * first_sum);
+    Ok(())
+}
+
+#[test]
+fn optimising_together_refuses_different_prefixes() -> anyhow::Result<()> {
+    let model = random::model(&random::tiny_config(), 31, &cpu())?;
+    let (prefix, other_prefix) = (prefix_cache(&model), prefix_cache(&model));
+    let span = SpanTargets::compute(&model, &prefix, &SPAN, &positions(PREFIX.len(), SPAN.len()))?;
+    let start = Recipe::published(3.0).virtual_start(&span)?;
+    let objectives = [
+        Objective { prefix: &prefix, positions: &start.positions, targets: &start.targets },
+        Objective { prefix: &other_prefix, positions: &start.positions, targets: &start.targets },
+    ];
+    let inits = [start.init.clone(), start.init.clone()];
+    let error = optimise_together(&model, &objectives, &inits, &OptimizerConfig::default(), 1, &mut |_, _| {}).unwrap_err();
+    assert!(error.to_string().contains("same prefix"), "{error}");
     Ok(())
 }

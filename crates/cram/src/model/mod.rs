@@ -5,7 +5,7 @@ mod config;
 mod qwen2;
 
 pub use config::Qwen2Config;
-pub use qwen2::{ForwardOutput, Logits, Qwen2};
+pub use qwen2::{ForwardOutput, Logits, Placement, Qwen2};
 
 use std::fs::File;
 use std::io::BufReader;

@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor, D};
 
 use super::config::Qwen2Config;
 use crate::cache::KvCache;
-use crate::ops::{rms_norm, softmax_last_dim, Linear, WeightGrad};
+use crate::ops::{masked_softmax_last_dim, rms_norm, Linear, WeightGrad};
 use crate::rope::Rotation;
 use crate::{Error, Result};
 
@@ -35,6 +35,16 @@ pub struct ForwardOutput {
     pub values: Vec<Tensor>,
     /// (batch, n, vocab) for [`Logits::All`], (batch, 1, vocab) for [`Logits::Last`].
     pub logits: Option<Tensor>,
+}
+
+/// Where a forward's new tokens sit: made by [`Qwen2::placement`].
+#[derive(Debug, Clone)]
+pub struct Placement {
+    rotation: Rotation,
+    /// (n_new, cached + n_new) in the softmax dtype; None for one token.
+    mask: Option<Tensor>,
+    n_new: usize,
+    cached: usize,
 }
 
 /// One decoder block's frozen weights.
@@ -184,7 +194,36 @@ impl Qwen2 {
         cache: Option<&KvCache>,
         logits: Logits,
     ) -> Result<ForwardOutput> {
-        Ok(self.run(embeddings, positions, cache, logits, false)?.0)
+        let placement = self.placement(positions, &[positions.len()], cache.map_or(0, KvCache::len))?;
+        self.forward_placed(embeddings, &placement, cache, logits)
+    }
+
+    /// Where new tokens go, prepared once for many forwards (an optimisation
+    /// runs thousands over the same positions): their RoPE tables and their
+    /// attention mask. The new tokens form consecutive `groups` (lengths
+    /// summing to `positions.len()`), independent sequences that all see the
+    /// `cached` entries and, causally, their own group only: several spans'
+    /// virtual tokens then share one forward without seeing each other.
+    pub fn placement(&self, positions: &[f32], groups: &[usize], cached: usize) -> Result<Placement> {
+        if groups.iter().sum::<usize>() != positions.len() || groups.contains(&0) {
+            return Err(Error::Invalid(format!("groups {groups:?} do not partition {} positions", positions.len())));
+        }
+        let rotation = Rotation::new(positions, self.config.head_dim(), self.config.rope_theta, self.dtype, &self.device)?;
+        let mask = attention_mask(groups, cached, &self.device)?;
+        let mask = mask.map(|mask| mask.to_dtype(self.softmax_dtype())).transpose()?;
+        Ok(Placement { rotation, mask, n_new: positions.len(), cached })
+    }
+
+    /// [`Qwen2::forward`] at a prepared [`Placement`]; `cache` must hold the
+    /// number of entries the placement was made for.
+    pub fn forward_placed(
+        &self,
+        embeddings: &Tensor,
+        placement: &Placement,
+        cache: Option<&KvCache>,
+        logits: Logits,
+    ) -> Result<ForwardOutput> {
+        Ok(self.run(embeddings, placement, cache, logits, false)?.0)
     }
 
     /// Every layer's attention probabilities of the new tokens over the
@@ -196,26 +235,37 @@ impl Qwen2 {
         positions: &[f32],
         cache: Option<&KvCache>,
     ) -> Result<Vec<Tensor>> {
-        Ok(self.run(embeddings, positions, cache, Logits::Last, true)?.1)
+        let placement = self.placement(positions, &[positions.len()], cache.map_or(0, KvCache::len))?;
+        Ok(self.run(embeddings, &placement, cache, Logits::Last, true)?.1)
+    }
+
+    /// Softmax in at least f32 whatever the weights' dtype: bf16 rows of
+    /// thousands of logits lose too much.
+    fn softmax_dtype(&self) -> DType {
+        if self.dtype == DType::F64 { DType::F64 } else { DType::F32 }
     }
 
     /// The forward; with `keep_attention`, also each layer's attention probabilities.
     fn run(
         &self,
         embeddings: &Tensor,
-        positions: &[f32],
+        placement: &Placement,
         cache: Option<&KvCache>,
         logits: Logits,
         keep_attention: bool,
     ) -> Result<(ForwardOutput, Vec<Tensor>)> {
         let (batch, n_new, hidden) = embeddings.dims3()?;
-        if n_new != positions.len() || hidden != self.config.hidden_size || n_new == 0 {
+        if n_new != placement.n_new || hidden != self.config.hidden_size {
             return Err(Error::Invalid(format!(
                 "embeddings {:?} do not fit {} positions and hidden size {}",
                 embeddings.dims(),
-                positions.len(),
+                placement.n_new,
                 self.config.hidden_size
             )));
+        }
+        let cached = cache.map_or(0, KvCache::len);
+        if cached != placement.cached {
+            return Err(Error::Invalid(format!("cache holds {cached} entries, placement was made for {}", placement.cached)));
         }
         if let Some(cache) = cache {
             if cache.num_layers() != self.layers.len() && !cache.is_empty() {
@@ -226,9 +276,6 @@ impl Qwen2 {
                 )));
             }
         }
-        let cached = cache.map_or(0, KvCache::len);
-        let rotation = Rotation::new(positions, self.config.head_dim(), self.config.rope_theta, self.dtype, &self.device)?;
-        let mask = causal_mask(n_new, cached, &self.device)?;
 
         let mut hidden_states = embeddings.to_dtype(self.dtype)?;
         let mut keys = Vec::with_capacity(self.layers.len());
@@ -236,7 +283,7 @@ impl Qwen2 {
         let mut attention = Vec::new();
         for (index, layer) in self.layers.iter().enumerate() {
             let normed = rms_norm(&hidden_states, &layer.input_norm, self.config.rms_norm_eps)?;
-            let (query, key, value) = self.project_qkv(layer, &normed, &rotation, batch, n_new)?;
+            let (query, key, value) = self.project_qkv(layer, &normed, &placement.rotation, batch, n_new)?;
             keys.push(key.clone());
             values.push(value.clone());
             let is_last = index + 1 == self.layers.len();
@@ -251,7 +298,7 @@ impl Qwen2 {
                 ),
                 None => (key, value),
             };
-            let (attended, probabilities) = self.attention(&query, &all_keys, &all_values, mask.as_ref())?;
+            let (attended, probabilities) = self.attention(&query, &all_keys, &all_values, placement.mask.as_ref())?;
             if keep_attention {
                 attention.push(probabilities.detach());
             }
@@ -301,17 +348,11 @@ impl Qwen2 {
         let kv_heads = self.config.num_key_value_heads;
         let groups = heads / kv_heads;
         let total = keys.dim(2)?;
-        let grouped_query = query.reshape((batch, kv_heads, groups * n_new, head_dim))?;
-        let scores = (grouped_query.matmul(&keys.t()?)? / (head_dim as f64).sqrt())?;
-        // Softmax in at least f32 whatever the weights' dtype: bf16 rows of
-        // thousands of logits lose too much.
-        let softmax_dtype = if self.dtype == DType::F64 { DType::F64 } else { DType::F32 };
-        let scores = scores.to_dtype(softmax_dtype)?.reshape((batch, kv_heads, groups, n_new, total))?;
-        let scores = match mask {
-            Some(mask) => scores.broadcast_add(&mask.to_dtype(softmax_dtype)?)?,
-            None => scores,
-        };
-        let probabilities = softmax_last_dim(&scores)?;
+        // Scaling the (small) query rather than the (large) scores.
+        let grouped_query = (query / (head_dim as f64).sqrt())?.reshape((batch, kv_heads, groups * n_new, head_dim))?;
+        let scores = grouped_query.matmul(&keys.t()?)?;
+        let scores = scores.to_dtype(self.softmax_dtype())?.reshape((batch, kv_heads, groups, n_new, total))?;
+        let probabilities = masked_softmax_last_dim(&scores, mask)?;
         let grouped = probabilities.to_dtype(self.dtype)?.reshape((batch, kv_heads, groups * n_new, total))?;
         let attended = grouped.matmul(values)?; // (b, kv, groups * n, d)
         let attended = attended.reshape((batch, heads, n_new, head_dim))?.transpose(1, 2)?;
@@ -335,16 +376,24 @@ impl Qwen2 {
     }
 }
 
-/// (n, cached + n), f32: 0 where new token i may attend, -inf where it may not
-/// (a later new token). None for a single new token, which sees everything.
-fn causal_mask(n_new: usize, cached: usize, device: &Device) -> Result<Option<Tensor>> {
+/// (n, cached + n), f32: 0 where new token i may attend, -inf where it may
+/// not (a later token, or one of another group). None for a single new
+/// token, which sees everything.
+fn attention_mask(groups: &[usize], cached: usize, device: &Device) -> Result<Option<Tensor>> {
+    let n_new: usize = groups.iter().sum();
     if n_new == 1 {
         return Ok(None);
     }
     let total = cached + n_new;
-    let mask: Vec<f32> = (0..n_new)
-        .flat_map(|i| (0..total).map(move |j| if j > cached + i { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
+    let mut mask = Vec::with_capacity(n_new * total);
+    let mut group_start = 0;
+    for &length in groups {
+        for i in group_start..group_start + length {
+            let visible = |j: usize| j < cached || (cached + group_start..=cached + i).contains(&j);
+            mask.extend((0..total).map(|j| if visible(j) { 0.0 } else { f32::NEG_INFINITY }));
+        }
+        group_start += length;
+    }
     Ok(Some(Tensor::from_vec(mask, (n_new, total), device)?))
 }
 
