@@ -102,8 +102,8 @@ enum Command {
         /// Span tokens per virtual token.
         #[arg(long, default_value_t = 3.2)]
         ratio: f64,
-        /// Steps timed per size (the first is a warm-up).
-        #[arg(long, default_value_t = 4)]
+        /// Steps run per size (the first half warms up, the rest is timed).
+        #[arg(long, default_value_t = 8)]
         steps: usize,
         /// Ratios of one span optimised together in the batched timing.
         #[arg(long, value_delimiter = ',', default_values_t = [1.6, 2.4, 3.2, 4.8, 6.4])]

@@ -1,0 +1,57 @@
+//! The parts of one compression besides the step (see `optimisation_step`)
+//! on the real Qwen2.5-Coder-0.5B-Instruct, CPU, f32: the span's target
+//! forward (V and surprisal), one step (and the closing forward that reads
+//! the result) of five ratios of that span optimised together against one
+//! ratio alone, and greedy answer generation.
+//!
+//! cargo bench -p cram-benches --bench compression_parts
+
+use criterion::{BenchmarkId, Criterion};
+use cram::optimize::{optimise_together, Objective};
+use cram::{generate, OptimizerConfig, Recipe, SpanTargets};
+use cram_benches::{load_default_model, CountingAllocator};
+use cram_eval::bench::{prefix_cache, transcript_ids};
+
+#[global_allocator]
+static ALLOCATOR: CountingAllocator = CountingAllocator;
+
+const PREFIX_TOKENS: usize = 140;
+const SPAN_TOKENS: usize = 208;
+const RATIOS: [f64; 5] = [1.6, 2.4, 3.2, 4.8, 6.4];
+const ANSWER_TOKENS: usize = 32;
+
+fn main() -> anyhow::Result<()> {
+    let model = load_default_model()?;
+    let qwen = &model.qwen2;
+    let ids = transcript_ids(&model, &cram_benches::repo_path("eval/bearing/bearing-questions.json"))?;
+    let positions: Vec<f32> = (0..PREFIX_TOKENS + SPAN_TOKENS).map(|p| p as f32).collect();
+    let prefix = prefix_cache(qwen, &ids[..PREFIX_TOKENS], &positions[..PREFIX_TOKENS])?;
+    let span_ids = &ids[PREFIX_TOKENS..PREFIX_TOKENS + SPAN_TOKENS];
+    let span = SpanTargets::compute(qwen, &prefix, span_ids, &positions[PREFIX_TOKENS..])?;
+
+    let mut criterion = Criterion::default().sample_size(10).warm_up_time(std::time::Duration::from_secs(1)).configure_from_args();
+    criterion.bench_function("target_forward_208_tokens", |b| {
+        b.iter(|| SpanTargets::compute(qwen, &prefix, span_ids, &positions[PREFIX_TOKENS..]).expect("targets"))
+    });
+
+    let starts: Vec<_> = RATIOS.iter().map(|&ratio| Recipe::published(ratio).virtual_start(&span)).collect::<cram::Result<_>>()?;
+    let mut group = criterion.benchmark_group("one_step_and_final_forward");
+    for (label, chosen) in [("3.2x alone", &starts[2..3]), ("5 ratios together", &starts[..])] {
+        let objectives: Vec<Objective> =
+            chosen.iter().map(|s| Objective { prefix: &prefix, positions: &s.positions, targets: &s.targets }).collect();
+        let inits: Vec<_> = chosen.iter().map(|s| s.init.clone()).collect();
+        group.bench_with_input(BenchmarkId::from_parameter(label), &objectives, |b, objectives| {
+            b.iter(|| optimise_together(qwen, objectives, &inits, &OptimizerConfig::default(), 1, &mut |_, _| {}).expect("step"))
+        });
+    }
+    group.finish();
+
+    criterion.bench_function("answer_32_tokens", |b| {
+        b.iter(|| {
+            let mut cache = prefix.clone();
+            generate::greedy(qwen, &mut cache, &ids[..8], PREFIX_TOKENS as f32, ANSWER_TOKENS, &[]).expect("answer")
+        })
+    });
+    criterion.final_summary();
+    Ok(())
+}
