@@ -10,3 +10,12 @@ for threads in 1 2; do
 done
 # The published ten-turn case's longest turn (1,579 tokens) at 2x after a long cache.
 ./target/release/cram bench --virtual 790 --prefix 1500 --ratio 2 --steps 2 --no-together --threads 2 --out $out/long-turn.jsonl
+# The PyTorch side-by-side's second size (130 virtual tokens after 140).
+for threads in 1 2; do
+  ./target/release/cram bench --virtual 130 --steps 8 --no-together --threads $threads --out $out/pytorch-sizes.jsonl
+done
+# The heap peak of one long step, before and after (criterion bench's counting
+# allocator): set PREFIX_TOKENS = 1000 and VIRTUAL_TOKENS = [700] in
+# benches/benches/optimisation_step.rs, then
+#   cargo bench -p cram-benches --bench optimisation_step
+# and read the "peak extra heap" line (run once at 1f774f8, once after).
