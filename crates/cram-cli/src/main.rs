@@ -208,6 +208,7 @@ fn sweep(config_path: &Path, out: &Path, model: Option<String>, device: Option<S
 
 /// Times each size in turn, printing a row as each finishes.
 fn bench(model_args: &ModelArgs, sizes: &[usize], settings: &BenchSettings, transcript: &Path, out: Option<&Path>) -> Result<()> {
+    settings.check(sizes)?;
     let model = load_model(model_args)?;
     let ids = transcript_ids(&model, transcript)?;
     println!(

@@ -40,6 +40,23 @@ impl Default for BenchSettings {
     }
 }
 
+impl BenchSettings {
+    /// Refuses sizes and settings a bench cannot run, before any model loads.
+    pub fn check(&self, sizes: &[usize]) -> Result<()> {
+        let invalid = |reason: String| Err(EvalError::Model(cram::Error::Invalid(format!("bench: {reason}"))));
+        if sizes.is_empty() || sizes.contains(&0) {
+            return invalid(format!("virtual token counts must be at least 1, got {sizes:?}"));
+        }
+        if self.prefix_tokens == 0 {
+            return invalid("the prefix needs at least one token".into());
+        }
+        if let Some(ratio) = std::iter::once(&self.ratio).chain(&self.together_ratios).find(|ratio| !(**ratio > 1.0)) {
+            return invalid(format!("ratios must be above 1, got {ratio}"));
+        }
+        Ok(())
+    }
+}
+
 /// The figures for one size.
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchRecord {
@@ -104,6 +121,10 @@ pub fn step_flops(config: &Qwen2Config, n_virtual: usize, cached: usize) -> f64 
 
 /// Times every part for `n_virtual` virtual tokens, on tokens drawn from `ids`.
 pub fn measure(model: &Model, ids: &[u32], n_virtual: usize, settings: &BenchSettings) -> Result<BenchRecord> {
+    settings.check(&[n_virtual])?;
+    if ids.is_empty() {
+        return Err(EvalError::Model(cram::Error::Invalid("bench: the transcript has no tokens".into())));
+    }
     let qwen = &model.qwen2;
     let span_tokens = (n_virtual as f64 * settings.ratio).round() as usize;
     let tokens: Vec<u32> = ids.iter().copied().cycle().take(settings.prefix_tokens + span_tokens).collect();
@@ -131,7 +152,7 @@ pub fn measure(model: &Model, ids: &[u32], n_virtual: usize, settings: &BenchSet
         Some(time_steps(qwen, &prefix, &starts, settings.steps)?.0)
     };
 
-    let (answer_seconds, answer_tokens) = time_answer(qwen, compressed, &tokens[..8], settings.answer_tokens)?;
+    let (answer_seconds, answer_tokens) = time_answer(qwen, compressed, &tokens[..8.min(tokens.len())], settings.answer_tokens)?;
     let flops = step_flops(qwen.config(), n_virtual, prefix.len());
     Ok(BenchRecord {
         model: model.name.clone(),
@@ -194,4 +215,23 @@ fn time_answer(model: &Qwen2, mut cache: KvCache, prompt: &[u32], max_tokens: us
     let started = Instant::now();
     let answer = generate::greedy(model, &mut cache, prompt, first_position, max_tokens, &[])?;
     Ok((started.elapsed().as_secs_f64(), answer.len()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn impossible_bench_settings_are_refused_before_any_model_loads() {
+        let settings = BenchSettings::default();
+        assert!(settings.check(&[64, 128]).is_ok());
+        assert!(settings.check(&[64, 0]).unwrap_err().to_string().contains("at least 1"));
+        assert!(settings.check(&[]).is_err());
+        let no_prefix = BenchSettings { prefix_tokens: 0, ..BenchSettings::default() };
+        assert!(no_prefix.check(&[64]).unwrap_err().to_string().contains("prefix"));
+        let bad_ratio = BenchSettings { ratio: 1.0, ..BenchSettings::default() };
+        assert!(bad_ratio.check(&[64]).unwrap_err().to_string().contains("above 1"));
+        let bad_together = BenchSettings { together_ratios: vec![2.0, f64::NAN], ..BenchSettings::default() };
+        assert!(bad_together.check(&[64]).is_err());
+    }
 }
