@@ -34,11 +34,11 @@ fn main() -> anyhow::Result<()> {
         b.iter(|| SpanTargets::compute(qwen, &prefix, span_ids, &positions[PREFIX_TOKENS..]).expect("targets"))
     });
 
-    let starts: Vec<_> = RATIOS.iter().map(|&ratio| Recipe::published(ratio).virtual_start(&span)).collect::<cram::Result<_>>()?;
+    let starts: Vec<_> = RATIOS.iter().map(|&ratio| Recipe::published(ratio).virtual_start(qwen, &prefix, &span)).collect::<cram::Result<_>>()?;
     let mut group = criterion.benchmark_group("one_step_and_final_forward");
     for (label, chosen) in [("3.2x alone", &starts[2..3]), ("5 ratios together", &starts[..])] {
         let objectives: Vec<Objective> =
-            chosen.iter().map(|s| Objective { prefix: &prefix, positions: &s.positions, targets: &s.targets }).collect();
+            chosen.iter().map(|s| s.objective(&prefix)).collect();
         let inits: Vec<_> = chosen.iter().map(|s| s.init.clone()).collect();
         group.bench_with_input(BenchmarkId::from_parameter(label), &objectives, |b, objectives| {
             b.iter(|| optimise_together(qwen, objectives, &inits, &OptimizerConfig::default(), 1, &mut |_, _| {}).expect("step"))

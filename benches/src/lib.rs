@@ -71,7 +71,7 @@ impl StepSetup {
         let positions: Vec<f32> = (0..prefix_len + span_len).map(|i| i as f32).collect();
         let cache = cram_eval::bench::prefix_cache(&model.qwen2, &ids[..prefix_len], &positions[..prefix_len])?;
         let span = SpanTargets::compute(&model.qwen2, &cache, &ids[prefix_len..prefix_len + span_len], &positions[prefix_len..])?;
-        let start = Recipe::published(ratio).virtual_start(&span)?;
+        let start = Recipe::published(ratio).virtual_start(&model.qwen2, &cache, &span)?;
         anyhow::ensure!(start.positions.len() == n_virtual, "{} virtual tokens, wanted {n_virtual}", start.positions.len());
         Ok(Self { cache, virtual_embeddings: Var::from_tensor(&start.init)?, virtual_positions: start.positions, targets: start.targets })
     }
@@ -80,7 +80,7 @@ impl StepSetup {
     /// embeddings. Returns the loss.
     pub fn step(&self, model: &Model) -> Result<f32> {
         let output = model.qwen2.forward(self.virtual_embeddings.as_tensor(), &self.virtual_positions, Some(&self.cache), Logits::None)?;
-        let loss = objective::value_loss(&output.values, &self.targets)?;
+        let loss = objective::normalised_loss(&output.values, &self.targets)?;
         let grads = loss.backward()?;
         anyhow::ensure!(grads.get(self.virtual_embeddings.as_tensor()).is_some(), "no gradient reached the embeddings");
         Ok(loss.to_scalar::<f32>()?)

@@ -136,7 +136,7 @@ pub fn measure(model: &Model, ids: &[u32], n_virtual: usize, settings: &BenchSet
     let span = SpanTargets::compute(qwen, &prefix, span_ids, &positions[settings.prefix_tokens..])?;
     let target_forward_seconds = started.elapsed().as_secs_f64();
 
-    let single = Recipe::published(settings.ratio).virtual_start_sized(&span, n_virtual)?;
+    let single = Recipe::published(settings.ratio).virtual_start_sized(qwen, &prefix, &span, n_virtual)?;
     reset_peak_rss();
     let (step_seconds, compressed) = time_steps(qwen, &prefix, std::slice::from_ref(&single), settings.steps)?;
     let step_peak_rss_mib = peak_rss_bytes().map(|bytes| bytes as f64 / (1024.0 * 1024.0));
@@ -147,7 +147,7 @@ pub fn measure(model: &Model, ids: &[u32], n_virtual: usize, settings: &BenchSet
         let starts = settings
             .together_ratios
             .iter()
-            .map(|&ratio| Recipe::published(ratio).virtual_start(&span))
+            .map(|&ratio| Recipe::published(ratio).virtual_start(qwen, &prefix, &span))
             .collect::<cram::Result<Vec<_>>>()?;
         Some(time_steps(qwen, &prefix, &starts, settings.steps)?.0)
     };
@@ -189,7 +189,7 @@ pub fn prefix_cache(model: &Qwen2, ids: &[u32], positions: &[f32]) -> Result<KvC
 /// step time over the second half of the steps, and the prefix extended by the result.
 fn time_steps(model: &Qwen2, prefix: &KvCache, starts: &[VirtualStart], steps: usize) -> Result<(f64, KvCache)> {
     let objectives: Vec<Objective> =
-        starts.iter().map(|start| Objective { prefix, positions: &start.positions, targets: &start.targets }).collect();
+        starts.iter().map(|start| start.objective(prefix)).collect();
     let inits: Vec<Tensor> = starts.iter().map(|start| start.init.clone()).collect();
     let mut step_ends = vec![Instant::now()];
     let config = cram::OptimizerConfig::default();

@@ -21,6 +21,10 @@ pub struct RatioPoint {
     /// Smallest and largest over seeds.
     pub spread: (usize, usize),
     pub total: usize,
+    /// Mean wall time of one cell (one case, one seed), seconds.
+    pub seconds_per_cell: f64,
+    /// Mean optimisation steps of one cell.
+    pub steps_per_cell: f64,
 }
 
 /// (method, ratio as bits, None for baselines)
@@ -32,17 +36,23 @@ type FactCount = (usize, usize);
 /// mean and range over seeds.
 pub fn facts_by_ratio(results: &[CellResult]) -> Vec<RatioPoint> {
     let mut grouped: BTreeMap<MethodRatio, BTreeMap<u64, FactCount>> = BTreeMap::new();
+    let mut costs: BTreeMap<MethodRatio, Vec<(f64, usize)>> = BTreeMap::new();
     for result in results {
         let key = (result.cell.method.clone(), result.cell.ratio.map(f64::to_bits));
+        costs.entry(key.clone()).or_default().push((result.seconds, result.steps));
         let per_seed = grouped.entry(key).or_default().entry(result.cell.seed).or_default();
         per_seed.0 += result.facts_correct;
         per_seed.1 += result.facts_total;
     }
     grouped
         .into_iter()
-        .map(|((method, ratio), seeds)| {
+        .map(|(key, seeds)| {
+            let cells = &costs[&key];
+            let (method, ratio) = key;
             let corrects: Vec<usize> = seeds.values().map(|(c, _)| *c).collect();
             RatioPoint {
+                seconds_per_cell: cells.iter().map(|(seconds, _)| seconds).sum::<f64>() / cells.len() as f64,
+                steps_per_cell: cells.iter().map(|(_, steps)| *steps as f64).sum::<f64>() / cells.len() as f64,
                 method,
                 ratio: ratio.map(f64::from_bits),
                 correct: corrects.iter().sum::<usize>() as f64 / corrects.len() as f64,
@@ -89,10 +99,14 @@ fn summary_csv(results: &[CellResult], points: &[RatioPoint]) -> String {
             r.optimize_seconds
         );
     }
-    out.push_str("\nmethod,ratio,facts_correct_mean,facts_correct_min,facts_correct_max,facts_total\n");
+    out.push_str("\nmethod,ratio,facts_correct_mean,facts_correct_min,facts_correct_max,facts_total,seconds_per_cell,steps_per_cell\n");
     for p in points {
         let ratio = p.ratio.map_or(String::new(), |x| x.to_string());
-        let _ = writeln!(out, "{},{ratio},{:.2},{},{},{}", p.method, p.correct, p.spread.0, p.spread.1, p.total);
+        let _ = writeln!(
+            out,
+            "{},{ratio},{:.2},{},{},{},{:.1},{:.1}",
+            p.method, p.correct, p.spread.0, p.spread.1, p.total, p.seconds_per_cell, p.steps_per_cell
+        );
     }
     out
 }
@@ -101,7 +115,19 @@ fn plot_error(e: impl std::fmt::Display) -> EvalError {
     EvalError::io("plot", std::io::Error::other(e.to_string()))
 }
 
-const PALETTE: [RGBColor; 6] = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
+// Ten distinguishable colours: a side-by-side sweep plots about as many methods.
+const PALETTE: [RGBColor; 10] = [
+    BLUE,
+    RED,
+    GREEN,
+    MAGENTA,
+    CYAN,
+    BLACK,
+    RGBColor(255, 140, 0),
+    RGBColor(128, 0, 128),
+    RGBColor(139, 69, 19),
+    RGBColor(128, 128, 128),
+];
 
 fn plot_facts(path: &Path, points: &[RatioPoint]) -> Result<()> {
     let ratios: Vec<f64> = points.iter().filter_map(|p| p.ratio).collect();

@@ -10,7 +10,10 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use cram::optimize::OptimizationReport;
-use cram::{CompressThenEvict, Compressor, Hybrid, Model, OptimizerConfig, Pooling, PositionMode, RawSpan, Recipe, Truncate};
+use cram::{
+    CompressThenEvict, Compressor, Evict, Eviction, Hybrid, Init, Model, OptimizerConfig, Pooling, PositionMode, RawSpan,
+    Recipe, Summarize, Tokenizer, Truncate,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::cases::{load_case_file, Case};
@@ -30,7 +33,8 @@ pub struct SweepConfig {
     /// Case files and, optionally, which of their cases to run.
     pub cases: Vec<CaseSource>,
     /// Compression methods, each run at every ratio (its own, if it names
-    /// them: `{ method = "hybrid", ratios = [2.0] }`) and seed.
+    /// them: `{ method = "hybrid", ratios = [2.0] }`) and, when its result
+    /// depends on the seed (a random init), at every seed.
     pub methods: Vec<MethodEntry>,
     /// Reference conditions run once per case.
     #[serde(default = "default_baselines")]
@@ -64,19 +68,34 @@ impl Default for HybridSettings {
     }
 }
 
-/// Compress-then-evict's knobs.
+/// The eviction methods' knobs (and compress-then-evict's).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct EvictSettings {
-    /// The ratio the recipe compresses at before eviction.
+    /// The ratio the recipe compresses at before compress-evict's eviction.
     pub first_ratio: f64,
     /// Observing tokens (the span's last) that score the entries.
     pub window: usize,
+    /// SnapKV's max-pool width.
+    pub kernel: usize,
+    /// StreamingLLM's sink tokens.
+    pub sinks: usize,
 }
 
 impl Default for EvictSettings {
     fn default() -> Self {
-        Self { first_ratio: 2.0, window: 32 }
+        Self { first_ratio: 2.0, window: 32, kernel: 5, sinks: 4 }
+    }
+}
+
+impl EvictSettings {
+    fn eviction(&self, method: Method) -> Option<Eviction> {
+        match method {
+            Method::Snapkv => Some(Eviction::SnapKv { window: self.window, kernel: self.kernel }),
+            Method::KeyNorm => Some(Eviction::KeyNorm),
+            Method::Streaming => Some(Eviction::Streaming { sinks: self.sinks }),
+            _ => None,
+        }
     }
 }
 
@@ -113,6 +132,14 @@ pub enum Method {
     Hybrid,
     /// The recipe at `evict.first_ratio`, then attention eviction to the ratio.
     CompressEvict,
+    /// SnapKV-style eviction of the span's real KV.
+    Snapkv,
+    /// Key-norm eviction of the span's real KV.
+    KeyNorm,
+    /// StreamingLLM-style eviction: sinks and recent tokens.
+    Streaming,
+    /// A summary by the same model, within the token budget.
+    Summary,
 }
 
 impl Method {
@@ -122,30 +149,77 @@ impl Method {
             Method::Uniform => "uniform",
             Method::Hybrid => "hybrid",
             Method::CompressEvict => "compress-evict",
+            Method::Snapkv => "snapkv",
+            Method::KeyNorm => "key-norm",
+            Method::Streaming => "streaming",
+            Method::Summary => "summary",
         }
+    }
+
+    /// Whether the method runs the recipe (and so takes recipe options).
+    fn optimises(self) -> bool {
+        matches!(self, Method::Surprisal | Method::Uniform | Method::Hybrid | Method::CompressEvict)
     }
 }
 
-/// A method at the sweep's ratios, or at its own.
+/// Where a recipe's virtual embeddings start, as a config names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum InitChoice {
+    ChunkMean,
+    /// Seeded by the cell's seed.
+    Random,
+    /// The embeddings of the tokens that method would keep.
+    Snapkv,
+    KeyNorm,
+    Streaming,
+}
+
+/// A method at the sweep's ratios, or with its own settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum MethodEntry {
     Method(Method),
-    WithRatios { method: Method, ratios: Vec<f64> },
+    Spec(MethodSpec),
+}
+
+/// A method with its own ratios or recipe options:
+/// `{ method = "surprisal", key_weight = 1.0, init = "random", early_stop = false }`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MethodSpec {
+    pub method: Method,
+    pub ratios: Option<Vec<f64>>,
+    /// Weight of the K term (0: V only, the published objective).
+    pub key_weight: Option<f64>,
+    pub init: Option<InitChoice>,
+    /// Overrides whether `optimizer.early_stop` applies (true with no
+    /// `optimizer.early_stop` uses the default rule).
+    pub early_stop: Option<bool>,
 }
 
 impl MethodEntry {
-    fn method(&self) -> Method {
+    fn spec(&self) -> MethodSpec {
         match self {
-            Self::Method(method) | Self::WithRatios { method, .. } => *method,
+            Self::Method(method) => MethodSpec { method: *method, ratios: None, key_weight: None, init: None, early_stop: None },
+            Self::Spec(spec) => spec.clone(),
         }
+    }
+
+    fn method(&self) -> Method {
+        self.spec().method
     }
 
     fn ratios<'a>(&'a self, sweep_ratios: &'a [f64]) -> &'a [f64] {
         match self {
-            Self::Method(_) => sweep_ratios,
-            Self::WithRatios { ratios, .. } => ratios,
+            Self::Spec(MethodSpec { ratios: Some(ratios), .. }) => ratios,
+            _ => sweep_ratios,
         }
+    }
+
+    /// Whether cells differ by seed (only a random start does).
+    fn seeded(&self) -> bool {
+        self.spec().init == Some(InitChoice::Random)
     }
 }
 
@@ -207,6 +281,24 @@ impl SweepConfig {
                 self.evict.first_ratio
             ));
         }
+        for entry in &self.methods {
+            let spec = entry.spec();
+            let recipe_options = spec.key_weight.is_some() || spec.init.is_some() || spec.early_stop.is_some();
+            if recipe_options && !spec.method.optimises() {
+                return Err(format!("method {} does not optimise: key_weight, init and early_stop do not apply", spec.method.name()));
+            }
+            if let Some(weight) = spec.key_weight.filter(|w| !(w.is_finite() && *w >= 0.0)) {
+                return Err(format!("key_weight {weight} must be >= 0"));
+            }
+        }
+        let mut labels: Vec<String> = self.methods.iter().map(|entry| self.label(entry)).collect();
+        labels.sort();
+        if let Some(pair) = labels.windows(2).find(|pair| pair[0] == pair[1]) {
+            return Err(format!("two method entries run as `{}`: give them different ratios in one entry instead", pair[0]));
+        }
+        if self.evict.kernel % 2 == 0 {
+            return Err(format!("evict.kernel {} must be odd (a window centred on the token)", self.evict.kernel));
+        }
         if !(0.0..1.0).contains(&self.hybrid.verbatim_share) {
             return Err(format!("hybrid.verbatim_share {} is not in [0, 1)", self.hybrid.verbatim_share));
         }
@@ -261,12 +353,12 @@ impl SweepConfig {
                 let cell = Cell { case: case.id.clone(), method: baseline.name().into(), ratio: None, seed: 0 };
                 cells.push((cell, CellKind::Baseline(baseline)));
             }
-            for entry in &self.methods {
-                let method = entry.method();
+            for (entry_index, entry) in self.methods.iter().enumerate() {
+                let seeds = if entry.seeded() { &self.seeds[..] } else { &self.seeds[..1] };
                 for &ratio in entry.ratios(&self.ratios) {
-                    for &seed in &self.seeds {
-                        let cell = Cell { case: case.id.clone(), method: method.name().into(), ratio: Some(ratio), seed };
-                        cells.push((cell, CellKind::Compressed(method, ratio)));
+                    for &seed in seeds {
+                        let cell = Cell { case: case.id.clone(), method: self.label(entry), ratio: Some(ratio), seed };
+                        cells.push((cell, CellKind::Compressed { entry: entry_index, ratio, seed }));
                     }
                 }
             }
@@ -274,24 +366,63 @@ impl SweepConfig {
         cells
     }
 
-    fn recipe(&self, pooling: Pooling, ratio: f64) -> Recipe {
-        Recipe { ratio, pooling, positions: self.positions, optimizer: self.optimizer.clone() }
+    /// The recipe an entry runs at `ratio` (seed: for a random start).
+    fn recipe(&self, spec: &MethodSpec, ratio: f64, seed: u64) -> Recipe {
+        let pooling = if spec.method == Method::Uniform { Pooling::Uniform } else { Pooling::Surprisal };
+        let mut optimizer = self.optimizer.clone();
+        match spec.early_stop {
+            Some(false) => optimizer.early_stop = None,
+            Some(true) => optimizer.early_stop = Some(optimizer.early_stop.unwrap_or_default()),
+            None => {}
+        }
+        let init = match spec.init.unwrap_or(InitChoice::ChunkMean) {
+            InitChoice::ChunkMean => Init::ChunkMean,
+            InitChoice::Random => Init::Random { seed },
+            InitChoice::Snapkv => Init::Kept(self.evict.eviction(Method::Snapkv).expect("an eviction")),
+            InitChoice::KeyNorm => Init::Kept(Eviction::KeyNorm),
+            InitChoice::Streaming => Init::Kept(self.evict.eviction(Method::Streaming).expect("an eviction")),
+        };
+        Recipe { ratio, pooling, positions: self.positions, optimizer, key_weight: spec.key_weight.unwrap_or(0.0), init }
     }
 
-    /// The compressor a cell runs.
-    pub fn compressor(&self, method: Method, ratio: f64) -> Box<dyn Compressor> {
-        match method {
-            Method::Surprisal => Box::new(self.recipe(Pooling::Surprisal, ratio)),
-            Method::Uniform => Box::new(self.recipe(Pooling::Uniform, ratio)),
-            Method::Hybrid => Box::new(Hybrid {
-                verbatim_share: self.hybrid.verbatim_share,
-                recipe: self.recipe(Pooling::Surprisal, ratio),
-            }),
-            Method::CompressEvict => Box::new(CompressThenEvict {
-                recipe: self.recipe(Pooling::Surprisal, self.evict.first_ratio),
-                ratio,
-                window: self.evict.window,
-            }),
+    /// The name an entry's cells carry in the results: the method's name,
+    /// followed for recipe-based methods by the options that change the
+    /// recipe (`surprisal-kv`, `surprisal+random-init`, `hybrid-kv`), with `-early` when
+    /// early stopping is on for it and `-full-budget` when an entry turns
+    /// off the config's early stopping.
+    fn label(&self, entry: &MethodEntry) -> String {
+        let spec = entry.spec();
+        if !spec.method.optimises() {
+            return spec.method.name().into();
+        }
+        let recipe_name = self.recipe(&spec, 2.0, 0).name();
+        let mut label = match spec.method {
+            Method::Surprisal | Method::Uniform => recipe_name,
+            // The recipe's options after the method's own name: `hybrid-kv`.
+            other => format!("{}{}", other.name(), recipe_name.trim_start_matches("surprisal")),
+        };
+        match spec.early_stop {
+            Some(true) if self.optimizer.early_stop.is_none() => label.push_str("-early"),
+            Some(false) if self.optimizer.early_stop.is_some() => label.push_str("-full-budget"),
+            _ => {}
+        }
+        label
+    }
+
+    /// The compressor a cell runs (`tokenizer`: for the summary baseline).
+    pub fn compressor<'a>(&self, entry: &MethodEntry, ratio: f64, seed: u64, tokenizer: &'a Tokenizer) -> Box<dyn Compressor + 'a> {
+        let spec = entry.spec();
+        let recipe = |ratio| self.recipe(&spec, ratio, seed);
+        match spec.method {
+            Method::Surprisal | Method::Uniform => Box::new(recipe(ratio)),
+            Method::Hybrid => Box::new(Hybrid { verbatim_share: self.hybrid.verbatim_share, recipe: recipe(ratio) }),
+            Method::CompressEvict => {
+                Box::new(CompressThenEvict { recipe: recipe(self.evict.first_ratio), ratio, window: self.evict.window })
+            }
+            Method::Snapkv | Method::KeyNorm | Method::Streaming => {
+                Box::new(Evict { eviction: self.evict.eviction(spec.method).expect("an eviction method"), ratio })
+            }
+            Method::Summary => Box::new(Summarize { tokenizer, ratio }),
         }
     }
 }
@@ -300,7 +431,8 @@ impl SweepConfig {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum CellKind {
     Baseline(Baseline),
-    Compressed(Method, f64),
+    /// `methods[entry]` at `ratio`, with `seed`.
+    Compressed { entry: usize, ratio: f64, seed: u64 },
 }
 
 /// One unit of work and its identity in `results.jsonl`.
@@ -419,12 +551,13 @@ fn run_cell(
     let started = Instant::now();
     memory::reset_peak_rss();
     let compressor: Option<Box<dyn Compressor>> = match kind {
-        CellKind::Compressed(method, ratio) => Some(config.compressor(method, ratio)),
+        CellKind::Compressed { entry, ratio, seed } => Some(config.compressor(&config.methods[entry], ratio, seed, &model.tokenizer)),
         CellKind::Baseline(Baseline::Raw) => Some(Box::new(RawSpan)),
         CellKind::Baseline(Baseline::Truncated) => Some(Box::new(Truncate)),
         CellKind::Baseline(Baseline::Full | Baseline::None) => None,
     };
-    let steps = matches!(kind, CellKind::Compressed(..)).then(|| total_steps(model, config, case));
+    let optimises = matches!(kind, CellKind::Compressed { entry, .. } if config.methods[entry].method().optimises());
+    let steps = optimises.then(|| total_steps(model, config, case));
     on_event(&SweepEvent::CellStarted { cell, steps })?;
     let mut step_error = None;
     let mut steps_done = 0;

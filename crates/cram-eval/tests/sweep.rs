@@ -223,3 +223,62 @@ fn method_settings_that_cannot_work_are_clear_errors() {
     let err = write("\"hybird\"");
     assert!(err.contains("did not match any variant"), "{err}");
 }
+
+#[test]
+fn a_side_by_side_sweep_runs_every_method_and_seeds_only_what_is_seeded() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, cases) = fixture(dir.path());
+    let path = dir.path().join("side.toml");
+    std::fs::write(&path, format!(
+        "model = {model:?}\nratios = [2.0, 4.0]\nseeds = [0, 1]\nbaselines = []\n\
+         methods = [\"snapkv\", \"key-norm\", \"streaming\", \"summary\", {{ method = \"surprisal\", key_weight = 1.0, ratios = [4.0] }},\n\
+         {{ method = \"surprisal\", init = \"random\", ratios = [4.0] }}, {{ method = \"surprisal\", early_stop = false, ratios = [4.0] }}]\n\
+         [[cases]]\nfile = {cases:?}\n\n[optimizer]\nlr = 0.01\nsteps = 40\nearly_stop = {{ patience = 2, min_improvement = 0.5 }}\n\n\
+         [ask]\nrendering = \"chatml\"\nper_fact = true\nmax_new_tokens = 2\n"
+    )).unwrap();
+    let config = SweepConfig::load(&path).unwrap();
+    let out = dir.path().join("out");
+    run_sweep(&config, &path, &out, &mut |_| Ok(())).unwrap();
+    let results = read_results(&out.join("results.jsonl")).unwrap();
+    let cells: Vec<String> = results.iter().map(|r| format!("{} {} {}", r.cell.method, r.cell.ratio.unwrap(), r.cell.seed)).collect();
+    assert_eq!(cells, [
+        "snapkv 2 0", "snapkv 4 0", "key-norm 2 0", "key-norm 4 0", "streaming 2 0", "streaming 4 0", "summary 2 0", "summary 4 0",
+        "surprisal-kv 4 0", "surprisal+random-init 4 0", "surprisal+random-init 4 1", "surprisal-full-budget 4 0",
+    ]);
+    let n_tokens = results[0].n_tokens;
+    for result in &results {
+        let budget = (n_tokens as f64 / result.cell.ratio.unwrap()).round_ties_even() as usize;
+        match result.cell.method.as_str() {
+            "summary" => assert!(result.n_virtual >= 1 && result.n_virtual <= budget),
+            _ => assert_eq!(result.n_virtual, budget, "{}", result.cell.method),
+        }
+    }
+    // Early stopping (a 50% improvement every 2 steps) cuts the optimising
+    // cells short, except the one that turns it off.
+    let steps = |method: &str| results.iter().find(|r| r.cell.method == method).unwrap().steps;
+    assert!(steps("surprisal-kv") < 40, "{}", steps("surprisal-kv"));
+    assert_eq!(steps("surprisal-full-budget"), 40);
+    assert_eq!(steps("snapkv"), 0);
+    // Different seeds of a random start are different runs.
+    let random: Vec<_> = results.iter().filter(|r| r.cell.method == "surprisal+random-init").collect();
+    assert_ne!(random[0].loss_curve[0], random[1].loss_curve[0]);
+}
+
+#[test]
+fn side_by_side_settings_that_cannot_work_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, cases) = fixture(dir.path());
+    let path = dir.path().join("bad.toml");
+    let write = |methods: &str, extra: &str| {
+        std::fs::write(&path, format!("model = {model:?}\nratios = [3.0]\nmethods = [{methods}]\n{extra}\n[[cases]]\nfile = {cases:?}\n")).unwrap();
+        SweepConfig::load(&path).map(|_| ()).unwrap_err().to_string()
+    };
+    let err = write("{ method = \"snapkv\", init = \"random\" }", "");
+    assert!(err.contains("snapkv does not optimise"), "{err}");
+    let err = write("\"surprisal\", { method = \"surprisal\", ratios = [2.0] }", "");
+    assert!(err.contains("two method entries run as `surprisal`"), "{err}");
+    let err = write("{ method = \"surprisal\", key_weight = -1.0 }", "");
+    assert!(err.contains("key_weight -1 must be >= 0"), "{err}");
+    let err = write("\"snapkv\"", "[evict]\nkernel = 4");
+    assert!(err.contains("evict.kernel 4 must be odd"), "{err}");
+}

@@ -6,7 +6,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::cache::{select_entries, KvCache};
 use crate::model::{Logits, Qwen2};
-use crate::optimize::{optimise, Objective, OptimizationReport, OptimizerConfig};
+use crate::init::Init;
+use crate::optimize::{optimise, KeyTargets, Objective, OptimizationReport, OptimizerConfig};
 use crate::pooling::{self, Pooling};
 use crate::positions::{virtual_positions, PositionMode};
 use crate::targets::SpanTargets;
@@ -107,7 +108,8 @@ pub trait Compressor {
 
 /// The published method: surprisal- (or uniformly) pooled V targets,
 /// chunk-mean initial embeddings, interpolated positions, Adam on V at
-/// every layer.
+/// every layer. Two extensions, off by default: matching the keys too
+/// (`key_weight`), and other starting points (`init`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Recipe {
     /// Compression ratio: span tokens / virtual tokens.
@@ -118,58 +120,91 @@ pub struct Recipe {
     pub positions: PositionMode,
     /// Adam's settings and the step budget.
     pub optimizer: OptimizerConfig,
+    /// Weight of the K term (keys pooled and matched before RoPE) against
+    /// the V term; 0 is the published V-only objective.
+    #[serde(default)]
+    pub key_weight: f64,
+    /// Where the virtual embeddings start.
+    #[serde(default)]
+    pub init: Init,
 }
 
 impl Recipe {
     /// The published settings at `ratio`.
     pub fn published(ratio: f64) -> Self {
-        Self { ratio, pooling: Pooling::Surprisal, positions: PositionMode::Rounded, optimizer: OptimizerConfig::default() }
+        Self {
+            ratio,
+            pooling: Pooling::Surprisal,
+            positions: PositionMode::Rounded,
+            optimizer: OptimizerConfig::default(),
+            key_weight: 0.0,
+            init: Init::ChunkMean,
+        }
     }
 }
 
-/// Where the recipe's optimisation starts: chunk-mean embeddings at
-/// interpolated positions, and the pooled V targets they must reach.
+/// Where the recipe's optimisation starts: initial embeddings at
+/// interpolated positions, and the pooled targets they must reach.
 #[derive(Debug, Clone)]
 pub struct VirtualStart {
     /// (1, n_virtual, hidden) f32
     pub init: Tensor,
     /// (n_virtual)
     pub positions: Vec<f32>,
-    /// Per layer, (1, kv_heads, n_virtual, head_dim) f32.
+    /// Per layer, (1, kv_heads, n_virtual, head_dim) f32: pooled Values.
     pub targets: Vec<Tensor>,
+    /// Per layer, (1, kv_heads, n_virtual, head_dim) f32: pooled keys with
+    /// RoPE undone; empty for the V-only objective.
+    pub key_targets: Vec<Tensor>,
+    /// The K term's weight.
+    pub key_weight: f64,
+}
+
+impl VirtualStart {
+    /// What the optimiser fits, after `prefix`.
+    pub fn objective<'a>(&'a self, prefix: &'a KvCache) -> Objective<'a> {
+        let keys = (!self.key_targets.is_empty()).then_some(KeyTargets { targets: &self.key_targets, weight: self.key_weight });
+        Objective { prefix, positions: &self.positions, targets: &self.targets, keys }
+    }
 }
 
 impl Recipe {
     /// Pools the span into this recipe's starting point (no optimisation).
-    pub fn virtual_start(&self, span: &SpanTargets) -> Result<VirtualStart> {
-        self.virtual_start_sized(span, pooling::n_virtual(span.len(), self.ratio)?)
+    pub fn virtual_start(&self, model: &Qwen2, prefix: &KvCache, span: &SpanTargets) -> Result<VirtualStart> {
+        self.virtual_start_sized(model, prefix, span, pooling::n_virtual(span.len(), self.ratio)?)
     }
 
     /// The starting point with exactly `n_virtual` virtual tokens.
-    pub fn virtual_start_sized(&self, span: &SpanTargets, n_virtual: usize) -> Result<VirtualStart> {
+    pub fn virtual_start_sized(&self, model: &Qwen2, prefix: &KvCache, span: &SpanTargets, n_virtual: usize) -> Result<VirtualStart> {
         let n_tokens = span.len();
         let bounds = pooling::chunk_bounds(n_tokens, n_virtual)?;
-        let device = span.embeddings.device();
-
         let weights = pooling::token_weights(&span.surprisal, &bounds, self.pooling);
-        let target_matrix = pooling::pooling_matrix(&weights, &bounds, device)?;
-        let targets = span.values.iter().map(|v| pooling::pool(&target_matrix, v)).collect::<Result<Vec<_>>>()?;
-
-        let mean_weights = pooling::token_weights(&span.surprisal, &bounds, Pooling::Uniform);
-        let mean_matrix = pooling::pooling_matrix(&mean_weights, &bounds, device)?;
-        let init = pooling::pool(&mean_matrix, &span.embeddings)?;
-
+        let target_matrix = pooling::pooling_matrix(&weights, &bounds, span.embeddings.device())?;
+        let pool_all = |per_layer: &[Tensor]| per_layer.iter().map(|x| pooling::pool(&target_matrix, x)).collect::<Result<Vec<_>>>();
+        let targets = pool_all(&span.values)?;
+        // Keys are pooled before RoPE: rotated keys at different positions do not average.
+        let key_targets = if self.key_weight > 0.0 { pool_all(&span.unrotated_keys(model)?)? } else { Vec::new() };
+        let init = self.init.embeddings(model, prefix, span, &bounds)?;
         let positions = virtual_positions(span.positions[0], span.positions[n_tokens - 1], n_virtual, self.positions);
-        Ok(VirtualStart { init, positions, targets })
+        Ok(VirtualStart { init, positions, targets, key_targets, key_weight: self.key_weight })
     }
 }
 
 impl Compressor for Recipe {
+    /// `surprisal` or `uniform`, then `-kv` when keys are matched and
+    /// `+NAME-init` for a starting point other than the chunk mean.
     fn name(&self) -> String {
-        match self.pooling {
-            Pooling::Surprisal => "surprisal".into(),
-            Pooling::Uniform => "uniform".into(),
+        let mut name = match self.pooling {
+            Pooling::Surprisal => "surprisal".to_string(),
+            Pooling::Uniform => "uniform".to_string(),
+        };
+        if self.key_weight > 0.0 {
+            name.push_str("-kv");
         }
+        if self.init != Init::ChunkMean {
+            name.push_str(&format!("+{}-init", self.init.name()));
+        }
+        name
     }
 
     fn compress(
@@ -195,14 +230,13 @@ impl Recipe {
         on_step: &mut dyn FnMut(usize, f32),
     ) -> Result<CompressedSpan> {
         let n_tokens = span.len();
-        let VirtualStart { init, positions, targets } = self.virtual_start_sized(span, n_virtual)?;
+        let start = self.virtual_start_sized(model, prefix, span, n_virtual)?;
         let steps = self.optimizer.steps_for(n_tokens);
-        let objective = Objective { prefix, positions: &positions, targets: &targets };
-        let optimized = optimise(model, objective, &init, &self.optimizer, steps, on_step)?;
+        let optimized = optimise(model, start.objective(prefix), &start.init, &self.optimizer, steps, on_step)?;
         Ok(CompressedSpan {
             keys: optimized.keys,
             values: optimized.values,
-            positions,
+            positions: start.positions,
             report: CompressionReport {
                 method: self.name(),
                 n_tokens,

@@ -8,9 +8,10 @@
 //!
 //! The modules follow the method: [`model`] (load, differentiable forward)
 //! -> [`targets`] (V and surprisal of the span) -> [`pooling`] ->
-//! [`positions`] -> [`optimize`] (Adam on the embeddings, [`objective`]) ->
-//! [`compress`] (methods behind one trait: the recipe, [`hybrid`],
-//! [`evict`]) -> [`cache`] -> [`generate`]. [`session`] runs the whole
+//! [`positions`] -> [`init`] -> [`optimize`] (Adam on the embeddings,
+//! [`objective`]: V, or K + V) -> [`compress`] (methods behind one trait:
+//! the recipe, [`hybrid`], the eviction baselines of [`evict`], the text
+//! baseline of [`summary`]) -> [`cache`] -> [`generate`]. [`session`] runs the whole
 //! flow turn by turn, as an agent's history ages.
 //!
 //! ```no_run
@@ -50,11 +51,13 @@ pub mod tokenizer;
 pub mod targets;
 pub mod pooling;
 pub mod positions;
+pub mod init;
 pub mod objective;
 pub mod optimize;
 pub mod compress;
 pub mod hybrid;
 pub mod evict;
+pub mod summary;
 pub mod cache;
 pub mod session;
 pub mod generate;
@@ -66,10 +69,12 @@ pub mod rope;
 
 pub use cache::KvCache;
 pub use compress::{CompressedSpan, CompressionReport, Compressor, RawSpan, Recipe, Truncate, VirtualStart};
-pub use evict::CompressThenEvict;
+pub use evict::{CompressThenEvict, Evict, Eviction};
+pub use init::Init;
+pub use summary::Summarize;
 pub use hybrid::Hybrid;
 pub use session::{Session, Turn};
-pub use optimize::OptimizerConfig;
+pub use optimize::{EarlyStop, OptimizerConfig};
 pub use pooling::Pooling;
 pub use positions::PositionMode;
 pub use targets::SpanTargets;

@@ -1,16 +1,17 @@
 //! Step 4: optimising the virtual embeddings. Adam (no weight decay) moves
-//! only the embeddings; the model is frozen. The loss is the V objective of
-//! [`crate::objective`] at every layer.
+//! only the embeddings; the model is frozen. The loss is the objective of
+//! [`crate::objective`] at every layer: V, or K + V. Optionally the run
+//! stops early once the loss plateaus.
 
 use std::time::Instant;
 
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
 use serde::{Deserialize, Serialize};
 
 use crate::cache::KvCache;
-use crate::model::{Logits, Qwen2};
-use crate::objective::value_loss;
+use crate::model::{ForwardOutput, Logits, Qwen2};
+use crate::objective::objective_loss;
 use crate::{Error, Result};
 
 /// Adam's settings and the step budget.
@@ -27,12 +28,45 @@ pub struct OptimizerConfig {
     pub beta2: f64,
     /// Adam's denominator epsilon.
     pub eps: f64,
+    /// Stop before the budget once the loss plateaus; `None` (the
+    /// published setting) always runs the whole budget.
+    pub early_stop: Option<EarlyStop>,
+}
+
+/// When a loss has plateaued: the best loss of the last `patience` steps
+/// is less than `min_improvement` (relative) below the best before them.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EarlyStop {
+    /// Steps without enough improvement before stopping.
+    pub patience: usize,
+    /// Relative improvement that counts (0.01 = 1%).
+    pub min_improvement: f64,
+}
+
+impl Default for EarlyStop {
+    /// 25 steps without a 1% improvement.
+    fn default() -> Self {
+        Self { patience: 25, min_improvement: 0.01 }
+    }
+}
+
+impl EarlyStop {
+    /// Whether a run whose losses so far are `losses` should stop.
+    pub fn plateaued(&self, losses: &[f32]) -> bool {
+        if self.patience == 0 || losses.len() <= self.patience {
+            return false;
+        }
+        let (before, recent) = losses.split_at(losses.len() - self.patience);
+        let best = |xs: &[f32]| xs.iter().copied().fold(f32::INFINITY, f32::min) as f64;
+        best(recent) > best(before) * (1.0 - self.min_improvement)
+    }
 }
 
 impl Default for OptimizerConfig {
     /// The published settings: lr 0.003, default betas, step count by span length.
     fn default() -> Self {
-        Self { lr: 0.003, steps: None, beta1: 0.9, beta2: 0.999, eps: 1e-8 }
+        Self { lr: 0.003, steps: None, beta1: 0.9, beta2: 0.999, eps: 1e-8, early_stop: None }
     }
 }
 
@@ -56,6 +90,9 @@ pub struct OptimizationReport {
     pub loss_curve: Vec<f32>,
     /// Steps taken.
     pub steps: usize,
+    /// Steps allowed (more than `steps` when the run stopped early).
+    #[serde(default)]
+    pub budget: usize,
     /// Wall time of the optimisation, seconds.
     pub seconds: f64,
 }
@@ -81,15 +118,27 @@ pub struct Optimized {
 }
 
 /// What the virtual tokens are fitted to: where they sit, after what, and
-/// the Values they must produce.
+/// the Values (and optionally Keys) they must produce.
 #[derive(Debug, Clone, Copy)]
 pub struct Objective<'a> {
     /// The cache the virtual tokens follow.
     pub prefix: &'a KvCache,
     /// (n_virtual) positions.
     pub positions: &'a [f32],
-    /// Per layer, (1, kv_heads, n_virtual, head_dim).
+    /// Per layer, (1, kv_heads, n_virtual, head_dim): the V targets.
     pub targets: &'a [Tensor],
+    /// The K targets, for the K + V objective.
+    pub keys: Option<KeyTargets<'a>>,
+}
+
+/// Keys to match: the virtual tokens' keys, un-rotated at their own
+/// positions, against pooled un-rotated keys of the span.
+#[derive(Debug, Clone, Copy)]
+pub struct KeyTargets<'a> {
+    /// Per layer, (1, kv_heads, n_virtual, head_dim) f32, RoPE undone.
+    pub targets: &'a [Tensor],
+    /// The K term's weight against the V term's 1.
+    pub weight: f64,
 }
 
 /// Runs Adam for `steps` steps from `init` (1, n_virtual, hidden) toward the
@@ -114,8 +163,9 @@ pub fn optimise(
 /// gradient, and Adam's elementwise update, is what it would be alone. One
 /// span under-fills a GPU; several fill it for little more time.
 ///
-/// `on_step(step, loss)` gets the sum of the sets' losses. Each result's
-/// report has its own loss curve and the batch's wall time.
+/// `on_step(step, loss)` gets the sum of the sets' losses; early stopping
+/// watches that sum. Each result's report has its own loss curve and the
+/// batch's wall time.
 pub fn optimise_together(
     model: &Qwen2,
     objectives: &[Objective<'_>],
@@ -130,15 +180,24 @@ pub fn optimise_together(
     let positions: Vec<f32> = objectives.iter().flat_map(|objective| objective.positions.iter().copied()).collect();
     // Built once: no per-step RoPE tables or mask to upload.
     let placement = model.placement(&positions, &lengths, prefix.len())?;
-    let group_losses = |values: &[Tensor]| -> Result<Vec<Tensor>> {
+    // The K + V objective compares keys before RoPE: built once, like the placement.
+    let unrotation = objectives.iter().any(|o| o.keys.is_some()).then(|| model.rotation_f32(&positions)).transpose()?;
+    let group_losses = |output: &ForwardOutput| -> Result<Vec<Tensor>> {
+        let unrotated_keys = match &unrotation {
+            Some(rotation) => output.keys.iter().map(|k| rotation.invert(&k.to_dtype(DType::F32)?)).collect::<Result<Vec<_>>>()?,
+            None => Vec::new(),
+        };
         let mut offset = 0;
         objectives
             .iter()
             .map(|objective| {
                 let length = objective.positions.len();
-                let own: Vec<Tensor> = values.iter().map(|v| v.narrow(2, offset, length)).collect::<candle_core::Result<_>>()?;
+                let own = |tensors: &[Tensor]| tensors.iter().map(|t| t.narrow(2, offset, length)).collect::<candle_core::Result<Vec<_>>>();
+                let values = own(&output.values)?;
+                let keys = own(&unrotated_keys)?;
                 offset += length;
-                value_loss(&own, objective.targets)
+                let key_term = objective.keys.map(|k| (keys.as_slice(), k.targets, k.weight));
+                objective_loss(&values, objective.targets, key_term)
             })
             .collect()
     };
@@ -148,18 +207,22 @@ pub fn optimise_together(
     let params = ParamsAdamW { lr: config.lr, beta1: config.beta1, beta2: config.beta2, eps: config.eps, weight_decay: 0.0 };
     let mut adam = AdamW::new(vec![embeddings.clone()], params)?;
     let mut loss_curves = vec![Vec::with_capacity(steps + 1); objectives.len()];
-    for step in 0..steps {
+    let mut totals = Vec::with_capacity(steps);
+    let mut steps_taken = 0;
+    while steps_taken < steps && !config.early_stop.is_some_and(|rule| rule.plateaued(&totals)) {
         let output = model.forward_placed(embeddings.as_tensor(), &placement, Some(prefix), Logits::None)?;
-        let losses = group_losses(&output.values)?;
+        let losses = group_losses(&output)?;
         let total = losses.iter().skip(1).try_fold(losses[0].clone(), |sum, loss| sum.add(loss))?;
         adam.backward_step(&total)?;
         let total = record(&losses, &mut loss_curves)?;
-        on_step(step, total);
+        totals.push(total);
+        on_step(steps_taken, total);
+        steps_taken += 1;
     }
     // One more forward: the cache entries of the final embeddings, and their loss.
     let embeddings = embeddings.as_tensor().detach();
     let output = model.forward_placed(&embeddings, &placement, Some(prefix), Logits::None)?;
-    record(&group_losses(&output.values)?, &mut loss_curves)?;
+    record(&group_losses(&output)?, &mut loss_curves)?;
     let seconds = started.elapsed().as_secs_f64();
 
     let mut offset = 0;
@@ -170,7 +233,7 @@ pub fn optimise_together(
             embeddings: embeddings.narrow(1, offset, length)?,
             keys: own(&output.keys)?,
             values: own(&output.values)?,
-            report: OptimizationReport { loss_curve, steps, seconds },
+            report: OptimizationReport { loss_curve, steps: steps_taken, budget: steps, seconds },
         });
         offset += length;
     }

@@ -108,6 +108,13 @@ pub fn write_model_dir(dir: &Path, config: &Qwen2Config, weights: &HashMap<Strin
     Ok(())
 }
 
+/// `count` standard normal samples, the same for a seed on every platform
+/// (random initial embeddings).
+pub fn normal_samples(seed: u64, count: usize) -> Vec<f32> {
+    let mut normal = Normal::new(seed);
+    (0..count).map(|_| normal.sample()).collect()
+}
+
 /// Standard normal samples from SplitMix64 and Box-Muller: reproducible
 /// across platforms, unlike a device RNG.
 struct Normal {

@@ -47,6 +47,15 @@ impl Rotation {
         let rotated = rotate_half(xs)?;
         Ok(xs.broadcast_mul(&self.cos)?.add(&rotated.broadcast_mul(&self.sin)?)?)
     }
+
+    /// Undoes [`Rotation::apply`]: the rotation by the opposite angles
+    /// (cos unchanged, sin negated). A key rotated at its position and
+    /// un-rotated here is the key before RoPE, so keys at different
+    /// positions can be compared and pooled.
+    pub fn invert(&self, xs: &Tensor) -> Result<Tensor> {
+        let rotated = rotate_half(xs)?;
+        Ok(xs.broadcast_mul(&self.cos)?.sub(&rotated.broadcast_mul(&self.sin)?)?)
+    }
 }
 
 /// (x1, x2) -> (-x2, x1) over the two halves of the last dimension.

@@ -11,6 +11,8 @@ use crate::{Error, Result};
 /// The span as the model saw it, and what the compression is judged against.
 #[derive(Debug, Clone)]
 pub struct SpanTargets {
+    /// (n): the span's token ids (what text-level methods rewrite).
+    pub ids: Vec<u32>,
     /// (1, n, hidden) f32: the span's input embeddings.
     pub embeddings: Tensor,
     /// (n): the span's original positions.
@@ -37,6 +39,7 @@ impl SpanTargets {
         let output = model.forward(&embeddings, positions, Some(prefix), Logits::All)?;
         let logits = output.logits.ok_or_else(|| Error::Invalid("forward returned no logits".into()))?;
         Ok(Self {
+            ids: span_ids.to_vec(),
             embeddings,
             positions: positions.to_vec(),
             keys: output.keys,
@@ -54,12 +57,21 @@ impl SpanTargets {
         }
         let ids = Tensor::new(indices.iter().map(|&i| i as u32).collect::<Vec<_>>(), self.embeddings.device())?;
         Ok(Self {
+            ids: indices.iter().map(|&i| self.ids[i]).collect(),
             embeddings: self.embeddings.index_select(&ids, 1)?,
             positions: indices.iter().map(|&i| self.positions[i]).collect(),
             keys: select_entries(&self.keys, indices)?,
             values: select_entries(&self.values, indices)?,
             surprisal: indices.iter().map(|&i| self.surprisal[i]).collect(),
         })
+    }
+
+    /// Per layer, (1, kv_heads, n, head_dim) f32: the span's keys with RoPE
+    /// undone at their real positions. Position-free, so they can be pooled
+    /// across a chunk like the Values (the K + V objective's targets).
+    pub fn unrotated_keys(&self, model: &Qwen2) -> Result<Vec<Tensor>> {
+        let rotation = model.rotation_f32(&self.positions)?;
+        self.keys.iter().map(|key| rotation.invert(&key.to_dtype(DType::F32)?)).collect()
     }
 
     /// Number of tokens in the span.

@@ -131,10 +131,10 @@ fn optimisation_lowers_the_value_loss() -> anyhow::Result<()> {
     let targets = SpanTargets::compute(&model, &prefix, &SPAN, &positions(PREFIX.len(), SPAN.len()))?;
     for pooling in [Pooling::Surprisal, Pooling::Uniform] {
         let recipe = Recipe {
-            ratio: 3.0,
             pooling,
             positions: PositionMode::Rounded,
             optimizer: OptimizerConfig { lr: 0.05, steps: Some(60), ..Default::default() },
+            ..Recipe::published(3.0)
         };
         let mut steps_seen = 0;
         let compressed = recipe.compress(&model, &prefix, &targets, &mut |_, _| steps_seen += 1)?;
@@ -157,9 +157,9 @@ fn spans_optimised_together_match_each_optimised_alone() -> anyhow::Result<()> {
     let prefix = prefix_cache(&model);
     let span = SpanTargets::compute(&model, &prefix, &SPAN, &positions(PREFIX.len(), SPAN.len()))?;
     let config = OptimizerConfig { lr: 0.05, ..Default::default() };
-    let starts: Vec<_> = [2.0, 3.0, 6.0].iter().map(|&ratio| Recipe::published(ratio).virtual_start(&span)).collect::<Result<_, _>>()?;
+    let starts: Vec<_> = [2.0, 3.0, 6.0].iter().map(|&ratio| Recipe::published(ratio).virtual_start(&model, &prefix, &span)).collect::<Result<_, _>>()?;
     let objectives: Vec<Objective> =
-        starts.iter().map(|s| Objective { prefix: &prefix, positions: &s.positions, targets: &s.targets }).collect();
+        starts.iter().map(|s| s.objective(&prefix)).collect();
     let inits: Vec<Tensor> = starts.iter().map(|s| s.init.clone()).collect();
     let mut summed_losses = Vec::new();
     let together = optimise_together(&model, &objectives, &inits, &config, 15, &mut |_, loss| summed_losses.push(loss))?;
@@ -186,10 +186,10 @@ fn optimising_together_refuses_different_prefixes() -> anyhow::Result<()> {
     let model = random::model(&random::tiny_config(), 31, &cpu())?;
     let (prefix, other_prefix) = (prefix_cache(&model), prefix_cache(&model));
     let span = SpanTargets::compute(&model, &prefix, &SPAN, &positions(PREFIX.len(), SPAN.len()))?;
-    let start = Recipe::published(3.0).virtual_start(&span)?;
+    let start = Recipe::published(3.0).virtual_start(&model, &prefix, &span)?;
     let objectives = [
-        Objective { prefix: &prefix, positions: &start.positions, targets: &start.targets },
-        Objective { prefix: &other_prefix, positions: &start.positions, targets: &start.targets },
+        start.objective(&prefix),
+        start.objective(&other_prefix),
     ];
     let inits = [start.init.clone(), start.init.clone()];
     let error = optimise_together(&model, &objectives, &inits, &OptimizerConfig::default(), 1, &mut |_, _| {}).unwrap_err();

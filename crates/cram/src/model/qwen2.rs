@@ -214,6 +214,12 @@ impl Qwen2 {
         Ok(Placement { rotation, mask, n_new: positions.len(), cached })
     }
 
+    /// This model's RoPE at `positions`, in f32 (to rotate or un-rotate keys
+    /// outside the forward).
+    pub fn rotation_f32(&self, positions: &[f32]) -> Result<Rotation> {
+        Rotation::new(positions, self.config.head_dim(), self.config.rope_theta, DType::F32, &self.device)
+    }
+
     /// [`Qwen2::forward`] at a prepared [`Placement`]; `cache` must hold the
     /// number of entries the placement was made for.
     pub fn forward_placed(

@@ -1,0 +1,248 @@
+//! Beyond the published recipe, on a small random model: keys matched
+//! before RoPE, the eviction and summary baselines, other starting points,
+//! and early stopping.
+
+mod common;
+
+use candle_core::{Device, Tensor};
+use common::{cpu, max_abs_diff};
+use cram::objective::normalised_loss;
+use cram::optimize::optimise;
+use cram::pooling::{chunk_bounds, n_virtual};
+use cram::rope::Rotation;
+use cram::{
+    random, Compressor, EarlyStop, Evict, Eviction, Init, KvCache, Logits, OptimizerConfig, Qwen2, Recipe, SpanTargets, Summarize,
+};
+
+const PREFIX: [u32; 4] = [5, 9, 14, 2];
+const SPAN: [u32; 20] = [30, 31, 8, 8, 44, 17, 63, 1, 12, 40, 41, 7, 22, 23, 50, 3, 36, 36, 11, 60];
+
+fn positions(start: usize, n: usize) -> Vec<f32> {
+    (start..start + n).map(|p| p as f32).collect()
+}
+
+fn prefix_cache(model: &Qwen2) -> KvCache {
+    let out = model.forward(&model.embed(&PREFIX).unwrap(), &positions(0, PREFIX.len()), None, Logits::None).unwrap();
+    let mut cache = KvCache::new();
+    cache.append(&out.keys, &out.values, &positions(0, PREFIX.len())).unwrap();
+    cache
+}
+
+fn span_after_prefix(model: &Qwen2, prefix: &KvCache) -> SpanTargets {
+    SpanTargets::compute(model, prefix, &SPAN, &positions(PREFIX.len(), SPAN.len())).unwrap()
+}
+
+#[test]
+fn rope_then_inverse_rope_is_the_identity() -> anyhow::Result<()> {
+    let head_dim = 64;
+    let positions = [0.0f32, 1.0, 17.4, 250.0, 1579.5, 30_000.0];
+    let keys = Tensor::randn(0f32, 1.0, (1, 2, positions.len(), head_dim), &Device::Cpu)?;
+    let rotation = Rotation::new(&positions, head_dim, 1_000_000.0, candle_core::DType::F32, &Device::Cpu)?;
+    let rotated = rotation.apply(&keys)?;
+    assert!(max_abs_diff(&rotated, &keys) > 0.1, "a real rotation");
+    let back = rotation.invert(&rotated)?;
+    let error = max_abs_diff(&back, &keys);
+    assert!(error <= 1e-5, "inverse RoPE error {error}");
+    Ok(())
+}
+
+#[test]
+fn unrotated_keys_do_not_depend_on_position() -> anyhow::Result<()> {
+    // Layer 0's key is a projection of the token's embedding alone: with
+    // RoPE undone it must be the same wherever the span sits.
+    let model = random::model(&random::tiny_config(), 41, &cpu())?;
+    let prefix = prefix_cache(&model);
+    let here = span_after_prefix(&model, &prefix);
+    let elsewhere = SpanTargets::compute(&model, &prefix, &SPAN, &positions(PREFIX.len() + 37, SPAN.len()))?;
+    assert!(max_abs_diff(&here.keys[0], &elsewhere.keys[0]) > 1e-2, "rotated keys differ by position");
+    let (a, b) = (here.unrotated_keys(&model)?, elsewhere.unrotated_keys(&model)?);
+    assert!(max_abs_diff(&a[0], &b[0]) <= 1e-5);
+    Ok(())
+}
+
+fn quick(recipe: Recipe, steps: usize) -> Recipe {
+    Recipe { optimizer: OptimizerConfig { lr: 0.05, steps: Some(steps), ..Default::default() }, ..recipe }
+}
+
+#[test]
+fn the_key_value_objective_fits_keys_and_values() -> anyhow::Result<()> {
+    let model = random::model(&random::tiny_config(), 43, &cpu())?;
+    let prefix = prefix_cache(&model);
+    let span = span_after_prefix(&model, &prefix);
+    let key_value = quick(Recipe { key_weight: 1.0, ..Recipe::published(3.0) }, 80);
+    assert_eq!(key_value.name(), "surprisal-kv");
+    let start = key_value.virtual_start(&model, &prefix, &span)?;
+    assert_eq!(start.key_targets.len(), model.config().num_hidden_layers);
+    assert!(quick(Recipe::published(3.0), 1).virtual_start(&model, &prefix, &span)?.key_targets.is_empty());
+
+    let key_term = |keys: &[Tensor], positions: &[f32]| -> anyhow::Result<f32> {
+        let rotation = model.rotation_f32(positions)?;
+        let unrotated = keys.iter().map(|k| rotation.invert(k)).collect::<cram::Result<Vec<_>>>()?;
+        Ok(normalised_loss(&unrotated, &start.key_targets)?.to_scalar::<f32>()?)
+    };
+    let before = model.forward(&start.init, &start.positions, Some(&prefix), Logits::None)?;
+    let compressed = key_value.compress(&model, &prefix, &span, &mut |_, _| {})?;
+    let v_only = quick(Recipe::published(3.0), 80).compress(&model, &prefix, &span, &mut |_, _| {})?;
+    let (k_before, k_after) = (key_term(&before.keys, &start.positions)?, key_term(&compressed.keys, &compressed.positions)?);
+    let k_v_only = key_term(&v_only.keys, &v_only.positions)?;
+    assert!(k_after < 0.7 * k_before, "K term {k_before} -> {k_after}");
+    assert!(k_after < k_v_only, "matching keys fits them better than V only: {k_after} vs {k_v_only}");
+    let curve = &compressed.report.optimization.as_ref().unwrap().loss_curve;
+    assert!(curve.last().unwrap() < &(0.7 * curve[0]), "{curve:?}");
+    Ok(())
+}
+
+fn evicted(model: &Qwen2, prefix: &KvCache, span: &SpanTargets, eviction: Eviction, ratio: f64) -> cram::CompressedSpan {
+    Evict { eviction, ratio }.compress(model, prefix, span, &mut |_, _| {}).unwrap()
+}
+
+#[test]
+fn eviction_keeps_n_over_ratio_of_the_span_and_never_the_prefix() -> anyhow::Result<()> {
+    let model = random::model(&random::tiny_config(), 47, &cpu())?;
+    let prefix = prefix_cache(&model);
+    let span = span_after_prefix(&model, &prefix);
+    for eviction in [Eviction::SnapKv { window: 6, kernel: 3 }, Eviction::KeyNorm, Eviction::Streaming { sinks: 2 }] {
+        for ratio in [1.6, 2.4, 3.2, 4.8, 6.4, 25.0] {
+            let kept = evicted(&model, &prefix, &span, eviction, ratio);
+            let count = n_virtual(SPAN.len(), ratio)?;
+            assert_eq!(kept.len(), count, "{} at {ratio}x", eviction.name());
+            assert_eq!(kept.report.n_kept, count);
+            // Real entries of the span, at their own positions, in order.
+            let indices: Vec<usize> = kept.positions.iter().map(|p| *p as usize - PREFIX.len()).collect();
+            assert!(indices.windows(2).all(|w| w[0] < w[1]) && indices.iter().all(|&i| i < SPAN.len()));
+            for layer in 0..kept.keys.len() {
+                let expected = span.select(&indices)?;
+                assert!(max_abs_diff(&kept.keys[layer], &expected.keys[layer]) == 0.0);
+                assert!(max_abs_diff(&kept.values[layer], &expected.values[layer]) == 0.0);
+            }
+            // Appended to the cache, the prefix is all there, untouched.
+            let mut cache = prefix.clone();
+            kept.append_to(&mut cache)?;
+            assert_eq!(cache.len(), PREFIX.len() + count);
+            assert_eq!(&cache.positions()[..PREFIX.len()], &positions(0, PREFIX.len())[..]);
+            for layer in 0..cache.keys().len() {
+                let head = cache.keys()[layer].narrow(2, 0, PREFIX.len())?;
+                assert!(max_abs_diff(&head, &prefix.keys()[layer]) == 0.0);
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn eviction_policies_choose_as_they_say() -> anyhow::Result<()> {
+    let model = random::model(&random::tiny_config(), 53, &cpu())?;
+    let prefix = prefix_cache(&model);
+    let span = span_after_prefix(&model, &prefix);
+    let streaming = Eviction::Streaming { sinks: 2 }.keep(&model, &prefix, &span, 6)?;
+    assert_eq!(streaming, [0, 1, 16, 17, 18, 19], "two sinks and the four most recent");
+    // Sinks take at most half the budget.
+    assert_eq!(Eviction::Streaming { sinks: 4 }.keep(&model, &prefix, &span, 2)?, [0, 19]);
+
+    // Key norm keeps the smallest keys: every kept token's summed relative
+    // norm is at most every dropped token's.
+    let kept = Eviction::KeyNorm.keep(&model, &prefix, &span, 5)?;
+    let relative_norms: Vec<f32> = (0..SPAN.len())
+        .map(|i| {
+            span.keys
+                .iter()
+                .map(|k| {
+                    let norms: Vec<f32> = k.sqr().unwrap().sum(3).unwrap().sqrt().unwrap().mean(1).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+                    norms[i] / (norms.iter().sum::<f32>() / norms.len() as f32)
+                })
+                .sum()
+        })
+        .collect();
+    let worst_kept = kept.iter().map(|&i| relative_norms[i]).fold(f32::MIN, f32::max);
+    let best_dropped = (0..SPAN.len()).filter(|i| !kept.contains(i)).map(|i| relative_norms[i]).fold(f32::MAX, f32::min);
+    assert!(worst_kept <= best_dropped, "{worst_kept} > {best_dropped}");
+
+    // SnapKV without pooling keeps the tokens the span's last 4 tokens
+    // attend to most, summed over layers and heads.
+    let probabilities = model.attention_probabilities(&span.embeddings, &span.positions, Some(&prefix))?;
+    let mut attention = vec![0.0f32; SPAN.len()];
+    for layer in &probabilities {
+        // (1, heads, n, prefix + n): the last 4 rows, the span's columns.
+        let rows = layer.narrow(2, SPAN.len() - 4, 4)?.narrow(3, PREFIX.len(), SPAN.len())?;
+        let summed: Vec<f32> = rows.sum(2)?.sum(1)?.squeeze(0)?.to_vec1()?;
+        attention.iter_mut().zip(summed).for_each(|(total, x)| *total += x);
+    }
+    let snap = Eviction::SnapKv { window: 4, kernel: 1 }.keep(&model, &prefix, &span, 5)?;
+    let least_kept = snap.iter().map(|&i| attention[i]).fold(f32::MAX, f32::min);
+    let most_dropped = (0..SPAN.len()).filter(|i| !snap.contains(i)).map(|i| attention[i]).fold(f32::MIN, f32::max);
+    assert!(least_kept >= most_dropped, "{least_kept} < {most_dropped}");
+    assert!(Eviction::SnapKv { window: 4, kernel: 1 }.keep(&model, &prefix, &span, 21).is_err(), "more than the span");
+    Ok(())
+}
+
+#[test]
+fn the_summary_stays_within_the_token_budget() -> anyhow::Result<()> {
+    let model = random::full_model(&random::tiny_config(), 59, &cpu())?;
+    let prefix = prefix_cache(&model.qwen2);
+    let span = span_after_prefix(&model.qwen2, &prefix);
+    for ratio in [1.6, 3.2, 6.4, 30.0] {
+        let summary = Summarize { tokenizer: &model.tokenizer, ratio };
+        let compressed = summary.compress(&model.qwen2, &prefix, &span, &mut |_, _| {})?;
+        let budget = n_virtual(SPAN.len(), ratio)?;
+        assert!(!compressed.is_empty() && compressed.len() <= budget, "{} tokens for a budget of {budget}", compressed.len());
+        assert_eq!(compressed.report.n_kept, compressed.len());
+        assert_eq!(compressed.positions, positions(PREFIX.len(), compressed.len()), "from the span's first position");
+        // The entries are the summary's own tokens run after the prefix.
+        let ids = summary.summary_ids(&model.qwen2, &span, budget)?;
+        let own = model.qwen2.forward(&model.qwen2.embed(&ids)?, &compressed.positions, Some(&prefix), Logits::None)?;
+        assert!(max_abs_diff(&own.values[1], &compressed.values[1]) == 0.0);
+    }
+    assert!(Summarize::prompt("SPAN", 12).contains("at most 12 words") && Summarize::prompt("SPAN", 12).contains("SPAN"));
+    Ok(())
+}
+
+#[test]
+fn initial_embeddings_follow_the_chosen_start() -> anyhow::Result<()> {
+    let model = random::model(&random::tiny_config(), 61, &cpu())?;
+    let prefix = prefix_cache(&model);
+    let span = span_after_prefix(&model, &prefix);
+    let bounds = chunk_bounds(SPAN.len(), 5)?;
+
+    let chunk_mean = Init::ChunkMean.embeddings(&model, &prefix, &span, &bounds)?;
+    let first_chunk = span.embeddings.narrow(1, 0, bounds[1])?.mean_keepdim(1)?;
+    assert!(max_abs_diff(&chunk_mean.narrow(1, 0, 1)?, &first_chunk) <= 1e-6);
+
+    let random_start = Init::Random { seed: 1 }.embeddings(&model, &prefix, &span, &bounds)?;
+    let norms = |x: &Tensor| x.sqr().unwrap().sum(2).unwrap().sqrt().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let mean_norm = norms(&span.embeddings).iter().sum::<f32>() / SPAN.len() as f32;
+    assert!(norms(&random_start).iter().all(|n| (n - mean_norm).abs() <= 1e-4 * mean_norm), "scaled to the embeddings' norm");
+    let other_seed = Init::Random { seed: 2 }.embeddings(&model, &prefix, &span, &bounds)?;
+    assert!(max_abs_diff(&random_start, &other_seed) > 1e-2);
+    assert!(max_abs_diff(&random_start, &Init::Random { seed: 1 }.embeddings(&model, &prefix, &span, &bounds)?) == 0.0);
+
+    let eviction = Eviction::KeyNorm;
+    let kept_start = Init::Kept(eviction).embeddings(&model, &prefix, &span, &bounds)?;
+    let kept = eviction.keep(&model, &prefix, &span, 5)?;
+    assert!(max_abs_diff(&kept_start, &span.select(&kept)?.embeddings) == 0.0);
+    assert_eq!(Recipe { init: Init::Kept(eviction), ..Recipe::published(4.0) }.name(), "surprisal+key-norm-init");
+    Ok(())
+}
+
+#[test]
+fn early_stopping_stops_on_a_plateau_only() -> anyhow::Result<()> {
+    let rule = EarlyStop { patience: 3, min_improvement: 0.01 };
+    assert!(!rule.plateaued(&[5.0, 4.0, 3.0]), "too few steps to judge");
+    assert!(!rule.plateaued(&[5.0, 4.0, 3.0, 2.0, 1.0, 0.5]), "still improving");
+    assert!(rule.plateaued(&[5.0, 1.0, 1.0, 0.999, 1.0]), "less than 1% in the last 3");
+    assert!(rule.plateaued(&[5.0, 1.0, 2.0, 2.0, 2.0]), "worse");
+
+    let model = random::model(&random::tiny_config(), 67, &cpu())?;
+    let prefix = prefix_cache(&model);
+    let span = span_after_prefix(&model, &prefix);
+    let start = Recipe::published(4.0).virtual_start(&model, &prefix, &span)?;
+    // lr 0: the loss never moves, so the run stops once the patience is spent.
+    let frozen = OptimizerConfig { lr: 0.0, early_stop: Some(EarlyStop { patience: 5, min_improvement: 0.01 }), ..Default::default() };
+    let stopped = optimise(&model, start.objective(&prefix), &start.init, &frozen, 100, &mut |_, _| {})?;
+    assert_eq!((stopped.report.steps, stopped.report.budget), (6, 100));
+    assert_eq!(stopped.report.loss_curve.len(), 7);
+    // A run that keeps improving uses its whole budget.
+    let learning = OptimizerConfig { lr: 0.05, early_stop: Some(EarlyStop { patience: 5, min_improvement: 1e-4 }), ..Default::default() };
+    let full = optimise(&model, start.objective(&prefix), &start.init, &learning, 20, &mut |_, _| {})?;
+    assert_eq!((full.report.steps, full.report.budget), (20, 20));
+    Ok(())
+}
