@@ -34,6 +34,17 @@ impl CompressedSpan {
         cache.append(&self.keys, &self.values, &self.positions)
     }
 
+    /// The span's own KV entries, all of them, under `method`: what
+    /// verbatim-keeping methods select from.
+    pub fn real_entries(span: &SpanTargets, method: String) -> Self {
+        Self {
+            keys: span.keys.clone(),
+            values: span.values.clone(),
+            positions: span.positions.clone(),
+            report: CompressionReport { method, n_tokens: span.len(), n_kept: span.len(), optimization: None },
+        }
+    }
+
     /// Number of entries.
     pub fn len(&self) -> usize {
         self.positions.len()

@@ -11,7 +11,7 @@ use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::cache::KvCache;
-use crate::compress::{CompressedSpan, CompressionReport, Compressor, Recipe};
+use crate::compress::{CompressedSpan, Compressor, Recipe};
 use crate::model::Qwen2;
 use crate::pooling;
 use crate::targets::SpanTargets;
@@ -103,13 +103,7 @@ impl Compressor for Evict {
         _on_step: &mut dyn FnMut(usize, f32),
     ) -> Result<CompressedSpan> {
         let kept = self.eviction.keep(model, prefix, span, pooling::n_virtual(span.len(), self.ratio)?)?;
-        let whole_span = CompressedSpan {
-            keys: span.keys.clone(),
-            values: span.values.clone(),
-            positions: span.positions.clone(),
-            report: CompressionReport { method: self.name(), n_tokens: span.len(), n_kept: span.len(), optimization: None },
-        };
-        whole_span.select(&kept)
+        CompressedSpan::real_entries(span, self.name()).select(&kept)
     }
 }
 

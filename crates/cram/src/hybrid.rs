@@ -8,7 +8,7 @@ use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::cache::KvCache;
-use crate::compress::{CompressedSpan, CompressionReport, Compressor, Recipe};
+use crate::compress::{CompressedSpan, Compressor, Recipe};
 use crate::evict::most_important;
 use crate::model::Qwen2;
 use crate::pooling;
@@ -63,13 +63,7 @@ impl Compressor for Hybrid {
             compressed.report.method = self.name();
             return Ok(compressed);
         }
-        let whole_span = CompressedSpan {
-            keys: span.keys.clone(),
-            values: span.values.clone(),
-            positions: span.positions.clone(),
-            report: CompressionReport { method: self.name(), n_tokens: span.len(), n_kept: span.len(), optimization: None },
-        };
-        let kept = whole_span.select(&verbatim)?;
+        let kept = CompressedSpan::real_entries(span, self.name()).select(&verbatim)?;
         let mut context = prefix.clone();
         kept.append_to(&mut context)?;
         let rest: Vec<usize> = (0..span.len()).filter(|i| verbatim.binary_search(i).is_err()).collect();

@@ -5,7 +5,7 @@
 mod common;
 
 use candle_core::{Device, Tensor};
-use common::{cpu, max_abs_diff};
+use common::{cpu, max_abs_diff, positions, prefix_cache};
 use cram::objective::normalised_loss;
 use cram::optimize::optimise;
 use cram::pooling::{chunk_bounds, n_virtual};
@@ -16,17 +16,6 @@ use cram::{
 
 const PREFIX: [u32; 4] = [5, 9, 14, 2];
 const SPAN: [u32; 20] = [30, 31, 8, 8, 44, 17, 63, 1, 12, 40, 41, 7, 22, 23, 50, 3, 36, 36, 11, 60];
-
-fn positions(start: usize, n: usize) -> Vec<f32> {
-    (start..start + n).map(|p| p as f32).collect()
-}
-
-fn prefix_cache(model: &Qwen2) -> KvCache {
-    let out = model.forward(&model.embed(&PREFIX).unwrap(), &positions(0, PREFIX.len()), None, Logits::None).unwrap();
-    let mut cache = KvCache::new();
-    cache.append(&out.keys, &out.values, &positions(0, PREFIX.len())).unwrap();
-    cache
-}
 
 fn span_after_prefix(model: &Qwen2, prefix: &KvCache) -> SpanTargets {
     SpanTargets::compute(model, prefix, &SPAN, &positions(PREFIX.len(), SPAN.len())).unwrap()
@@ -51,7 +40,7 @@ fn unrotated_keys_do_not_depend_on_position() -> anyhow::Result<()> {
     // Layer 0's key is a projection of the token's embedding alone: with
     // RoPE undone it must be the same wherever the span sits.
     let model = random::model(&random::tiny_config(), 41, &cpu())?;
-    let prefix = prefix_cache(&model);
+    let prefix = prefix_cache(&model, &PREFIX);
     let here = span_after_prefix(&model, &prefix);
     let elsewhere = SpanTargets::compute(&model, &prefix, &SPAN, &positions(PREFIX.len() + 37, SPAN.len()))?;
     assert!(max_abs_diff(&here.keys[0], &elsewhere.keys[0]) > 1e-2, "rotated keys differ by position");
@@ -67,7 +56,7 @@ fn quick(recipe: Recipe, steps: usize) -> Recipe {
 #[test]
 fn the_key_value_objective_fits_keys_and_values() -> anyhow::Result<()> {
     let model = random::model(&random::tiny_config(), 43, &cpu())?;
-    let prefix = prefix_cache(&model);
+    let prefix = prefix_cache(&model, &PREFIX);
     let span = span_after_prefix(&model, &prefix);
     let key_value = quick(Recipe { key_weight: 1.0, ..Recipe::published(3.0) }, 80);
     assert_eq!(key_value.name(), "surprisal-kv");
@@ -99,7 +88,7 @@ fn evicted(model: &Qwen2, prefix: &KvCache, span: &SpanTargets, eviction: Evicti
 #[test]
 fn eviction_keeps_n_over_ratio_of_the_span_and_never_the_prefix() -> anyhow::Result<()> {
     let model = random::model(&random::tiny_config(), 47, &cpu())?;
-    let prefix = prefix_cache(&model);
+    let prefix = prefix_cache(&model, &PREFIX);
     let span = span_after_prefix(&model, &prefix);
     for eviction in [Eviction::SnapKv { window: 6, kernel: 3 }, Eviction::KeyNorm, Eviction::Streaming { sinks: 2 }] {
         for ratio in [1.6, 2.4, 3.2, 4.8, 6.4, 25.0] {
@@ -132,7 +121,7 @@ fn eviction_keeps_n_over_ratio_of_the_span_and_never_the_prefix() -> anyhow::Res
 #[test]
 fn eviction_policies_choose_as_they_say() -> anyhow::Result<()> {
     let model = random::model(&random::tiny_config(), 53, &cpu())?;
-    let prefix = prefix_cache(&model);
+    let prefix = prefix_cache(&model, &PREFIX);
     let span = span_after_prefix(&model, &prefix);
     let streaming = Eviction::Streaming { sinks: 2 }.keep(&model, &prefix, &span, 6)?;
     assert_eq!(streaming, [0, 1, 16, 17, 18, 19], "two sinks and the four most recent");
@@ -178,7 +167,7 @@ fn eviction_policies_choose_as_they_say() -> anyhow::Result<()> {
 #[test]
 fn the_summary_stays_within_the_token_budget() -> anyhow::Result<()> {
     let model = random::full_model(&random::tiny_config(), 59, &cpu())?;
-    let prefix = prefix_cache(&model.qwen2);
+    let prefix = prefix_cache(&model.qwen2, &PREFIX);
     let span = span_after_prefix(&model.qwen2, &prefix);
     for ratio in [1.6, 3.2, 6.4, 30.0] {
         let summary = Summarize { tokenizer: &model.tokenizer, ratio };
@@ -199,7 +188,7 @@ fn the_summary_stays_within_the_token_budget() -> anyhow::Result<()> {
 #[test]
 fn initial_embeddings_follow_the_chosen_start() -> anyhow::Result<()> {
     let model = random::model(&random::tiny_config(), 61, &cpu())?;
-    let prefix = prefix_cache(&model);
+    let prefix = prefix_cache(&model, &PREFIX);
     let span = span_after_prefix(&model, &prefix);
     let bounds = chunk_bounds(SPAN.len(), 5)?;
 
@@ -232,7 +221,7 @@ fn early_stopping_stops_on_a_plateau_only() -> anyhow::Result<()> {
     assert!(rule.plateaued(&[5.0, 1.0, 2.0, 2.0, 2.0]), "worse");
 
     let model = random::model(&random::tiny_config(), 67, &cpu())?;
-    let prefix = prefix_cache(&model);
+    let prefix = prefix_cache(&model, &PREFIX);
     let span = span_after_prefix(&model, &prefix);
     let start = Recipe::published(4.0).virtual_start(&model, &prefix, &span)?;
     // lr 0: the loss never moves, so the run stops once the patience is spent.

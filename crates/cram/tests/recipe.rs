@@ -4,25 +4,14 @@
 mod common;
 
 use candle_core::{Tensor, D};
-use common::{cpu, max_abs_diff};
+use common::{cpu, max_abs_diff, positions, prefix_cache};
 use cram::optimize::{default_steps, optimise, optimise_together, Objective};
 use cram::pooling::{chunk_bounds, n_virtual, pool, pooling_matrix, token_weights};
 use cram::positions::virtual_positions;
-use cram::{random, Compressor, KvCache, Logits, OptimizerConfig, Pooling, PositionMode, Qwen2, RawSpan, Recipe, SpanTargets};
+use cram::{random, Compressor, Logits, OptimizerConfig, Pooling, PositionMode, RawSpan, Recipe, SpanTargets};
 
 const PREFIX: [u32; 4] = [5, 9, 14, 2];
 const SPAN: [u32; 12] = [30, 31, 8, 8, 44, 17, 63, 1, 12, 40, 41, 7];
-
-fn positions(start: usize, n: usize) -> Vec<f32> {
-    (start..start + n).map(|p| p as f32).collect()
-}
-
-fn prefix_cache(model: &Qwen2) -> KvCache {
-    let out = model.forward(&model.embed(&PREFIX).unwrap(), &positions(0, PREFIX.len()), None, Logits::None).unwrap();
-    let mut cache = KvCache::new();
-    cache.append(&out.keys, &out.values, &positions(0, PREFIX.len())).unwrap();
-    cache
-}
 
 #[test]
 fn chunk_bounds_are_a_truncated_linspace() {
@@ -96,7 +85,7 @@ fn default_steps_scale_with_the_span() {
 #[test]
 fn targets_hold_the_span_kv_and_its_surprisal() -> anyhow::Result<()> {
     let model = random::model(&random::tiny_config(), 17, &cpu())?;
-    let prefix = prefix_cache(&model);
+    let prefix = prefix_cache(&model, &PREFIX);
     let span_positions = positions(PREFIX.len(), SPAN.len());
     let targets = SpanTargets::compute(&model, &prefix, &SPAN, &span_positions)?;
     assert_eq!(targets.surprisal[0], 0.0, "the first token's prediction lies outside the span");
@@ -113,7 +102,7 @@ fn targets_hold_the_span_kv_and_its_surprisal() -> anyhow::Result<()> {
 #[test]
 fn the_raw_span_compressor_reproduces_the_span_kv() -> anyhow::Result<()> {
     let model = random::model(&random::tiny_config(), 19, &cpu())?;
-    let prefix = prefix_cache(&model);
+    let prefix = prefix_cache(&model, &PREFIX);
     let targets = SpanTargets::compute(&model, &prefix, &SPAN, &positions(PREFIX.len(), SPAN.len()))?;
     let raw = RawSpan.compress(&model, &prefix, &targets, &mut |_, _| {})?;
     assert_eq!(raw.positions, targets.positions);
@@ -127,7 +116,7 @@ fn the_raw_span_compressor_reproduces_the_span_kv() -> anyhow::Result<()> {
 #[test]
 fn optimisation_lowers_the_value_loss() -> anyhow::Result<()> {
     let model = random::model(&random::tiny_config(), 23, &cpu())?;
-    let prefix = prefix_cache(&model);
+    let prefix = prefix_cache(&model, &PREFIX);
     let targets = SpanTargets::compute(&model, &prefix, &SPAN, &positions(PREFIX.len(), SPAN.len()))?;
     for pooling in [Pooling::Surprisal, Pooling::Uniform] {
         let recipe = Recipe {
@@ -154,7 +143,7 @@ fn spans_optimised_together_match_each_optimised_alone() -> anyhow::Result<()> {
     // Three ratios of one span side by side in one forward: the mask keeps
     // them apart, so each gets the gradients and Adam steps it would alone.
     let model = random::model(&random::tiny_config(), 29, &cpu())?;
-    let prefix = prefix_cache(&model);
+    let prefix = prefix_cache(&model, &PREFIX);
     let span = SpanTargets::compute(&model, &prefix, &SPAN, &positions(PREFIX.len(), SPAN.len()))?;
     let config = OptimizerConfig { lr: 0.05, ..Default::default() };
     let starts: Vec<_> = [2.0, 3.0, 6.0].iter().map(|&ratio| Recipe::published(ratio).virtual_start(&model, &prefix, &span)).collect::<Result<_, _>>()?;
@@ -184,7 +173,7 @@ fn spans_optimised_together_match_each_optimised_alone() -> anyhow::Result<()> {
 #[test]
 fn optimising_together_refuses_different_prefixes() -> anyhow::Result<()> {
     let model = random::model(&random::tiny_config(), 31, &cpu())?;
-    let (prefix, other_prefix) = (prefix_cache(&model), prefix_cache(&model));
+    let (prefix, other_prefix) = (prefix_cache(&model, &PREFIX), prefix_cache(&model, &PREFIX));
     let span = SpanTargets::compute(&model, &prefix, &SPAN, &positions(PREFIX.len(), SPAN.len()))?;
     let start = Recipe::published(3.0).virtual_start(&model, &prefix, &span)?;
     let objectives = [

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{cpu, max_abs_diff};
+use common::{cpu, max_abs_diff, positions};
 use cram::pooling::n_virtual;
 use cram::{
     random, CompressThenEvict, Compressor, Error, Hybrid, KvCache, Logits, Model, OptimizerConfig, Recipe, Session,
@@ -23,10 +23,6 @@ fn quick_recipe(ratio: f64) -> Recipe {
     let mut recipe = Recipe::published(ratio);
     recipe.optimizer = OptimizerConfig { steps: Some(3), ..OptimizerConfig::default() };
     recipe
-}
-
-fn positions(start: usize, n: usize) -> Vec<f32> {
-    (start..start + n).map(|p| p as f32).collect()
 }
 
 fn ids(model: &Model, text: &str) -> Vec<u32> {

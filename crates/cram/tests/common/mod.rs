@@ -80,3 +80,17 @@ fn gguf_name(hf: &str) -> String {
 pub fn cpu() -> Device {
     Device::Cpu
 }
+
+/// Consecutive positions `start, start + 1, ...`, `n` of them.
+pub fn positions(start: usize, n: usize) -> Vec<f32> {
+    (start..start + n).map(|p| p as f32).collect()
+}
+
+/// The KV cache of `ids` run from position 0: a verbatim prefix.
+pub fn prefix_cache(model: &cram::Qwen2, ids: &[u32]) -> cram::KvCache {
+    let at = positions(0, ids.len());
+    let out = model.forward(&model.embed(ids).unwrap(), &at, None, cram::Logits::None).unwrap();
+    let mut cache = cram::KvCache::new();
+    cache.append(&out.keys, &out.values, &at).unwrap();
+    cache
+}

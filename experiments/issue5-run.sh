@@ -1,0 +1,7 @@
+#!/bin/sh
+# Issue 5's CPU runs, in order (2 cores, one job at a time). Each sweep is
+# resumable: rerunning skips the finished cells.
+set -e
+cargo build --release
+./target/release/cram sweep configs/side-by-side-cpu.toml --out experiments/issue5-side-by-side-cpu
+./target/release/cram sweep configs/side-by-side-cpu-recipe.toml --out experiments/issue5-side-by-side-cpu-recipe
