@@ -481,6 +481,9 @@ pub struct CellResult {
     /// Peak resident memory of the process during the cell (Linux), MiB.
     #[serde(default)]
     pub peak_rss_mib: Option<f64>,
+    /// The text that replaced each compressed turn, for text-level methods.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replacement_text: Vec<String>,
 }
 
 /// What a sweep reports while it runs.
@@ -597,6 +600,7 @@ fn run_cell(
         loss_curve: optimizations.iter().flat_map(|o| o.loss_curve.iter().copied()).collect(),
         turn_losses,
         peak_rss_mib: memory::peak_rss_bytes().map(|b| b as f64 / (1024.0 * 1024.0)),
+        replacement_text: run.compressions.iter().filter_map(|c| c.text.clone()).collect(),
     })
 }
 

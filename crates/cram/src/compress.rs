@@ -41,7 +41,7 @@ impl CompressedSpan {
             keys: span.keys.clone(),
             values: span.values.clone(),
             positions: span.positions.clone(),
-            report: CompressionReport { method, n_tokens: span.len(), n_kept: span.len(), optimization: None },
+            report: CompressionReport::new(method, span.len(), span.len()),
         }
     }
 
@@ -99,6 +99,16 @@ pub struct CompressionReport {
     pub n_kept: usize,
     /// The optimisation's report, for methods that optimise.
     pub optimization: Option<OptimizationReport>,
+    /// The text that replaced the span, for text-level methods (the summary).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+}
+
+impl CompressionReport {
+    /// The report of a method that neither optimises nor writes text.
+    pub fn new(method: String, n_tokens: usize, n_kept: usize) -> Self {
+        Self { method, n_tokens, n_kept, optimization: None, text: None }
+    }
 }
 
 /// A way of turning a span into fewer cache entries.
@@ -248,12 +258,7 @@ impl Recipe {
             keys: optimized.keys,
             values: optimized.values,
             positions: start.positions,
-            report: CompressionReport {
-                method: self.name(),
-                n_tokens,
-                n_kept: n_virtual,
-                optimization: Some(optimized.report),
-            },
+            report: CompressionReport { optimization: Some(optimized.report), ..CompressionReport::new(self.name(), n_tokens, n_virtual) },
         })
     }
 }
@@ -281,7 +286,7 @@ impl Compressor for RawSpan {
             keys: output.keys,
             values: output.values,
             positions: span.positions.clone(),
-            report: CompressionReport { method: self.name(), n_tokens: span.len(), n_kept: span.len(), optimization: None },
+            report: CompressionReport::new(self.name(), span.len(), span.len()),
         })
     }
 }
@@ -307,7 +312,7 @@ impl Compressor for Truncate {
             keys: Vec::new(),
             values: Vec::new(),
             positions: Vec::new(),
-            report: CompressionReport { method: self.name(), n_tokens: span.len(), n_kept: 0, optimization: None },
+            report: CompressionReport::new(self.name(), span.len(), 0),
         })
     }
 }

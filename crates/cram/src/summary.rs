@@ -60,7 +60,10 @@ impl Compressor for Summarize<'_> {
     ) -> Result<CompressedSpan> {
         let budget = pooling::n_virtual(span.len(), self.ratio)?;
         let summary = self.summary_ids(model, span, budget)?;
-        let report = CompressionReport { method: self.name(), n_tokens: span.len(), n_kept: summary.len(), optimization: None };
+        let report = CompressionReport {
+            text: Some(self.tokenizer.decode(&summary)?),
+            ..CompressionReport::new(self.name(), span.len(), summary.len())
+        };
         if summary.is_empty() {
             return Ok(CompressedSpan { keys: Vec::new(), values: Vec::new(), positions: Vec::new(), report });
         }

@@ -178,6 +178,7 @@ fn the_summary_stays_within_the_token_budget() -> anyhow::Result<()> {
         assert_eq!(compressed.positions, positions(PREFIX.len(), compressed.len()), "from the span's first position");
         // The entries are the summary's own tokens run after the prefix.
         let ids = summary.summary_ids(&model.qwen2, &span, budget)?;
+        assert_eq!(compressed.report.text.as_deref(), Some(model.tokenizer.decode(&ids)?.as_str()), "the report keeps the summary");
         let own = model.qwen2.forward(&model.qwen2.embed(&ids)?, &compressed.positions, Some(&prefix), Logits::None)?;
         assert!(max_abs_diff(&own.values[1], &compressed.values[1]) == 0.0);
     }
