@@ -89,13 +89,12 @@ impl Default for EvictSettings {
 }
 
 impl EvictSettings {
-    fn eviction(&self, method: Method) -> Option<Eviction> {
-        match method {
-            Method::Snapkv => Some(Eviction::SnapKv { window: self.window, kernel: self.kernel }),
-            Method::KeyNorm => Some(Eviction::KeyNorm),
-            Method::Streaming => Some(Eviction::Streaming { sinks: self.sinks }),
-            _ => None,
-        }
+    fn snapkv(&self) -> Eviction {
+        Eviction::SnapKv { window: self.window, kernel: self.kernel }
+    }
+
+    fn streaming(&self) -> Eviction {
+        Eviction::Streaming { sinks: self.sinks }
     }
 }
 
@@ -378,9 +377,9 @@ impl SweepConfig {
         let init = match spec.init.unwrap_or(InitChoice::ChunkMean) {
             InitChoice::ChunkMean => Init::ChunkMean,
             InitChoice::Random => Init::Random { seed },
-            InitChoice::Snapkv => Init::Kept(self.evict.eviction(Method::Snapkv).expect("an eviction")),
+            InitChoice::Snapkv => Init::Kept(self.evict.snapkv()),
             InitChoice::KeyNorm => Init::Kept(Eviction::KeyNorm),
-            InitChoice::Streaming => Init::Kept(self.evict.eviction(Method::Streaming).expect("an eviction")),
+            InitChoice::Streaming => Init::Kept(self.evict.streaming()),
         };
         Recipe { ratio, pooling, positions: self.positions, optimizer, key_weight: spec.key_weight.unwrap_or(0.0), init }
     }
@@ -419,9 +418,9 @@ impl SweepConfig {
             Method::CompressEvict => {
                 Box::new(CompressThenEvict { recipe: recipe(self.evict.first_ratio), ratio, window: self.evict.window })
             }
-            Method::Snapkv | Method::KeyNorm | Method::Streaming => {
-                Box::new(Evict { eviction: self.evict.eviction(spec.method).expect("an eviction method"), ratio })
-            }
+            Method::Snapkv => Box::new(Evict { eviction: self.evict.snapkv(), ratio }),
+            Method::KeyNorm => Box::new(Evict { eviction: Eviction::KeyNorm, ratio }),
+            Method::Streaming => Box::new(Evict { eviction: self.evict.streaming(), ratio }),
             Method::Summary => Box::new(Summarize { tokenizer, ratio }),
         }
     }
@@ -516,8 +515,9 @@ pub fn run_sweep(
 ) -> Result<SweepOutcome> {
     let cases = config.load_cases(config_path)?;
     std::fs::create_dir_all(out_dir).map_err(|e| EvalError::io(out_dir, e))?;
-    std::fs::write(out_dir.join("config.toml"), toml::to_string(config).unwrap_or_default())
-        .map_err(|e| EvalError::io(out_dir, e))?;
+    // The config as run, beside its results (an unserialisable config is an error, not an empty file).
+    let as_run = toml::to_string(config).map_err(|e| EvalError::io(out_dir, std::io::Error::other(e)))?;
+    std::fs::write(out_dir.join("config.toml"), as_run).map_err(|e| EvalError::io(out_dir, e))?;
     let results_path = out_dir.join("results.jsonl");
     let finished: HashSet<String> = read_results(&results_path)?.iter().map(|r| r.cell.key()).collect();
     let cells = config.cells(&cases);

@@ -45,6 +45,11 @@ impl CompressedSpan {
         }
     }
 
+    /// No entries: the span is dropped (what follows keeps its positions).
+    pub fn empty(report: CompressionReport) -> Self {
+        Self { keys: Vec::new(), values: Vec::new(), positions: Vec::new(), report }
+    }
+
     /// Number of entries.
     pub fn len(&self) -> usize {
         self.positions.len()
@@ -308,11 +313,6 @@ impl Compressor for Truncate {
         span: &SpanTargets,
         _on_step: &mut dyn FnMut(usize, f32),
     ) -> Result<CompressedSpan> {
-        Ok(CompressedSpan {
-            keys: Vec::new(),
-            values: Vec::new(),
-            positions: Vec::new(),
-            report: CompressionReport::new(self.name(), span.len(), 0),
-        })
+        Ok(CompressedSpan::empty(CompressionReport::new(self.name(), span.len(), 0)))
     }
 }

@@ -65,7 +65,7 @@ impl Compressor for Summarize<'_> {
             ..CompressionReport::new(self.name(), span.len(), summary.len())
         };
         if summary.is_empty() {
-            return Ok(CompressedSpan { keys: Vec::new(), values: Vec::new(), positions: Vec::new(), report });
+            return Ok(CompressedSpan::empty(report));
         }
         let positions: Vec<f32> = (0..summary.len()).map(|i| span.positions[0] + i as f32).collect();
         let output = model.forward(&model.embed(&summary)?, &positions, Some(prefix), Logits::None)?;
