@@ -39,6 +39,8 @@ pub struct SweepConfig {
     /// Reference conditions run once per case.
     #[serde(default = "default_baselines")]
     pub baselines: Vec<Baseline>,
+    /// The ratios of every method entry that does not name its own.
+    #[serde(default)]
     pub ratios: Vec<f64>,
     #[serde(default = "default_seeds")]
     pub seeds: Vec<u64>,
@@ -175,8 +177,12 @@ pub enum InitChoice {
 }
 
 /// A method at the sweep's ratios, or with its own settings.
+///
+/// Read through [`TryFrom<toml::Value>`] rather than as a plain untagged
+/// enum, so that a mistyped key inside a table is named in the error
+/// instead of serde's "did not match any variant".
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, try_from = "toml::Value")]
 pub enum MethodEntry {
     Method(Method),
     Spec(MethodSpec),
@@ -195,6 +201,18 @@ pub struct MethodSpec {
     /// Overrides whether `optimizer.early_stop` applies (true with no
     /// `optimizer.early_stop` uses the default rule).
     pub early_stop: Option<bool>,
+}
+
+impl TryFrom<toml::Value> for MethodEntry {
+    type Error = String;
+
+    fn try_from(value: toml::Value) -> std::result::Result<Self, String> {
+        match value {
+            toml::Value::String(_) => value.try_into().map(Self::Method).map_err(|e| e.to_string()),
+            toml::Value::Table(_) => value.try_into().map(Self::Spec).map_err(|e| format!("in a method table: {e}")),
+            other => Err(format!("a method entry is a name or a table, not {}", other.type_str())),
+        }
+    }
 }
 
 impl MethodEntry {
@@ -271,7 +289,7 @@ impl SweepConfig {
             return Err("nothing to run: no methods and no baselines".into());
         }
         if let Some(entry) = self.methods.iter().find(|m| m.ratios(&self.ratios).is_empty()) {
-            return Err(format!("method {} has no ratios", entry.method().name()));
+            return Err(format!("method {} has no ratios: set `ratios` at the top or in its entry", entry.method().name()));
         }
         let evicts_at = self.methods.iter().filter(|m| m.method() == Method::CompressEvict).flat_map(|m| m.ratios(&self.ratios));
         if let Some(ratio) = evicts_at.clone().find(|&&r| r <= self.evict.first_ratio) {

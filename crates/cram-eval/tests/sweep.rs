@@ -221,7 +221,43 @@ fn method_settings_that_cannot_work_are_clear_errors() {
     let err = write("{ method = \"hybrid\", ratios = [] }");
     assert!(err.contains("method hybrid has no ratios"), "{err}");
     let err = write("\"hybird\"");
-    assert!(err.contains("did not match any variant"), "{err}");
+    assert!(err.contains("unknown variant `hybird`"), "{err}");
+    let err = write("{ method = \"surprisal\", keyweight = 1.0 }");
+    assert!(err.contains("in a method table") && err.contains("unknown field `keyweight`"), "{err}");
+    let err = write("3");
+    assert!(err.contains("a method entry is a name or a table, not integer"), "{err}");
+
+    // Without top-level ratios, every entry must name its own.
+    let without_ratios = |methods: &str| {
+        std::fs::write(&path, format!("model = {model:?}\nmethods = [{methods}]\n[[cases]]\nfile = {cases:?}\n")).unwrap();
+        SweepConfig::load(&path).map(|_| ())
+    };
+    without_ratios("{ method = \"hybrid\", ratios = [2.0] }").unwrap();
+    let err = without_ratios("{ method = \"hybrid\", ratios = [2.0] }, \"surprisal\"").unwrap_err().to_string();
+    assert!(err.contains("method surprisal has no ratios"), "{err}");
+}
+
+/// Every config the project ships loads, validates and finds its cases
+/// (leak checks included), so a change to the validation cannot silently
+/// break a config that is only run by hand.
+#[test]
+fn every_shipped_config_loads_with_its_cases() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(root.join("configs")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|ext| ext != "toml") {
+            continue;
+        }
+        let mut config = SweepConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        for source in &mut config.cases {
+            source.file = root.join(&source.file);
+        }
+        let cases = config.load_cases(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert!(!config.cells(&cases).is_empty(), "{}", path.display());
+        checked += 1;
+    }
+    assert!(checked >= 5, "only {checked} configs found");
 }
 
 #[test]
