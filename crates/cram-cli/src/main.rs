@@ -75,7 +75,7 @@ enum Command {
     /// Run a ratio sweep from a config; resumable (finished cells are skipped).
     Sweep {
         config: PathBuf,
-        /// Output directory (default: runs/<config name>).
+        /// Output directory (default: runs/CONFIG_NAME).
         #[arg(long)]
         out: Option<PathBuf>,
         /// Override the config's model.
@@ -131,7 +131,7 @@ enum Command {
         model: Option<String>,
         #[arg(long)]
         device: Option<String>,
-        /// Output directory (default: experiments/reproduce-{quick,full}-<model>).
+        /// Output directory (default: experiments/reproduce-{quick,full}-MODEL).
         #[arg(long)]
         out: Option<PathBuf>,
     },
