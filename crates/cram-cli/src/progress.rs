@@ -1,6 +1,6 @@
 //! Progress bars for sweeps: one over cells, one over a cell's steps.
 
-use cram_eval::sweep::SweepEvent;
+use cram_eval::sweep::{Cell, SweepEvent};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 #[derive(Default)]
@@ -19,16 +19,10 @@ impl SweepBars {
                 bar.set_position(*done as u64);
                 self.cells = Some(bar);
             }
-            SweepEvent::CellStarted { cell, steps } => {
-                let label = format!("{} {} {}", cell.case, cell.method, cell.ratio.map_or(String::new(), |r| format!("{r}x")));
-                if let Some(cells) = &self.cells {
-                    cells.set_message(label.clone());
-                }
-                if let Some(steps) = steps {
-                    let bar = self.bars.add(ProgressBar::new(*steps as u64));
-                    bar.set_style(style("steps {bar:30} {pos}/{len} [{per_sec}, ~{eta} left] {msg}"));
-                    self.steps = Some(bar);
-                }
+            SweepEvent::CellStarted { cell, steps } => self.started(label(cell), *steps),
+            SweepEvent::BatchStarted { cells, steps } => {
+                let labels: Vec<String> = cells.iter().map(|cell| label(cell)).collect();
+                self.started(format!("together: {}", labels.join(", ")), Some(*steps));
             }
             SweepEvent::Step { step, loss } => {
                 if let Some(bar) = &self.steps {
@@ -48,10 +42,8 @@ impl SweepBars {
                 if let Some(cells) = &self.cells {
                     cells.inc(1);
                     self.say(format!(
-                        "{} {} {}: {}/{} facts, {} entries for {} tokens, {:.0}s",
-                        result.cell.case,
-                        result.cell.method,
-                        result.cell.ratio.map_or(String::new(), |r| format!("{r}x")),
+                        "{}: {}/{} facts, {} entries for {} tokens, {:.0}s",
+                        label(&result.cell),
                         result.facts_correct,
                         result.facts_total,
                         result.n_virtual,
@@ -60,6 +52,18 @@ impl SweepBars {
                     ));
                 }
             }
+        }
+    }
+
+    /// Shows what runs now, with a bar over its steps if it optimises.
+    fn started(&mut self, label: String, steps: Option<usize>) {
+        if let Some(cells) = &self.cells {
+            cells.set_message(label);
+        }
+        if let Some(steps) = steps {
+            let bar = self.bars.add(ProgressBar::new(steps as u64));
+            bar.set_style(style("steps {bar:30} {pos}/{len} [{per_sec}, ~{eta} left] {msg}"));
+            self.steps = Some(bar);
         }
     }
 
@@ -78,6 +82,11 @@ impl SweepBars {
             cells.finish();
         }
     }
+}
+
+/// `case method ratio`, as the bars and logs name a cell.
+fn label(cell: &Cell) -> String {
+    format!("{} {} {}", cell.case, cell.method, cell.ratio.map_or(String::new(), |r| format!("{r}x")))
 }
 
 fn style(template: &str) -> ProgressStyle {

@@ -22,19 +22,19 @@ fn published(case: &str, method: &str, ratio: Option<f64>) -> &'static str {
     }
 }
 
-pub fn run(full: bool, model: Option<String>, device: Option<String>, out: Option<PathBuf>) -> Result<()> {
+pub fn run(full: bool, overrides: crate::Overrides, out: Option<PathBuf>) -> Result<()> {
     let name = if full { "full" } else { "quick" };
     let config_path = PathBuf::from(format!("configs/reproduce-{name}.toml"));
     let config = cram_eval::sweep::SweepConfig::load(&config_path)
         .with_context(|| "run `cram reproduce` from the repository root")?;
-    let model_name = model.clone().unwrap_or(config.model.clone());
+    let model_name = overrides.model.clone().unwrap_or(config.model.clone());
     // A path names the run by its file; a model name or repo id by itself.
     let model_label = match model_name.strip_suffix(".gguf") {
         Some(stem) => Path::new(stem).file_name().map_or(stem.to_string(), |s| s.to_string_lossy().into_owned()),
         None => model_name.replace('/', "_"),
     };
     let out = out.unwrap_or_else(|| PathBuf::from(format!("experiments/reproduce-{name}-{model_label}")));
-    let config = crate::sweep(&config_path, &out, model, device)?;
+    let config = crate::sweep(&config_path, &out, overrides)?;
     let results = read_results(&out.join("results.jsonl"))?;
     let table = table(&results, &config.ratios);
     println!("\n{table}");

@@ -1,7 +1,9 @@
 //! Asking a case's questions over a context (full, none, or a compressed
 //! span) and scoring the answers.
 
-use cram::{CompressionReport, Compressor, Model, Session};
+use std::time::Instant;
+
+use cram::{CompressionReport, Compressor, Model, Recipe, Session};
 use serde::{Deserialize, Serialize};
 
 use crate::cases::{Case, Question};
@@ -56,6 +58,8 @@ pub struct CaseRun {
     pub n_kept: usize,
     /// Each compressed turn's report, in order (empty unless compressed).
     pub compressions: Vec<CompressionReport>,
+    /// Seconds spent on the suffix and the questions.
+    pub answer_seconds: f64,
 }
 
 /// Facts recalled over a list of answers: (correct, total).
@@ -74,12 +78,10 @@ pub fn run_case(
     condition: Condition<'_>,
     on_step: &mut dyn FnMut(usize, f32),
 ) -> Result<CaseRun> {
-    let rendering = settings.rendering;
-    let messages = &case.transcript.messages;
-    let mut session = Session::new(model, &rendering.messages(messages, &case.split.prefix))?;
+    let mut session = prefix_session(model, case, settings)?;
     let (mut n_tokens, mut n_kept, mut compressions) = (0, 0, Vec::new());
     for turn in case.turns() {
-        let text = rendering.messages(messages, &turn);
+        let text = settings.rendering.messages(&case.transcript.messages, &turn);
         n_tokens += model.tokenizer.encode(&text)?.len();
         match condition {
             Condition::Full => session.push_verbatim(&text)?,
@@ -95,14 +97,60 @@ pub fn run_case(
     if matches!(condition, Condition::Full) {
         n_kept = n_tokens;
     }
-    let mut suffix_ids = model.tokenizer.encode(&rendering.messages(messages, &case.split.suffix))?;
+    answer_after_span(session, case, settings, CaseRun { answers: Vec::new(), n_tokens, n_kept, compressions, answer_seconds: 0.0 })
+}
+
+/// Compresses a single-turn case's span with every recipe in one batched
+/// optimisation ([`Session::fork_compressed`]) and asks every question over
+/// each result: one run per recipe, in order.
+pub fn run_case_together(
+    model: &Model,
+    case: &Case,
+    settings: &AskSettings,
+    recipes: &[Recipe],
+    on_step: &mut dyn FnMut(usize, f32),
+) -> Result<Vec<CaseRun>> {
+    let turns = case.turns();
+    let [turn] = turns.as_slice() else {
+        return Err(cram::Error::Invalid(format!(
+            "case `{}` compresses {} turns one after another: only a single-turn case's recipes can be optimised together",
+            case.id,
+            turns.len()
+        ))
+        .into());
+    };
+    let text = settings.rendering.messages(&case.transcript.messages, turn);
+    let n_tokens = model.tokenizer.encode(&text)?.len();
+    let forks = prefix_session(model, case, settings)?.fork_compressed(&text, recipes, on_step)?;
+    forks
+        .into_iter()
+        .map(|fork| {
+            let compressions: Vec<CompressionReport> = fork.turns().iter().filter_map(|t| t.compression.clone()).collect();
+            let n_kept = compressions.iter().map(|c| c.n_kept).sum();
+            answer_after_span(fork, case, settings, CaseRun { answers: Vec::new(), n_tokens, n_kept, compressions, answer_seconds: 0.0 })
+        })
+        .collect()
+}
+
+/// A session holding the case's prefix.
+fn prefix_session<'m>(model: &'m Model, case: &Case, settings: &AskSettings) -> Result<Session<'m>> {
+    Ok(Session::new(model, &settings.rendering.messages(&case.transcript.messages, &case.split.prefix))?)
+}
+
+/// Pushes the suffix after the span's context and asks every question;
+/// `run` gets the answers and their time.
+fn answer_after_span(mut session: Session, case: &Case, settings: &AskSettings, mut run: CaseRun) -> Result<CaseRun> {
+    let started = Instant::now();
+    let tokenizer = &session.model().tokenizer;
+    let mut suffix_ids = tokenizer.encode(&settings.rendering.messages(&case.transcript.messages, &case.split.suffix))?;
     if let Some(max_tokens) = case.suffix_max_tokens {
         suffix_ids.truncate(max_tokens);
-        case.check_kept_text(&model.tokenizer.decode(&suffix_ids)?, settings.per_fact)?;
+        case.check_kept_text(&tokenizer.decode(&suffix_ids)?, settings.per_fact)?;
     }
     session.push_verbatim_ids(&suffix_ids)?;
-    let answers = ask_all(&session, case, settings)?;
-    Ok(CaseRun { answers, n_tokens, n_kept, compressions })
+    run.answers = ask_all(&session, case, settings)?;
+    run.answer_seconds = started.elapsed().as_secs_f64();
+    Ok(run)
 }
 
 /// Every question of the case over the session (which they leave unchanged).

@@ -17,7 +17,7 @@ use cram::{
 use serde::{Deserialize, Serialize};
 
 use crate::cases::{load_case_file, Case};
-use crate::evaluate::{facts_score, run_case, Answered, AskSettings, Condition};
+use crate::evaluate::{facts_score, run_case, run_case_together, Answered, AskSettings, CaseRun, Condition};
 use crate::{memory, models};
 use crate::{EvalError, Result};
 
@@ -54,6 +54,14 @@ pub struct SweepConfig {
     pub hybrid: HybridSettings,
     #[serde(default)]
     pub evict: EvictSettings,
+    /// When set, the recipe cells of one single-turn case (its ratios,
+    /// poolings and random-start seeds) are optimised together, in batches
+    /// of at most this many virtual tokens in all: one forward and one
+    /// backward a step for the batch. This pays on a GPU, which one span
+    /// under-fills; on a CPU the step is compute-bound and a batch costs
+    /// about the sum of its cells. Cells with early stopping run alone.
+    #[serde(default)]
+    pub batch_virtual_tokens: Option<usize>,
 }
 
 /// The hybrid's knob.
@@ -319,6 +327,9 @@ impl SweepConfig {
         if !(0.0..1.0).contains(&self.hybrid.verbatim_share) {
             return Err(format!("hybrid.verbatim_share {} is not in [0, 1)", self.hybrid.verbatim_share));
         }
+        if self.batch_virtual_tokens == Some(0) {
+            return Err("batch_virtual_tokens must be >= 1".into());
+        }
         if self.seeds.is_empty() {
             return Err("seeds is empty".into());
         }
@@ -400,6 +411,17 @@ impl SweepConfig {
             InitChoice::Streaming => Init::Kept(self.evict.streaming()),
         };
         Recipe { ratio, pooling, positions: self.positions, optimizer, key_weight: spec.key_weight.unwrap_or(0.0), init }
+    }
+
+    /// The recipe of a cell that may be optimised together with others of
+    /// its case: a plain recipe (surprisal or uniform pooling, any start or
+    /// key weight) without early stopping, on a single-turn case.
+    fn batchable_recipe(&self, kind: CellKind, case: &Case) -> Option<Recipe> {
+        let CellKind::Compressed { entry, ratio, seed } = kind else { return None };
+        let spec = self.methods[entry].spec();
+        let recipe = self.recipe(&spec, ratio, seed);
+        let plain = matches!(spec.method, Method::Surprisal | Method::Uniform) && recipe.optimizer.early_stop.is_none();
+        (plain && case.turns().len() == 1).then_some(recipe)
     }
 
     /// The name an entry's cells carry in the results: the method's name,
@@ -501,6 +523,15 @@ pub struct CellResult {
     /// The text that replaced each compressed turn, for text-level methods.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub replacement_text: Vec<String>,
+    /// Cells optimised together in this cell's batch, itself included (1:
+    /// alone). In a batch, `optimize_seconds` and `peak_rss_mib` are the
+    /// batch's, and `seconds` is the batch's compression plus this cell's answers.
+    #[serde(default = "one")]
+    pub batch_cells: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// What a sweep reports while it runs.
@@ -509,6 +540,8 @@ pub enum SweepEvent<'a> {
     Planned { total: usize, done: usize },
     /// A cell starts; `steps` is its optimisation budget, if it optimises.
     CellStarted { cell: &'a Cell, steps: Option<usize> },
+    /// Cells optimised together start; `steps` is their shared budget.
+    BatchStarted { cells: Vec<&'a Cell>, steps: usize },
     /// An optimisation step finished.
     Step { step: usize, loss: f32 },
     CellFinished { result: &'a CellResult },
@@ -545,15 +578,110 @@ pub fn run_sweep(
 
     if !pending.is_empty() {
         let model = load_model(config)?;
-        for (cell, kind) in pending {
-            let Some(case) = cases.iter().find(|c| c.id == cell.case) else { continue };
-            let result = run_cell(&model, config, case, cell, *kind, on_event)?;
-            append_result(&results_path, &result)?;
-            on_event(&SweepEvent::CellFinished { result: &result })?;
+        for unit in work_units(&model, config, &cases, &pending)? {
+            let results = match unit {
+                WorkUnit::Alone(case, (cell, kind)) => vec![run_cell(&model, config, case, cell, *kind, on_event)?],
+                WorkUnit::Batch(case, batch) => run_batch(&model, config, case, &batch, on_event)?,
+            };
+            for result in &results {
+                append_result(&results_path, result)?;
+                on_event(&SweepEvent::CellFinished { result })?;
+            }
         }
     }
     crate::plot::write_report(out_dir)?;
     Ok(outcome)
+}
+
+/// What the sweep runs next: one cell, or recipe cells of one case
+/// optimised together.
+enum WorkUnit<'a> {
+    Alone(&'a Case, &'a (Cell, CellKind)),
+    Batch(&'a Case, Vec<(&'a Cell, Recipe)>),
+}
+
+/// The pending cells in order, those that can be batched gathered (at the
+/// place of their case's first) into batches of at most
+/// `batch_virtual_tokens` virtual tokens; everything runs alone when that is unset.
+fn work_units<'a>(
+    model: &Model,
+    config: &SweepConfig,
+    cases: &'a [Case],
+    pending: &[&'a (Cell, CellKind)],
+) -> Result<Vec<WorkUnit<'a>>> {
+    let mut units = Vec::new();
+    let mut batched_cases = HashSet::new();
+    for &cell_and_kind in pending {
+        let (cell, kind) = cell_and_kind;
+        let Some(case) = cases.iter().find(|c| c.id == cell.case) else { continue };
+        let Some(max_virtual) = config.batch_virtual_tokens else {
+            units.push(WorkUnit::Alone(case, cell_and_kind));
+            continue;
+        };
+        if config.batchable_recipe(*kind, case).is_none() {
+            units.push(WorkUnit::Alone(case, cell_and_kind));
+        } else if batched_cases.insert(&case.id) {
+            let of_case = pending.iter().filter(|(c, _)| c.case == case.id);
+            let batchable = of_case.filter_map(|(c, k)| config.batchable_recipe(*k, case).map(|recipe| (c, recipe)));
+            let n_tokens = span_tokens(model, config, case)?;
+            for batch in fill_batches(batchable.collect(), n_tokens, max_virtual)? {
+                units.push(WorkUnit::Batch(case, batch));
+            }
+        }
+    }
+    Ok(units)
+}
+
+/// Consecutive batches of at most `max_virtual` virtual tokens (a cell
+/// larger than that is a batch of its own).
+fn fill_batches<'a>(cells: Vec<(&'a Cell, Recipe)>, n_tokens: usize, max_virtual: usize) -> Result<Vec<Vec<(&'a Cell, Recipe)>>> {
+    let mut batches: Vec<Vec<(&Cell, Recipe)>> = Vec::new();
+    let mut filled = 0;
+    for (cell, recipe) in cells {
+        let n_virtual = cram::pooling::n_virtual(n_tokens, recipe.ratio)?;
+        match batches.last_mut() {
+            Some(batch) if filled + n_virtual <= max_virtual => batch.push((cell, recipe)),
+            _ => {
+                batches.push(vec![(cell, recipe)]);
+                filled = 0;
+            }
+        }
+        filled += n_virtual;
+    }
+    Ok(batches)
+}
+
+/// Runs recipe cells of one case as one batched optimisation, then answers
+/// each cell's questions.
+fn run_batch(
+    model: &Model,
+    config: &SweepConfig,
+    case: &Case,
+    batch: &[(&Cell, Recipe)],
+    on_event: &mut dyn FnMut(&SweepEvent) -> Result<()>,
+) -> Result<Vec<CellResult>> {
+    let started = Instant::now();
+    memory::reset_peak_rss();
+    let steps = total_steps(model, config, case);
+    on_event(&SweepEvent::BatchStarted { cells: batch.iter().map(|(cell, _)| *cell).collect(), steps })?;
+    let recipes: Vec<Recipe> = batch.iter().map(|(_, recipe)| recipe.clone()).collect();
+    let mut step_error = None;
+    let mut on_step = step_reporter(on_event, &mut step_error);
+    let runs = run_case_together(model, case, &config.ask, &recipes, &mut on_step)?;
+    drop(on_step);
+    if let Some(error) = step_error {
+        return Err(error);
+    }
+    // The runs answered one after another once the batch was compressed.
+    let compression_seconds = started.elapsed().as_secs_f64() - runs.iter().map(|run| run.answer_seconds).sum::<f64>();
+    Ok(batch
+        .iter()
+        .zip(runs)
+        .map(|((cell, _), run)| {
+            let seconds = compression_seconds + run.answer_seconds;
+            CellResult { batch_cells: batch.len(), ..cell_result(model, cell, run, seconds) }
+        })
+        .collect())
 }
 
 fn load_model(config: &SweepConfig) -> Result<Model> {
@@ -581,13 +709,7 @@ fn run_cell(
     let steps = optimises.then(|| total_steps(model, config, case));
     on_event(&SweepEvent::CellStarted { cell, steps })?;
     let mut step_error = None;
-    let mut steps_done = 0;
-    let mut on_step = |_: usize, loss: f32| {
-        if step_error.is_none() {
-            step_error = on_event(&SweepEvent::Step { step: steps_done, loss }).err();
-        }
-        steps_done += 1;
-    };
+    let mut on_step = step_reporter(on_event, &mut step_error);
     let condition = match (kind, &compressor) {
         (CellKind::Baseline(Baseline::Full), _) => Condition::Full,
         (CellKind::Baseline(Baseline::None), _) => Condition::NoContext,
@@ -595,14 +717,36 @@ fn run_cell(
         (_, None) => Condition::NoContext,
     };
     let run = run_case(model, case, &config.ask, condition, &mut on_step)?;
+    drop(on_step);
     if let Some(error) = step_error {
         return Err(error);
     }
+    Ok(cell_result(model, cell, run, started.elapsed().as_secs_f64()))
+}
+
+/// An optimiser callback that passes each step on as a [`SweepEvent::Step`];
+/// the first error the handler returns is kept in `step_error` (the
+/// optimiser cannot be stopped mid-run, so the caller returns it after).
+fn step_reporter<'a>(
+    on_event: &'a mut dyn FnMut(&SweepEvent) -> Result<()>,
+    step_error: &'a mut Option<EvalError>,
+) -> impl FnMut(usize, f32) + 'a {
+    let mut steps_done = 0;
+    move |_: usize, loss: f32| {
+        if step_error.is_none() {
+            *step_error = on_event(&SweepEvent::Step { step: steps_done, loss }).err();
+        }
+        steps_done += 1;
+    }
+}
+
+/// A cell's line of `results.jsonl`, from its run.
+fn cell_result(model: &Model, cell: &Cell, run: CaseRun, seconds: f64) -> CellResult {
     let (facts_correct, facts_total) = facts_score(&run.answers);
     let optimizations: Vec<&OptimizationReport> = run.compressions.iter().filter_map(|c| c.optimization.as_ref()).collect();
     let turn_losses: Vec<f32> = optimizations.iter().filter_map(|o| o.final_loss()).collect();
     let answer = run.answers.iter().map(|a| a.answer.trim()).collect::<Vec<_>>().join(" | ");
-    Ok(CellResult {
+    CellResult {
         cell: cell.clone(),
         model: model.name.clone(),
         n_tokens: run.n_tokens,
@@ -611,26 +755,34 @@ fn run_cell(
         facts_total,
         loss_final: (!turn_losses.is_empty()).then(|| turn_losses.iter().sum::<f32>() / turn_losses.len() as f32),
         steps: optimizations.iter().map(|o| o.steps).sum(),
-        seconds: started.elapsed().as_secs_f64(),
+        seconds,
         optimize_seconds: optimizations.iter().map(|o| o.seconds).sum(),
         answer,
-        answers: run.answers,
         loss_curve: optimizations.iter().flat_map(|o| o.loss_curve.iter().copied()).collect(),
         turn_losses,
         peak_rss_mib: memory::peak_rss_bytes().map(|b| b as f64 / (1024.0 * 1024.0)),
         replacement_text: run.compressions.iter().filter_map(|c| c.text.clone()).collect(),
-    })
+        answers: run.answers,
+        batch_cells: 1,
+    }
 }
 
 /// Optimisation steps of a compressed cell, over all its turns (for progress bars).
 fn total_steps(model: &Model, config: &SweepConfig, case: &Case) -> usize {
-    case.turns()
-        .iter()
-        .map(|turn| {
-            let text = config.ask.rendering.messages(&case.transcript.messages, turn);
-            config.optimizer.steps_for(model.tokenizer.encode(&text).map_or(0, |ids| ids.len()))
-        })
-        .sum()
+    turn_tokens(model, config, case).map(|n_tokens| config.optimizer.steps_for(n_tokens.unwrap_or(0))).sum()
+}
+
+/// Tokens of a single-turn case's span as rendered.
+fn span_tokens(model: &Model, config: &SweepConfig, case: &Case) -> Result<usize> {
+    Ok(turn_tokens(model, config, case).sum::<cram::Result<usize>>()?)
+}
+
+/// Tokens of each compressed turn of a case, as rendered.
+fn turn_tokens<'a>(model: &'a Model, config: &'a SweepConfig, case: &'a Case) -> impl Iterator<Item = cram::Result<usize>> + 'a {
+    case.turns().into_iter().map(|turn| {
+        let text = config.ask.rendering.messages(&case.transcript.messages, &turn);
+        model.tokenizer.encode(&text).map(|ids| ids.len())
+    })
 }
 
 /// The finished cells of a results file. A last line cut short by a crash

@@ -121,6 +121,7 @@ fn bad_configs_are_clear_errors() {
     std::fs::write(&path, format!("model = {model:?}\nmethods = [\"surprisal\"]\nratios = [3.2, 1.0]\n[[cases]]\nfile = {cases:?}\n")).unwrap();
     let err = SweepConfig::load(&path).unwrap_err().to_string();
     assert!(err.contains("ratio 1 is not > 1") && err.contains("virtual tokens"), "{err}");
+    assert!(config_error("batch_virtual_tokens = 0", None).contains("batch_virtual_tokens must be >= 1"));
     assert!(config_error("", Some("missing.json")).contains("case file"));
     let err = config_error("", Some("missing.json"));
     assert!(err.contains("not found"), "{err}");
@@ -317,4 +318,60 @@ fn side_by_side_settings_that_cannot_work_are_clear_errors() {
     assert!(err.contains("key_weight -1 must be >= 0"), "{err}");
     let err = write("\"snapkv\"", "[evict]\nkernel = 4");
     assert!(err.contains("evict.kernel 4 must be odd"), "{err}");
+}
+
+/// Runs a sweep of recipes (two poolings, a random start at two seeds, an
+/// early-stopping entry and an eviction method) into `out`, with `batching`
+/// added to the config; returns its results by cell and the batches started.
+fn batching_sweep(dir: &Path, out: &str, batching: &str) -> (Vec<cram_eval::sweep::CellResult>, Vec<usize>) {
+    let (model, cases) = fixture(dir);
+    let path = dir.join(format!("{out}.toml"));
+    std::fs::write(&path, format!(
+        "model = {model:?}\nratios = [2.0, 4.0]\nseeds = [0, 1]\nbaselines = [\"full\"]\n{batching}\n\
+         methods = [\"surprisal\", \"uniform\", {{ method = \"surprisal\", init = \"random\", ratios = [3.0] }},\n\
+         {{ method = \"uniform\", early_stop = true, ratios = [3.0] }}, \"streaming\"]\n\
+         [[cases]]\nfile = {cases:?}\n\n[optimizer]\nlr = 0.01\nsteps = 6\n\n\
+         [ask]\nrendering = \"chatml\"\nper_fact = true\nmax_new_tokens = 3\n"
+    )).unwrap();
+    let config = SweepConfig::load(&path).unwrap();
+    let mut batches = Vec::new();
+    run_sweep(&config, &path, &dir.join(out), &mut |event| {
+        if let SweepEvent::BatchStarted { cells, .. } = event {
+            batches.push(cells.len());
+        }
+        Ok(())
+    })
+    .unwrap();
+    let mut results = read_results(&dir.join(out).join("results.jsonl")).unwrap();
+    results.sort_by_key(|r| format!("{} {:?} {}", r.cell.method, r.cell.ratio, r.cell.seed));
+    (results, batches)
+}
+
+#[test]
+fn cells_optimised_together_get_what_each_gets_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let (alone, no_batches) = batching_sweep(dir.path(), "alone", "");
+    let (together, batches) = batching_sweep(dir.path(), "together", "batch_virtual_tokens = 1000");
+    assert!(no_batches.is_empty());
+    // Surprisal and uniform at 2x and 4x, and the random start's two seeds:
+    // one batch. Early stopping, eviction and the baseline run alone.
+    assert_eq!(batches, [6]);
+    assert_eq!(alone.len(), together.len());
+    for (one, batched) in alone.iter().zip(&together) {
+        assert_eq!(one.cell, batched.cell);
+        let in_batch = !matches!(one.cell.method.as_str(), "full" | "streaming" | "uniform-early");
+        assert_eq!(batched.batch_cells, if in_batch { 6 } else { 1 }, "{:?}", batched.cell);
+        assert_eq!((one.n_virtual, one.steps, one.batch_cells), (batched.n_virtual, batched.steps, 1));
+        assert_eq!(one.loss_curve.len(), batched.loss_curve.len());
+        for (a, b) in one.loss_curve.iter().zip(&batched.loss_curve) {
+            assert!((a - b).abs() <= 1e-4 * a.abs().max(1.0), "{:?}: {a} vs {b}", one.cell);
+        }
+        assert_eq!(one.answer, batched.answer, "{:?}", one.cell);
+    }
+
+    // A cap on virtual tokens splits the batch (the span at 2x alone has more than 8).
+    let (capped, capped_batches) = batching_sweep(dir.path(), "capped", "batch_virtual_tokens = 16");
+    assert!(alone.iter().any(|r| r.cell.ratio == Some(2.0) && r.n_virtual > 8));
+    assert!(capped_batches.len() > 1 && capped_batches.iter().sum::<usize>() == 6, "{capped_batches:?}");
+    assert_eq!(capped.len(), alone.len());
 }

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::cache::{select_entries, KvCache};
 use crate::model::{Logits, Qwen2};
 use crate::init::Init;
-use crate::optimize::{optimise, KeyTargets, Objective, OptimizationReport, OptimizerConfig};
+use crate::optimize::{optimise, optimise_together, KeyTargets, Objective, OptimizationReport, Optimized, OptimizerConfig};
 use crate::pooling::{self, Pooling};
 use crate::positions::{virtual_positions, PositionMode};
 use crate::targets::SpanTargets;
@@ -255,17 +255,55 @@ impl Recipe {
         n_virtual: usize,
         on_step: &mut dyn FnMut(usize, f32),
     ) -> Result<CompressedSpan> {
-        let n_tokens = span.len();
         let start = self.virtual_start_sized(model, prefix, span, n_virtual)?;
-        let steps = self.optimizer.steps_for(n_tokens);
+        let steps = self.optimizer.steps_for(span.len());
         let optimized = optimise(model, start.objective(prefix), &start.init, &self.optimizer, steps, on_step)?;
-        Ok(CompressedSpan {
+        Ok(self.compressed(span, start, optimized))
+    }
+
+    /// The cache entries of optimised virtual tokens, with their report.
+    fn compressed(&self, span: &SpanTargets, start: VirtualStart, optimized: Optimized) -> CompressedSpan {
+        let report = CompressionReport::new(self.name(), span.len(), start.positions.len());
+        CompressedSpan {
             keys: optimized.keys,
             values: optimized.values,
             positions: start.positions,
-            report: CompressionReport { optimization: Some(optimized.report), ..CompressionReport::new(self.name(), n_tokens, n_virtual) },
-        })
+            report: CompressionReport { optimization: Some(optimized.report), ..report },
+        }
     }
+}
+
+/// Compresses one span with several recipes (ratios, poolings, seeds of a
+/// random start) in one batched optimisation ([`optimise_together`]): on a
+/// GPU, which one span under-fills, this costs little more than one. Each
+/// result is what that recipe alone gives (to float rounding), and its
+/// report carries the batch's wall time. The recipes must share their
+/// optimiser settings (one Adam run, one step budget); early stopping would
+/// watch the batch's summed loss, so it is refused.
+pub fn compress_together(
+    recipes: &[Recipe],
+    model: &Qwen2,
+    prefix: &KvCache,
+    span: &SpanTargets,
+    on_step: &mut dyn FnMut(usize, f32),
+) -> Result<Vec<CompressedSpan>> {
+    let Some(first) = recipes.first() else {
+        return Err(crate::Error::Invalid("no recipes to compress with".into()));
+    };
+    if recipes.iter().any(|recipe| recipe.optimizer != first.optimizer) {
+        return Err(crate::Error::Invalid("recipes compressed together must share their optimizer settings".into()));
+    }
+    if first.optimizer.early_stop.is_some() {
+        return Err(crate::Error::Invalid(
+            "early stopping would stop every recipe of a batch on the batch's summed loss: turn it off to compress together".into(),
+        ));
+    }
+    let starts = recipes.iter().map(|recipe| recipe.virtual_start(model, prefix, span)).collect::<Result<Vec<_>>>()?;
+    let objectives: Vec<Objective> = starts.iter().map(|start| start.objective(prefix)).collect();
+    let inits: Vec<Tensor> = starts.iter().map(|start| start.init.clone()).collect();
+    let steps = first.optimizer.steps_for(span.len());
+    let optimized = optimise_together(model, &objectives, &inits, &first.optimizer, steps, on_step)?;
+    Ok(recipes.iter().zip(starts).zip(optimized).map(|((recipe, start), optimized)| recipe.compressed(span, start, optimized)).collect())
 }
 
 /// The span's own embeddings through the compressed path (forward over the

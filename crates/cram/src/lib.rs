@@ -68,7 +68,7 @@ pub mod random;
 pub mod rope;
 
 pub use cache::KvCache;
-pub use compress::{CompressedSpan, CompressionReport, Compressor, RawSpan, Recipe, Truncate, VirtualStart};
+pub use compress::{compress_together, CompressedSpan, CompressionReport, Compressor, RawSpan, Recipe, Truncate, VirtualStart};
 pub use evict::{CompressThenEvict, Evict, Eviction};
 pub use init::Init;
 pub use summary::Summarize;

@@ -13,7 +13,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::cache::KvCache;
-use crate::compress::{CompressionReport, Compressor};
+use crate::compress::{compress_together, CompressedSpan, CompressionReport, Compressor, Recipe};
 use crate::generate;
 use crate::model::{Logits, Model};
 use crate::targets::SpanTargets;
@@ -85,17 +85,48 @@ impl<'m> Session<'m> {
         compressor: &dyn Compressor,
         on_step: &mut dyn FnMut(usize, f32),
     ) -> Result<CompressionReport> {
+        let span = self.span_targets(text)?;
+        let compressed = compressor.compress(&self.model.qwen2, &self.cache, &span, on_step)?;
+        self.push_compressed_span(span.len(), compressed)
+    }
+
+    /// Compresses rendered text with each recipe in one batched
+    /// optimisation ([`compress_together`]) and returns one session per
+    /// recipe, each this one followed by its compressed turn: a ratio (or
+    /// pooling, or seed) sweep of one span for about the cost of one on a GPU.
+    pub fn fork_compressed(
+        &self,
+        text: &str,
+        recipes: &[Recipe],
+        on_step: &mut dyn FnMut(usize, f32),
+    ) -> Result<Vec<Self>> {
+        let span = self.span_targets(text)?;
+        compress_together(recipes, &self.model.qwen2, &self.cache, &span, on_step)?
+            .into_iter()
+            .map(|compressed| {
+                let mut fork = self.clone();
+                fork.push_compressed_span(span.len(), compressed)?;
+                Ok(fork)
+            })
+            .collect()
+    }
+
+    /// The targets of rendered text as the next turn.
+    fn span_targets(&self, text: &str) -> Result<SpanTargets> {
         let ids = self.model.tokenizer.encode(text)?;
         if ids.is_empty() {
             return Err(Error::Invalid("cannot compress an empty turn".into()));
         }
         let positions = self.turn_positions(ids.len());
-        let span = SpanTargets::compute(&self.model.qwen2, &self.cache, &ids, &positions)?;
-        let compressed = compressor.compress(&self.model.qwen2, &self.cache, &span, on_step)?;
+        SpanTargets::compute(&self.model.qwen2, &self.cache, &ids, &positions)
+    }
+
+    /// Appends the entries that stand for the next turn, of `n_tokens` tokens.
+    fn push_compressed_span(&mut self, n_tokens: usize, compressed: CompressedSpan) -> Result<CompressionReport> {
         compressed.append_to(&mut self.cache)?;
-        self.next_position += ids.len() as f32;
         let report = compressed.report;
-        self.turns.push(Turn { n_tokens: ids.len(), n_kept: report.n_kept, compression: Some(report.clone()) });
+        self.next_position += n_tokens as f32;
+        self.turns.push(Turn { n_tokens, n_kept: report.n_kept, compression: Some(report.clone()) });
         Ok(report)
     }
 
@@ -130,6 +161,11 @@ impl<'m> Session<'m> {
     /// Every turn pushed so far, the system prompt first.
     pub fn turns(&self) -> &[Turn] {
         &self.turns
+    }
+
+    /// The model the session runs on.
+    pub fn model(&self) -> &'m Model {
+        self.model
     }
 
     /// Saves the cache, its positions, the turns and the model's identity

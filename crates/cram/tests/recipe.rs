@@ -8,7 +8,7 @@ use common::{cpu, max_abs_diff, positions, prefix_cache};
 use cram::optimize::{default_steps, optimise, optimise_together, Objective};
 use cram::pooling::{chunk_bounds, n_virtual, pool, pooling_matrix, token_weights};
 use cram::positions::virtual_positions;
-use cram::{random, Compressor, Logits, OptimizerConfig, Pooling, PositionMode, RawSpan, Recipe, SpanTargets};
+use cram::{compress_together, random, Compressor, EarlyStop, Logits, OptimizerConfig, Pooling, PositionMode, RawSpan, Recipe, SpanTargets};
 
 const PREFIX: [u32; 4] = [5, 9, 14, 2];
 const SPAN: [u32; 12] = [30, 31, 8, 8, 44, 17, 63, 1, 12, 40, 41, 7];
@@ -183,5 +183,30 @@ fn optimising_together_refuses_different_prefixes() -> anyhow::Result<()> {
     let inits = [start.init.clone(), start.init.clone()];
     let error = optimise_together(&model, &objectives, &inits, &OptimizerConfig::default(), 1, &mut |_, _| {}).unwrap_err();
     assert!(error.to_string().contains("same prefix"), "{error}");
+    Ok(())
+}
+
+#[test]
+fn compressing_together_refuses_what_would_change_a_recipe() -> anyhow::Result<()> {
+    let model = random::model(&random::tiny_config(), 37, &cpu())?;
+    let prefix = prefix_cache(&model, &PREFIX);
+    let span = SpanTargets::compute(&model, &prefix, &SPAN, &positions(PREFIX.len(), SPAN.len()))?;
+    let compress = |recipes: &[Recipe]| compress_together(recipes, &model, &prefix, &span, &mut |_, _| {});
+
+    let fast = Recipe { optimizer: OptimizerConfig { lr: 0.1, steps: Some(3), ..Default::default() }, ..Recipe::published(2.0) };
+    let slow = Recipe { optimizer: OptimizerConfig { lr: 0.01, ..fast.optimizer.clone() }, ..Recipe::published(3.0) };
+    let error = compress(&[fast.clone(), slow]).unwrap_err();
+    assert!(error.to_string().contains("share their optimizer settings"), "{error}");
+
+    let early = Recipe { optimizer: OptimizerConfig { early_stop: Some(EarlyStop::default()), ..fast.optimizer.clone() }, ..fast.clone() };
+    let error = compress(&[early]).unwrap_err();
+    assert!(error.to_string().contains("early stopping"), "{error}");
+    assert!(compress(&[]).is_err());
+
+    // What comes back is each recipe's, in order, with the batch's report.
+    let uniform = Recipe { pooling: Pooling::Uniform, ratio: 4.0, ..fast.clone() };
+    let compressed = compress(&[fast, uniform])?;
+    let kept: Vec<_> = compressed.iter().map(|c| (c.report.method.as_str(), c.len(), c.report.optimization.as_ref().unwrap().steps)).collect();
+    assert_eq!(kept, [("surprisal", 6, 3), ("uniform", 3, 3)]);
     Ok(())
 }
