@@ -5,8 +5,7 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::op::{Add, Div, Exp, ReduceOp, Sub};
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Storage, Tensor, D};
-use rayon::prelude::*;
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor, D};
 
 use crate::Result;
 
@@ -68,10 +67,10 @@ impl CustomOp1 for MaskedSoftmax {
     }
 
     fn cpu_fwd(&self, scores: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let Some(mask) = &self.mask else { return cpu_softmax(scores, layout, None) };
+        let Some(mask) = &self.mask else { return Self::softmax(scores, layout, None) };
         let (storage, mask_layout) = mask.storage_and_layout();
         match &*storage {
-            Storage::Cpu(mask) => cpu_softmax(scores, layout, Some((mask, mask_layout))),
+            Storage::Cpu(mask) => Self::softmax(scores, layout, Some((mask, mask_layout))),
             _ => candle_core::bail!("masked-softmax: scores on cpu, mask elsewhere"),
         }
     }
@@ -92,95 +91,8 @@ impl CustomOp1 for MaskedSoftmax {
 
     /// dL/dx = p * (g - sum(g * p)) along each row, from the output alone.
     fn bwd(&self, _scores: &Tensor, probabilities: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        if probabilities.device().is_cpu() && probabilities.dtype() == DType::F32 {
-            return Ok(Some(probabilities.contiguous()?.apply_op2_no_bwd(&grad.to_dtype(DType::F32)?.contiguous()?, &SoftmaxGrad)?));
-        }
         let along_row = (grad * probabilities)?.sum_keepdim(D::Minus1)?;
         Ok(Some(probabilities.mul(&grad.broadcast_sub(&along_row)?)?))
-    }
-}
-
-/// The CPU forward. f32 rows are done in one pass each, in parallel:
-/// candle's CPU elementwise kernels run on one thread and each writes a
-/// full-size intermediate, which on a long cache made the softmax a large
-/// share of a step on 2 cores. Other dtypes and layouts take candle's kernels.
-fn cpu_softmax(scores: &CpuStorage, layout: &Layout, mask: Option<(&CpuStorage, &Layout)>) -> candle_core::Result<(CpuStorage, Shape)> {
-    let shape = layout.shape();
-    let columns = shape.dims().last().copied().unwrap_or(1);
-    let rows_per_matrix = if shape.rank() >= 2 { shape.dims()[shape.rank() - 2] } else { 1 };
-    let dense_mask = match mask {
-        None => Some(None),
-        // A (rows, columns) mask, as `masked_softmax_last_dim` documents.
-        Some((CpuStorage::F32(mask), mask_layout)) if mask_layout.dims() == [rows_per_matrix, columns] => {
-            mask_layout.contiguous_offsets().map(|(start, end)| Some(&mask[start..end]))
-        }
-        Some(_) => None,
-    };
-    match (scores, layout.contiguous_offsets(), dense_mask) {
-        (CpuStorage::F32(scores), Some((start, end)), Some(mask)) if columns > 0 => {
-            let scores = &scores[start..end];
-            let mut probabilities = vec![0f32; scores.len()];
-            probabilities.par_chunks_mut(columns).zip(scores.par_chunks(columns)).enumerate().for_each(|(row, (out, scores))| {
-                let mask = mask.map(|mask| &mask[(row % rows_per_matrix) * columns..][..columns]);
-                softmax_row(scores, mask, out)
-            });
-            Ok((CpuStorage::F32(probabilities), shape.clone()))
-        }
-        _ => MaskedSoftmax::softmax(scores, layout, mask),
-    }
-}
-
-/// softmax(scores + mask) of one row into `out`.
-fn softmax_row(scores: &[f32], mask: Option<&[f32]>, out: &mut [f32]) {
-    match mask {
-        Some(mask) => out.iter_mut().zip(scores.iter().zip(mask)).for_each(|(o, (s, m))| *o = s + m),
-        None => out.copy_from_slice(scores),
-    }
-    let max = out.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0;
-    for value in out.iter_mut() {
-        *value = (*value - max).exp();
-        sum += *value;
-    }
-    let inverse = 1.0 / sum;
-    out.iter_mut().for_each(|value| *value *= inverse);
-}
-
-/// The softmax backward on CPU in f32, one parallel pass per row:
-/// (probabilities, grad) -> probabilities * (grad - sum(grad * probabilities)).
-struct SoftmaxGrad;
-
-impl CustomOp2 for SoftmaxGrad {
-    fn name(&self) -> &'static str {
-        "softmax-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        probabilities: &CpuStorage,
-        probabilities_layout: &Layout,
-        grad: &CpuStorage,
-        grad_layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let shape = probabilities_layout.shape();
-        let (CpuStorage::F32(probabilities), CpuStorage::F32(grad)) = (probabilities, grad) else {
-            candle_core::bail!("softmax-grad: f32 only")
-        };
-        let (Some((p_start, p_end)), Some((g_start, g_end))) = (probabilities_layout.contiguous_offsets(), grad_layout.contiguous_offsets())
-        else {
-            candle_core::bail!("softmax-grad: contiguous inputs only")
-        };
-        if grad_layout.shape() != shape {
-            candle_core::bail!("softmax-grad: grad {:?} for probabilities {:?}", grad_layout.shape(), shape)
-        }
-        let columns = shape.dims().last().copied().unwrap_or(1).max(1);
-        let (probabilities, grad) = (&probabilities[p_start..p_end], &grad[g_start..g_end]);
-        let mut out = vec![0f32; probabilities.len()];
-        out.par_chunks_mut(columns).zip(probabilities.par_chunks(columns).zip(grad.par_chunks(columns))).for_each(|(out, (p, g))| {
-            let along_row: f32 = p.iter().zip(g).map(|(p, g)| p * g).sum();
-            out.iter_mut().zip(p.iter().zip(g)).for_each(|(o, (p, g))| *o = p * (g - along_row));
-        });
-        Ok((CpuStorage::F32(out), shape.clone()))
     }
 }
 
