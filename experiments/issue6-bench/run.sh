@@ -19,3 +19,12 @@ done
 # benches/benches/optimisation_step.rs, then
 #   cargo bench -p cram-benches --bench optimisation_step
 # and read the "peak extra heap" line (run once at 1f774f8, once after).
+
+# Session of 2026-11-21 (afternoon). The parallel f32 softmax (commit 71c572b,
+# reverted in 14df59a): /tmp/cram-before-fused-softmax is a release build of
+# 7892360, /tmp/cram-after-fused-softmax one of 71c572b.
+for build in before after; do
+  /tmp/cram-$build-fused-softmax bench --virtual 64,512 --steps 6 --no-together --threads 2 --out experiments/issue6-bench/fused-softmax-$build.jsonl
+done
+# The 1.5B model on CPU (fetched with `cram fetch-model qwen2.5-coder-1.5b-instruct`).
+cram bench --model qwen2.5-coder-1.5b-instruct --virtual 64,128,256 --steps 4 --no-together --threads 2 --out experiments/issue6-bench/sizes-1.5b.jsonl
