@@ -201,10 +201,8 @@ fn fetch_model(name: &str, verify: bool) -> Result<()> {
 /// Loads, validates and runs a sweep config, with progress bars.
 fn sweep(config_path: &Path, out: &Path, overrides: Overrides) -> Result<SweepConfig> {
     let mut config = SweepConfig::load(config_path)?;
-    if overrides.batch_virtual_tokens == Some(0) {
-        bail!("--batch-virtual-tokens must be >= 1");
-    }
     overrides.apply(&mut config);
+    config.check(config_path)?;
     let mut bars = progress::SweepBars::default();
     let outcome = run_sweep(&config, config_path, out, &mut |event| {
         bars.on_event(event);

@@ -1,7 +1,7 @@
 //! Ratio sweeps from config files. Every cell (case x method x ratio x seed)
 //! appends one JSON line to `results.jsonl` the moment it finishes; a rerun
-//! skips the cells already there, so a crash loses at most the cell in
-//! progress. `summary.csv` and the plots are derived from the results.
+//! skips the cells already there, so a crash loses at most the cell (or
+//! the batch of cells optimised together) in progress. `summary.csv` and the plots are derived from the results.
 
 use std::collections::HashSet;
 use std::fs::OpenOptions;
@@ -279,8 +279,14 @@ impl SweepConfig {
         let bad = |reason: String| EvalError::Config { path: path.to_path_buf(), reason };
         let text = std::fs::read_to_string(path).map_err(|e| EvalError::io(path, e))?;
         let config: Self = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
-        config.validate().map_err(bad)?;
+        config.check(path)?;
         Ok(config)
+    }
+
+    /// Validates the config as it stands (say, after command-line
+    /// overrides); errors name `path`, the file it came from.
+    pub fn check(&self, path: &Path) -> Result<()> {
+        self.validate().map_err(|reason| EvalError::Config { path: path.to_path_buf(), reason })
     }
 
     fn validate(&self) -> std::result::Result<(), String> {
