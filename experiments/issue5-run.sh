@@ -5,3 +5,4 @@ set -e
 cargo build --release
 ./target/release/cram sweep configs/side-by-side-cpu.toml --out experiments/issue5-side-by-side-cpu
 ./target/release/cram sweep configs/side-by-side-cpu-recipe.toml --out experiments/issue5-side-by-side-cpu-recipe
+./target/release/cram sweep configs/side-by-side-cpu-init.toml --out experiments/issue5-side-by-side-cpu-init
