@@ -6,3 +6,4 @@ cargo build --release
 ./target/release/cram sweep configs/side-by-side-cpu.toml --out experiments/issue5-side-by-side-cpu
 ./target/release/cram sweep configs/side-by-side-cpu-recipe.toml --out experiments/issue5-side-by-side-cpu-recipe
 ./target/release/cram sweep configs/side-by-side-cpu-init.toml --out experiments/issue5-side-by-side-cpu-init
+./target/release/cram sweep configs/side-by-side-cpu-recipe-own.toml --out experiments/issue5-side-by-side-cpu-recipe-own
