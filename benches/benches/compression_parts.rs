@@ -21,6 +21,8 @@ const RATIOS: [f64; 5] = [1.6, 2.4, 3.2, 4.8, 6.4];
 const ANSWER_TOKENS: usize = 32;
 
 fn main() -> anyhow::Result<()> {
+    // The allocator's purge policy of the `cram` binary, so the timings match it.
+    cram_eval::memory::keep_freed_memory();
     let model = load_default_model()?;
     let qwen = &model.qwen2;
     let ids = transcript_ids(&model, &cram_benches::repo_path("eval/bearing/bearing-questions.json"))?;

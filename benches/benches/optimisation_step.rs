@@ -16,6 +16,8 @@ const PREFIX_TOKENS: usize = 144;
 const VIRTUAL_TOKENS: [usize; 3] = [64, 128, 256];
 
 fn main() -> anyhow::Result<()> {
+    // The allocator's purge policy of the `cram` binary, so the timings match it.
+    cram_eval::memory::keep_freed_memory();
     let model = load_default_model()?;
     let text = bench_text()?;
 

@@ -17,10 +17,11 @@ use cram_eval::models::{self, KnownModel, DEFAULT_MODEL};
 use cram_eval::render::Rendering;
 use cram_eval::sweep::{run_sweep, SweepConfig};
 
-/// candle allocates a fresh buffer for every op's output. With glibc's
-/// malloc, buffers over its mmap threshold come straight from the kernel
-/// and go back on free, so every step faulted in and zeroed its pages
-/// again: a third of a step on 2 threads. mimalloc keeps and reuses them.
+/// candle allocates a fresh buffer for every op's output. glibc's malloc
+/// maps buffers over its mmap threshold (32 MiB at most) straight from the
+/// kernel and unmaps them on free, so every step faults in and zeroes their
+/// pages again. mimalloc keeps and reuses them, once `main` has told it not
+/// to purge them (`cram_eval::memory::keep_freed_memory`).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -155,6 +156,7 @@ enum Command {
 }
 
 fn main() -> Result<()> {
+    cram_eval::memory::keep_freed_memory();
     tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).init();
     match Cli::parse().command {
         Command::FetchModel { name, verify } => fetch_model(&name, verify),

@@ -1,4 +1,5 @@
-//! Peak resident memory of this process, per sweep cell (Linux only).
+//! Memory of this process: peak resident memory per sweep cell (Linux
+//! only), and how the allocator of cram's binaries keeps freed memory.
 
 /// Resets the kernel's high-water mark of resident memory to the current
 /// resident size, so the next [`peak_rss_bytes`] covers what comes after.
@@ -14,4 +15,56 @@ pub fn peak_rss_bytes() -> Option<u64> {
     let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
+}
+
+/// mimalloc's `mi_option_purge_delay` (mimalloc.h; libmimalloc-sys names no
+/// constant for it). The test below checks it against the option's default.
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Milliseconds a freed block stays mapped before mimalloc gives its pages
+/// back to the kernel; -1 is never.
+pub const PURGE_DELAY_MS: i64 = -1;
+
+/// Makes mimalloc keep freed memory mapped instead of purging it after a
+/// second (mimalloc v3's default), unless `MIMALLOC_PURGE_DELAY` is set
+/// (then that wins).
+///
+/// Why: candle allocates a fresh buffer for every op's output, and an
+/// optimisation step frees and reallocates the same large activations each
+/// step. A step over a long span takes seconds, so a buffer freed in one
+/// step's backward sits unused for more than the default second before the
+/// next step wants it, and is purged. Its pages then come back through page
+/// faults that the kernel zeroes: on T24 at 3.2x that cost 29% of a step
+/// (experiments/issue6-speed.md).
+/// The cost is resident memory that stays at the step's high-water mark.
+/// Only matters in a process whose global allocator is mimalloc (the `cram`
+/// binary, the benches); elsewhere it sets an option nothing reads.
+pub fn keep_freed_memory() {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: sets one of mimalloc's global integer options; any value is valid.
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS as _) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn purge_delay() -> i64 {
+        // SAFETY: reads one of mimalloc's global integer options.
+        unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) as i64 }
+    }
+
+    #[test]
+    fn keep_freed_memory_sets_mimallocs_purge_delay() {
+        if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+            eprintln!("MIMALLOC_PURGE_DELAY is set: the option is the user's, nothing to check");
+            return;
+        }
+        // mimalloc v3's default purge_delay is 1,000 ms (options.c); another
+        // option at index 15, or another mimalloc, would not read that here.
+        assert_eq!(purge_delay(), 1000, "index {MI_OPTION_PURGE_DELAY} is not mimalloc v3's purge_delay");
+        keep_freed_memory();
+        assert_eq!(purge_delay(), PURGE_DELAY_MS);
+    }
 }
