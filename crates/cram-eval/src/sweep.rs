@@ -1,17 +1,20 @@
 //! Ratio sweeps from config files. Every cell (case x method x ratio x seed)
 //! appends one JSON line to `results.jsonl` the moment it finishes; a rerun
-//! skips the cells already there, so a crash loses at most the cell (or
-//! the batch of cells optimised together) in progress. `summary.csv` and the plots are derived from the results.
+//! skips the cells already there. The cell in progress (or the batch of
+//! cells optimised together) saves its optimisation under `checkpoints/`
+//! every few minutes, so a crash loses minutes of it, not hours; the files
+//! go once the cell's line is written. `summary.csv` and the plots are
+//! derived from the results.
 
 use std::collections::HashSet;
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use cram::optimize::OptimizationReport;
 use cram::{
-    CompressThenEvict, Compressor, Evict, Eviction, Hybrid, Init, Model, OptimizerConfig, Pooling, PositionMode, RawSpan,
+    Checkpointing, CompressThenEvict, Compressor, Evict, Eviction, Hybrid, Init, Model, OptimizerConfig, Pooling, PositionMode, RawSpan,
     Recipe, Summarize, Tokenizer, Truncate,
 };
 use serde::{Deserialize, Serialize};
@@ -62,6 +65,16 @@ pub struct SweepConfig {
     /// about the sum of its cells. Cells with early stopping run alone.
     #[serde(default)]
     pub batch_virtual_tokens: Option<usize>,
+    /// How often, in seconds, an optimisation in progress saves its state
+    /// under `OUT/checkpoints/` (0: after every step); a sweep killed
+    /// mid-cell resumes the cell from there.
+    #[serde(default = "default_checkpoint_seconds")]
+    pub checkpoint_seconds: f64,
+}
+
+/// Five minutes: at most a few minutes of work lost, for a few MB written.
+fn default_checkpoint_seconds() -> f64 {
+    300.0
 }
 
 /// The hybrid's knob.
@@ -333,6 +346,9 @@ impl SweepConfig {
         if !(0.0..1.0).contains(&self.hybrid.verbatim_share) {
             return Err(format!("hybrid.verbatim_share {} is not in [0, 1)", self.hybrid.verbatim_share));
         }
+        if !(self.checkpoint_seconds.is_finite() && self.checkpoint_seconds >= 0.0) {
+            return Err(format!("checkpoint_seconds {} must be >= 0", self.checkpoint_seconds));
+        }
         if self.batch_virtual_tokens == Some(0) {
             return Err("batch_virtual_tokens must be >= 1".into());
         }
@@ -511,7 +527,8 @@ pub struct CellResult {
     pub loss_final: Option<f32>,
     /// Optimisation steps, summed over compressed turns.
     pub steps: usize,
-    /// Wall time of the whole cell (compression and answers).
+    /// Wall time of the whole cell (compression and answers), time before
+    /// a resume included.
     pub seconds: f64,
     /// Seconds spent optimising.
     pub optimize_seconds: f64,
@@ -534,6 +551,10 @@ pub struct CellResult {
     /// batch's, and `seconds` is the batch's compression plus this cell's answers.
     #[serde(default = "one")]
     pub batch_cells: usize,
+    /// Optimisation steps restored from a checkpoint (summed over turns):
+    /// the process that wrote this line resumed after a crash.
+    #[serde(default)]
+    pub resumed_steps: usize,
 }
 
 fn one() -> usize {
@@ -563,7 +584,8 @@ pub struct SweepOutcome {
 
 /// Runs every cell not yet in `out_dir/results.jsonl`, then writes the
 /// summary and plots. `on_event` may stop the sweep by returning an error
-/// (the cell in progress is then lost, as in a crash).
+/// (as after a crash, the next run resumes the cell in progress from its
+/// last checkpoint).
 pub fn run_sweep(
     config: &SweepConfig,
     config_path: &Path,
@@ -583,6 +605,8 @@ pub fn run_sweep(
     on_event(&SweepEvent::Planned { total: cells.len(), done: outcome.skipped })?;
 
     if !pending.is_empty() {
+        let checkpoints = out_dir.join("checkpoints");
+        let config = &config.checkpointing_to(&checkpoints);
         let model = load_model(config)?;
         for unit in work_units(&model, config, &cases, &pending)? {
             let results = match unit {
@@ -593,10 +617,29 @@ pub fn run_sweep(
                 append_result(&results_path, result)?;
                 on_event(&SweepEvent::CellFinished { result })?;
             }
+            remove_checkpoints(&checkpoints)?;
         }
     }
     crate::plot::write_report(out_dir)?;
     Ok(outcome)
+}
+
+impl SweepConfig {
+    /// This config with its optimisations saving their state under `dir`.
+    fn checkpointing_to(&self, dir: &Path) -> SweepConfig {
+        let every = Duration::from_secs_f64(self.checkpoint_seconds);
+        let mut config = self.clone();
+        config.optimizer.checkpoint = Some(Checkpointing { dir: dir.to_path_buf(), every });
+        config
+    }
+}
+
+/// Drops the checkpoints of the work unit whose lines were just written.
+fn remove_checkpoints(dir: &Path) -> Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(EvalError::io(dir, e)),
+        _ => Ok(()),
+    }
 }
 
 /// What the sweep runs next: one cell, or recipe cells of one case
@@ -761,7 +804,7 @@ fn cell_result(model: &Model, cell: &Cell, run: CaseRun, seconds: f64) -> CellRe
         facts_total,
         loss_final: (!turn_losses.is_empty()).then(|| turn_losses.iter().sum::<f32>() / turn_losses.len() as f32),
         steps: optimizations.iter().map(|o| o.steps).sum(),
-        seconds,
+        seconds: seconds + optimizations.iter().map(|o| o.resumed_seconds).sum::<f64>(),
         optimize_seconds: optimizations.iter().map(|o| o.seconds).sum(),
         answer,
         loss_curve: optimizations.iter().flat_map(|o| o.loss_curve.iter().copied()).collect(),
@@ -770,6 +813,7 @@ fn cell_result(model: &Model, cell: &Cell, run: CaseRun, seconds: f64) -> CellRe
         replacement_text: run.compressions.iter().filter_map(|c| c.text.clone()).collect(),
         answers: run.answers,
         batch_cells: 1,
+        resumed_steps: optimizations.iter().map(|o| o.resumed_steps).sum(),
     }
 }
 

@@ -95,6 +95,41 @@ fn a_sweep_runs_every_cell_once_and_resumes_after_a_crash() {
     assert_eq!(again.ran, 0);
 }
 
+#[test]
+fn a_cell_killed_mid_optimisation_resumes_from_its_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, cases) = fixture(dir.path());
+    let config_path = write_config(dir.path(), &model, &cases, "seeds = [0]\ncheckpoint_seconds = 0");
+    // Two cells: surprisal and uniform at 2x.
+    let text = std::fs::read_to_string(&config_path).unwrap();
+    std::fs::write(&config_path, text.replace("[\"full\", \"none\", \"raw\"]", "[]").replace("[2.0, 4.0]", "[2.0]")).unwrap();
+    let config = SweepConfig::load(&config_path).unwrap();
+    let (killed_out, calm_out) = (dir.path().join("killed"), dir.path().join("calm"));
+
+    // The process dies (a panic, not an error the sweep handles) after the first cell's third step.
+    let killed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        run_sweep(&config, &config_path, &killed_out, &mut |event| {
+            if let SweepEvent::Step { step: 2, .. } = event {
+                panic!("killed");
+            }
+            Ok(())
+        })
+    }));
+    assert!(killed.is_err());
+    assert!(read_results(&killed_out.join("results.jsonl")).unwrap().is_empty());
+    assert_eq!(std::fs::read_dir(killed_out.join("checkpoints")).unwrap().count(), 1);
+
+    run_sweep(&config, &config_path, &killed_out, &mut |_| Ok(())).unwrap();
+    run_sweep(&config, &config_path, &calm_out, &mut |_| Ok(())).unwrap();
+    let resumed = read_results(&killed_out.join("results.jsonl")).unwrap();
+    let calm = read_results(&calm_out.join("results.jsonl")).unwrap();
+    assert_eq!(resumed.iter().map(|r| r.resumed_steps).collect::<Vec<_>>(), [3, 0], "the killed cell resumed, the next started afresh");
+    for (resumed, calm) in resumed.iter().zip(&calm) {
+        assert_eq!((&resumed.cell, &resumed.loss_curve, &resumed.answer), (&calm.cell, &calm.loss_curve, &calm.answer));
+    }
+    assert!(!killed_out.join("checkpoints").exists(), "a finished cell's checkpoints are removed");
+}
+
 fn config_error(extra: &str, cases_file: Option<&str>) -> String {
     let dir = tempfile::tempdir().unwrap();
     let (model, cases) = fixture(dir.path());

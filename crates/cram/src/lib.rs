@@ -9,7 +9,7 @@
 //! The modules follow the method: [`model`] (load, differentiable forward)
 //! -> [`targets`] (V and surprisal of the span) -> [`pooling`] ->
 //! [`positions`] -> [`init`] -> [`optimize`] (Adam on the embeddings,
-//! [`objective`]: V, or K + V) -> [`compress`] (methods behind one trait:
+//! [`objective`]: V, or K + V; [`checkpoint`] lets a killed run resume) -> [`compress`] (methods behind one trait:
 //! the recipe, [`hybrid`], the eviction baselines of [`evict`], the text
 //! baseline of [`summary`]) -> [`cache`] -> [`generate`]. [`session`] runs the whole
 //! flow turn by turn, as an agent's history ages.
@@ -54,6 +54,7 @@ pub mod positions;
 pub mod init;
 pub mod objective;
 pub mod optimize;
+pub mod checkpoint;
 pub mod compress;
 pub mod hybrid;
 pub mod evict;
@@ -63,6 +64,7 @@ pub mod session;
 pub mod generate;
 
 pub mod error;
+mod adam;
 pub mod ops;
 pub mod random;
 pub mod rope;
@@ -74,6 +76,7 @@ pub use init::Init;
 pub use summary::Summarize;
 pub use hybrid::Hybrid;
 pub use session::{Session, Turn};
+pub use checkpoint::Checkpointing;
 pub use optimize::{EarlyStop, OptimizerConfig};
 pub use pooling::Pooling;
 pub use positions::PositionMode;

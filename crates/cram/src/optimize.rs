@@ -1,15 +1,17 @@
 //! Step 4: optimising the virtual embeddings. Adam (no weight decay) moves
 //! only the embeddings; the model is frozen. The loss is the objective of
 //! [`crate::objective`] at every layer: V, or K + V. Optionally the run
-//! stops early once the loss plateaus.
+//! stops early once the loss plateaus, and optionally it saves its state
+//! as it goes ([`crate::checkpoint`]) so that a killed run resumes.
 
 use std::time::Instant;
 
 use candle_core::{DType, Tensor, Var};
-use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
 use serde::{Deserialize, Serialize};
 
+use crate::adam::Adam;
 use crate::cache::KvCache;
+use crate::checkpoint::{Checkpoint, Checkpointing, RunState};
 use crate::model::{ForwardOutput, Logits, Qwen2};
 use crate::objective::objective_loss;
 use crate::{Error, Result};
@@ -31,6 +33,10 @@ pub struct OptimizerConfig {
     /// Stop before the budget once the loss plateaus; `None` (the
     /// published setting) always runs the whole budget.
     pub early_stop: Option<EarlyStop>,
+    /// Save the run's state as it goes and resume from it; where files go
+    /// is the caller's business, so it is not part of a config file.
+    #[serde(skip)]
+    pub checkpoint: Option<Checkpointing>,
 }
 
 /// When a loss has plateaued: the best loss of the last `patience` steps
@@ -66,7 +72,7 @@ impl EarlyStop {
 impl Default for OptimizerConfig {
     /// The published settings: lr 0.003, default betas, step count by span length.
     fn default() -> Self {
-        Self { lr: 0.003, steps: None, beta1: 0.9, beta2: 0.999, eps: 1e-8, early_stop: None }
+        Self { lr: 0.003, steps: None, beta1: 0.9, beta2: 0.999, eps: 1e-8, early_stop: None, checkpoint: None }
     }
 }
 
@@ -93,8 +99,14 @@ pub struct OptimizationReport {
     /// Steps allowed (more than `steps` when the run stopped early).
     #[serde(default)]
     pub budget: usize,
-    /// Wall time of the optimisation, seconds.
+    /// Wall time of the optimisation, seconds (before a resume included).
     pub seconds: f64,
+    /// Steps restored from a checkpoint rather than run by this process.
+    #[serde(default)]
+    pub resumed_steps: usize,
+    /// The part of `seconds` spent before the resume.
+    #[serde(default)]
+    pub resumed_seconds: f64,
 }
 
 impl OptimizationReport {
@@ -143,7 +155,8 @@ pub struct KeyTargets<'a> {
 
 /// Runs Adam for `steps` steps from `init` (1, n_virtual, hidden) toward the
 /// objective. `on_step(step, loss)` is called after every step (progress
-/// bars, logging).
+/// bars, logging); a run resumed from a checkpoint first calls it at once
+/// for the steps it restored.
 pub fn optimise(
     model: &Qwen2,
     objective: Objective<'_>,
@@ -202,28 +215,45 @@ pub fn optimise_together(
             .collect()
     };
 
-    let inits: Vec<Tensor> = inits.iter().map(Tensor::detach).collect();
-    let embeddings = Var::from_tensor(&Tensor::cat(&inits, 1)?)?;
-    let params = ParamsAdamW { lr: config.lr, beta1: config.beta1, beta2: config.beta2, eps: config.eps, weight_decay: 0.0 };
-    let mut adam = AdamW::new(vec![embeddings.clone()], params)?;
-    let mut loss_curves = vec![Vec::with_capacity(steps + 1); objectives.len()];
-    let mut totals = Vec::with_capacity(steps);
-    let mut steps_taken = 0;
+    let init = Tensor::cat(&inits.iter().map(Tensor::detach).collect::<Vec<_>>(), 1)?;
+    let mut checkpoint = config.checkpoint.as_ref().map(|settings| Checkpoint::for_run(settings, config, steps, objectives, &init)).transpose()?;
+    let mut state = starting_state(checkpoint.as_ref(), init, config, objectives.len(), steps)?;
+    let (resumed_steps, resumed_seconds) = (state.adam.steps, state.seconds);
+    let embeddings = Var::from_tensor(&state.embeddings)?;
+    // The restored steps' summed losses, as `record` summed them.
+    let mut totals: Vec<f32> = (0..resumed_steps).map(|step| state.loss_curves.iter().map(|curve| curve[step]).sum()).collect();
+    totals.iter().enumerate().for_each(|(step, total)| on_step(step, *total));
+    let mut save = |state: &mut RunState, when: Save| -> Result<()> {
+        let Some(checkpoint) = &mut checkpoint else { return Ok(()) };
+        state.embeddings = embeddings.as_tensor().clone();
+        state.seconds = resumed_seconds + started.elapsed().as_secs_f64();
+        match when {
+            Save::IfDue => checkpoint.save_if_due(state),
+            Save::Now => checkpoint.save(state),
+        }
+    };
+    let mut steps_taken = resumed_steps;
     while steps_taken < steps && !config.early_stop.is_some_and(|rule| rule.plateaued(&totals)) {
         let output = model.forward_placed(embeddings.as_tensor(), &placement, Some(prefix), Logits::None)?;
         let losses = group_losses(&output)?;
         let total = losses.iter().skip(1).try_fold(losses[0].clone(), |sum, loss| sum.add(loss))?;
-        adam.backward_step(&total)?;
-        let total = record(&losses, &mut loss_curves)?;
+        state.adam.step(&embeddings, &total.backward()?)?;
+        let total = record(&losses, &mut state.loss_curves)?;
         totals.push(total);
-        on_step(steps_taken, total);
         steps_taken += 1;
+        // Saved before `on_step`, so a process killed there resumes after this step.
+        save(&mut state, Save::IfDue)?;
+        on_step(steps_taken - 1, total);
     }
+    // The final state, whatever `every` says: a process killed while
+    // answering then resumes with nothing left to optimise.
+    save(&mut state, Save::Now)?;
     // One more forward: the cache entries of the final embeddings, and their loss.
     let embeddings = embeddings.as_tensor().detach();
     let output = model.forward_placed(&embeddings, &placement, Some(prefix), Logits::None)?;
+    let mut loss_curves = state.loss_curves;
     record(&group_losses(&output)?, &mut loss_curves)?;
-    let seconds = started.elapsed().as_secs_f64();
+    let seconds = resumed_seconds + started.elapsed().as_secs_f64();
 
     let mut offset = 0;
     let mut optimized = Vec::with_capacity(objectives.len());
@@ -233,11 +263,25 @@ pub fn optimise_together(
             embeddings: embeddings.narrow(1, offset, length)?,
             keys: own(&output.keys)?,
             values: own(&output.values)?,
-            report: OptimizationReport { loss_curve, steps: steps_taken, budget: steps, seconds },
+            report: OptimizationReport { loss_curve, steps: steps_taken, budget: steps, seconds, resumed_steps, resumed_seconds },
         });
         offset += length;
     }
     Ok(optimized)
+}
+
+/// The state a checkpoint saved, or a fresh start from `init`.
+fn starting_state(checkpoint: Option<&Checkpoint>, init: Tensor, config: &OptimizerConfig, n_objectives: usize, steps: usize) -> Result<RunState> {
+    if let Some(saved) = checkpoint.map(|checkpoint| checkpoint.load(&init, config, n_objectives)).transpose()?.flatten() {
+        return Ok(saved);
+    }
+    Ok(RunState { adam: Adam::new(&init, config)?, embeddings: init, loss_curves: vec![Vec::with_capacity(steps + 1); n_objectives], seconds: 0.0 })
+}
+
+/// Whether a checkpoint is written only once its interval has passed.
+enum Save {
+    IfDue,
+    Now,
 }
 
 /// Appends each set's loss to its curve (one device read for all); returns their sum.

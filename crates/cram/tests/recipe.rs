@@ -3,12 +3,14 @@
 
 mod common;
 
+use std::time::Duration;
+
 use candle_core::{Tensor, D};
 use common::{cpu, max_abs_diff, positions, prefix_cache};
 use cram::optimize::{default_steps, optimise, optimise_together, Objective};
 use cram::pooling::{chunk_bounds, n_virtual, pool, pooling_matrix, token_weights};
 use cram::positions::virtual_positions;
-use cram::{compress_together, random, Compressor, EarlyStop, Logits, OptimizerConfig, Pooling, PositionMode, RawSpan, Recipe, SpanTargets};
+use cram::{compress_together, random, Checkpointing, Compressor, EarlyStop, Logits, OptimizerConfig, Pooling, PositionMode, RawSpan, Recipe, SpanTargets};
 
 const PREFIX: [u32; 4] = [5, 9, 14, 2];
 const SPAN: [u32; 12] = [30, 31, 8, 8, 44, 17, 63, 1, 12, 40, 41, 7];
@@ -167,6 +169,49 @@ fn spans_optimised_together_match_each_optimised_alone() -> anyhow::Result<()> {
     // The callback gets the sum of the three losses.
     let first_sum: f32 = together.iter().map(|t| t.report.loss_curve[0]).sum();
     assert!((summed_losses[0] - first_sum).abs() <= 1e-4 * first_sum);
+    Ok(())
+}
+
+#[test]
+fn a_killed_optimisation_resumes_from_its_checkpoint_to_the_same_result() -> anyhow::Result<()> {
+    let model = random::model(&random::tiny_config(), 37, &cpu())?;
+    let prefix = prefix_cache(&model, &PREFIX);
+    let span = SpanTargets::compute(&model, &prefix, &SPAN, &positions(PREFIX.len(), SPAN.len()))?;
+    let start = Recipe::published(3.0).virtual_start(&model, &prefix, &span)?;
+    let objective = start.objective(&prefix);
+    let plain = OptimizerConfig { lr: 0.05, ..Default::default() };
+    let uninterrupted = optimise(&model, objective, &start.init, &plain, 8, &mut |_, _| {})?;
+
+    // The process dies in the progress callback after the third step.
+    let dir = tempfile::tempdir()?;
+    let checkpointing = Checkpointing { dir: dir.path().to_path_buf(), every: Duration::ZERO };
+    let saving = OptimizerConfig { checkpoint: Some(checkpointing.clone()), ..plain.clone() };
+    let killed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        optimise(&model, objective, &start.init, &saving, 8, &mut |step, _| assert!(step < 2, "killed"))
+    }));
+    assert!(killed.is_err());
+    assert_eq!(std::fs::read_dir(dir.path())?.count(), 1, "one checkpoint file, no partial one");
+
+    let mut reported = Vec::new();
+    let resumed = optimise(&model, objective, &start.init, &saving, 8, &mut |step, _| reported.push(step))?;
+    assert_eq!(resumed.report.resumed_steps, 3);
+    assert_eq!(reported, (0..8).collect::<Vec<_>>(), "the restored steps are reported first");
+    // Adam's moments came back too: the same numbers as a run never killed.
+    assert_eq!(resumed.embeddings.flatten_all()?.to_vec1::<f32>()?, uninterrupted.embeddings.flatten_all()?.to_vec1::<f32>()?);
+    assert_eq!(resumed.report.loss_curve, uninterrupted.report.loss_curve);
+
+    // Another span (another start) does not pick up this run's file.
+    let other = Recipe::published(2.0).virtual_start(&model, &prefix, &span)?;
+    let fresh = optimise(&model, other.objective(&prefix), &other.init, &saving, 2, &mut |_, _| {})?;
+    assert_eq!(fresh.report.resumed_steps, 0);
+    assert_eq!(std::fs::read_dir(dir.path())?.count(), 2);
+
+    // A file that does not fit the run is an error that names it.
+    for entry in std::fs::read_dir(dir.path())? {
+        std::fs::write(entry?.path(), b"not a checkpoint")?;
+    }
+    let error = optimise(&model, objective, &start.init, &saving, 8, &mut |_, _| {}).unwrap_err();
+    assert!(error.to_string().contains(&dir.path().display().to_string()), "{error}");
     Ok(())
 }
 
