@@ -43,10 +43,14 @@ impl Adam {
     /// would hide an op that does not backpropagate.
     pub(crate) fn step(&mut self, parameter: &Var, grads: &GradStore) -> Result<()> {
         let grad = grads.get(parameter).ok_or_else(|| Error::Invalid("no gradient reached the virtual embeddings".into()))?;
+        // A Var's gradient still carries its backward graph (candle detaches
+        // only the intermediate ones); moments built on it would chain every
+        // step's graph to the next, growing memory without end.
+        let grad = grad.detach();
         self.steps += 1;
         let scale_m = 1.0 / (1.0 - self.beta1.powi(self.steps as i32));
         let scale_v = 1.0 / (1.0 - self.beta2.powi(self.steps as i32));
-        let first_moment = ((&self.first_moment * self.beta1)? + (grad * (1.0 - self.beta1))?)?;
+        let first_moment = ((&self.first_moment * self.beta1)? + (&grad * (1.0 - self.beta1))?)?;
         let second_moment = ((&self.second_moment * self.beta2)? + (grad.sqr()? * (1.0 - self.beta2))?)?;
         let m_hat = (&first_moment * scale_m)?;
         let v_hat = (&second_moment * scale_v)?;
@@ -83,6 +87,23 @@ mod tests {
         let (ours, theirs) = (ours.as_tensor().to_vec2::<f32>()?, theirs.as_tensor().to_vec2::<f32>()?);
         assert_ne!(ours, start.to_vec2::<f32>()?, "the parameters moved");
         assert_eq!(ours, theirs);
+        Ok(())
+    }
+
+    /// The parameter's gradient is built from tracked forward tensors, so
+    /// it carries a graph; the moments must not keep it (or the previous
+    /// step's moments) alive.
+    #[test]
+    fn the_moments_hold_no_graph() -> Result<()> {
+        let parameter = Var::from_tensor(&Tensor::new(&[1.0f32, -2.0, 3.0], &Device::Cpu)?)?;
+        let other = Var::from_tensor(&Tensor::new(&[0.5f32, 0.25, 2.0], &Device::Cpu)?)?;
+        let mut adam = Adam::new(parameter.as_tensor(), &OptimizerConfig::default())?;
+        for _ in 0..2 {
+            let grads = (parameter.as_tensor() * other.as_tensor().exp()?)?.sum_all()?.backward()?;
+            assert!(grads.get(&parameter).is_some_and(Tensor::track_op), "the gradient carries a graph");
+            adam.step(&parameter, &grads)?;
+            assert!(!adam.first_moment.track_op() && !adam.second_moment.track_op());
+        }
         Ok(())
     }
 
