@@ -5,6 +5,7 @@ mod progress;
 mod reproduce;
 
 use std::io::Write as _;
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _, Result};
@@ -55,14 +56,14 @@ pub struct Overrides {
     /// Optimise the recipe cells of one span together, in batches of at most
     /// this many virtual tokens (for GPUs; see `batch_virtual_tokens`).
     #[arg(long)]
-    pub batch_virtual_tokens: Option<usize>,
+    pub batch_virtual_tokens: Option<NonZeroUsize>,
 }
 
 impl Overrides {
     fn apply(self, config: &mut SweepConfig) {
         config.model = self.model.unwrap_or(std::mem::take(&mut config.model));
         config.device = self.device.unwrap_or(std::mem::take(&mut config.device));
-        config.batch_virtual_tokens = self.batch_virtual_tokens.or(config.batch_virtual_tokens);
+        config.batch_virtual_tokens = self.batch_virtual_tokens.map(NonZeroUsize::get).or(config.batch_virtual_tokens);
     }
 }
 

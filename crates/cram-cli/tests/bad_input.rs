@@ -60,3 +60,20 @@ fn an_unknown_model_name_and_an_unknown_case() {
     let output = cram(&["check", "--case", "t99", "--model", "/nonexistent.gguf"], home.path());
     assert_clean_failure(&output, "no case `t99`");
 }
+
+#[test]
+fn a_batch_of_zero_virtual_tokens_names_the_flag() {
+    let home = tempfile::tempdir().unwrap();
+    let output = cram(&["sweep", "configs/t8-sanity.toml", "--batch-virtual-tokens", "0"], home.path());
+    assert_clean_failure(&output, "'--batch-virtual-tokens <BATCH_VIRTUAL_TOKENS>'");
+}
+
+#[test]
+fn a_negative_checkpoint_interval_is_refused() {
+    let home = tempfile::tempdir().unwrap();
+    let config = home.path().join("sweep.toml");
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../configs/t8-sanity.toml")).unwrap();
+    std::fs::write(&config, format!("checkpoint_seconds = -1.0\n{text}")).unwrap();
+    let output = cram(&["sweep", config.to_str().unwrap()], home.path());
+    assert_clean_failure(&output, "checkpoint_seconds -1 must be >= 0");
+}
