@@ -8,7 +8,7 @@
 # t8.toml is configs/reproduce-full.toml cut to T8, surprisal, 1.6x, steps = 120.
 for b in old leaky fixed; do
   bin=/path/to/cram-$b
-  MIMALLOC_PURGE_DELAY=-1 RAYON_NUM_THREADS=1 $bin sweep experiments/checkpoints/t8.toml --out /tmp/leak/out-$b > /tmp/leak/$b.log 2>&1 &
+  MIMALLOC_PURGE_DELAY=-1 RAYON_NUM_THREADS=1 $bin sweep experiments/sweep-checkpoints/t8.toml --out /tmp/leak/out-$b > /tmp/leak/$b.log 2>&1 &
   pid=$!
   while kill -0 $pid 2>/dev/null; do echo "$(date +%s) $(ps -o rss= -p $pid)" >> rss-$b.txt; sleep 5; done
 done
