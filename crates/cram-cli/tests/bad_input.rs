@@ -75,5 +75,12 @@ fn a_negative_checkpoint_interval_is_refused() {
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../configs/t8-sanity.toml")).unwrap();
     std::fs::write(&config, format!("checkpoint_seconds = -1.0\n{text}")).unwrap();
     let output = cram(&["sweep", config.to_str().unwrap()], home.path());
-    assert_clean_failure(&output, "checkpoint_seconds -1 must be >= 0");
+    assert_clean_failure(&output, "checkpoint_seconds -1 must be a number of seconds >= 0");
+}
+
+#[test]
+fn an_infinite_bench_ratio_is_refused() {
+    let home = tempfile::tempdir().unwrap();
+    let output = cram(&["bench", "--ratio", "inf"], home.path());
+    assert_clean_failure(&output, "ratios must be finite and above 1, got inf");
 }

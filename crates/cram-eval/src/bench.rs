@@ -50,8 +50,8 @@ impl BenchSettings {
         if self.prefix_tokens == 0 {
             return invalid("the prefix needs at least one token".into());
         }
-        if let Some(ratio) = std::iter::once(&self.ratio).chain(&self.together_ratios).find(|ratio| !(**ratio > 1.0)) {
-            return invalid(format!("ratios must be above 1, got {ratio}"));
+        if let Some(ratio) = std::iter::once(&self.ratio).chain(&self.together_ratios).find(|ratio| !(ratio.is_finite() && **ratio > 1.0)) {
+            return invalid(format!("ratios must be finite and above 1, got {ratio}"));
         }
         Ok(())
     }

@@ -6,7 +6,7 @@
 //! go once the cell's line is written. `summary.csv` and the plots are
 //! derived from the results.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cases::{load_case_file, Case};
 use crate::evaluate::{facts_score, run_case, run_case_together, Answered, AskSettings, CaseRun, Condition};
+use crate::render::Rendering;
 use crate::{memory, models};
 use crate::{EvalError, Result};
 
@@ -52,7 +53,7 @@ pub struct SweepConfig {
     #[serde(default)]
     pub optimizer: OptimizerConfig,
     #[serde(default)]
-    pub ask: AskSettings,
+    pub ask: AskConfig,
     #[serde(default)]
     pub hybrid: HybridSettings,
     #[serde(default)]
@@ -70,6 +71,32 @@ pub struct SweepConfig {
     /// mid-cell resumes the cell from there.
     #[serde(default = "default_checkpoint_seconds")]
     pub checkpoint_seconds: f64,
+}
+
+/// `[ask]`: how questions are put and answered. A rendering left out is
+/// the one the case file names (`"render"`), so a case file written for
+/// `turn-markers` is asked that way unless the config says otherwise.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AskConfig {
+    pub rendering: Option<Rendering>,
+    /// Ask one fact at a time when a question is a run of `?` sentences.
+    pub per_fact: bool,
+    pub max_new_tokens: usize,
+}
+
+impl Default for AskConfig {
+    fn default() -> Self {
+        let AskSettings { per_fact, max_new_tokens, .. } = AskSettings::default();
+        Self { rendering: None, per_fact, max_new_tokens }
+    }
+}
+
+impl AskConfig {
+    /// The settings `case` is asked with.
+    pub fn for_case(&self, case: &Case) -> AskSettings {
+        AskSettings { rendering: self.rendering.unwrap_or(case.rendering), per_fact: self.per_fact, max_new_tokens: self.max_new_tokens }
+    }
 }
 
 /// Five minutes: at most a few minutes of work lost, for a few MB written.
@@ -346,8 +373,8 @@ impl SweepConfig {
         if !(0.0..1.0).contains(&self.hybrid.verbatim_share) {
             return Err(format!("hybrid.verbatim_share {} is not in [0, 1)", self.hybrid.verbatim_share));
         }
-        if !(self.checkpoint_seconds.is_finite() && self.checkpoint_seconds >= 0.0) {
-            return Err(format!("checkpoint_seconds {} must be >= 0", self.checkpoint_seconds));
+        if Duration::try_from_secs_f64(self.checkpoint_seconds).is_err() {
+            return Err(format!("checkpoint_seconds {} must be a number of seconds >= 0", self.checkpoint_seconds));
         }
         if self.batch_virtual_tokens == Some(0) {
             return Err("batch_virtual_tokens must be >= 1".into());
@@ -355,16 +382,19 @@ impl SweepConfig {
         if self.seeds.is_empty() {
             return Err("seeds is empty".into());
         }
-        if self.optimizer.lr <= 0.0 || self.optimizer.steps == Some(0) {
-            return Err("optimizer lr must be > 0 and steps >= 1".into());
-        }
-        Ok(())
+        self.optimizer.validate().map_err(|error| match error {
+            cram::Error::Invalid(reason) => reason,
+            other => other.to_string(),
+        })
     }
 
     /// The cases the config names, loaded and leak-checked. Relative paths
     /// are taken from the current directory, then from the config's own.
     pub fn load_cases(&self, config_path: &Path) -> Result<Vec<Case>> {
-        let mut cases = Vec::new();
+        let mut cases: Vec<Case> = Vec::new();
+        // Cells are keyed by case id: a second case of the same id would
+        // never run, its cells taken for the first's.
+        let mut case_files: HashMap<String, PathBuf> = HashMap::new();
         for source in &self.cases {
             let beside_config = config_path.parent().unwrap_or(Path::new(".")).join(&source.file);
             let file = if source.file.exists() || source.file.is_absolute() { source.file.clone() } else { beside_config };
@@ -388,7 +418,14 @@ impl SweepConfig {
                     .collect::<Result<_>>()?,
             };
             for case in &chosen {
-                case.check_leaks(self.ask.rendering, self.ask.per_fact)?;
+                if let Some(first) = case_files.insert(case.id.clone(), file.clone()) {
+                    return Err(EvalError::Config {
+                        path: config_path.to_path_buf(),
+                        reason: format!("case id `{}` is named twice ({} and {}): give each case its own id", case.id, first.display(), file.display()),
+                    });
+                }
+                let ask = self.ask.for_case(case);
+                case.check_leaks(ask.rendering, ask.per_fact)?;
             }
             cases.extend(chosen);
         }
@@ -448,9 +485,11 @@ impl SweepConfig {
 
     /// The name an entry's cells carry in the results: the method's name,
     /// followed for recipe-based methods by the options that change the
-    /// recipe (`surprisal-kv`, `surprisal+random-init`, `hybrid-kv`), with `-early` when
-    /// early stopping is on for it and `-full-budget` when an entry turns
-    /// off the config's early stopping.
+    /// recipe (`surprisal-kv`, `surprisal+random-init`, `hybrid-kv`). An
+    /// entry that departs from the config's `[optimizer] early_stop` says
+    /// so: `-early` when it turns early stopping on, `-full-budget` when it
+    /// turns it off. So plain `surprisal` runs as the config's optimizer
+    /// says (early-stopped in a config that sets `early_stop`).
     fn label(&self, entry: &MethodEntry) -> String {
         let spec = entry.spec();
         if !spec.method.optimises() {
@@ -716,7 +755,7 @@ fn run_batch(
     let recipes: Vec<Recipe> = batch.iter().map(|(_, recipe)| recipe.clone()).collect();
     let mut step_error = None;
     let mut on_step = step_reporter(on_event, &mut step_error);
-    let runs = run_case_together(model, case, &config.ask, &recipes, &mut on_step)?;
+    let runs = run_case_together(model, case, &config.ask.for_case(case), &recipes, &mut on_step)?;
     drop(on_step);
     if let Some(error) = step_error {
         return Err(error);
@@ -765,7 +804,7 @@ fn run_cell(
         (_, Some(compressor)) => Condition::Compressed(compressor.as_ref()),
         (_, None) => Condition::NoContext,
     };
-    let run = run_case(model, case, &config.ask, condition, &mut on_step)?;
+    let run = run_case(model, case, &config.ask.for_case(case), condition, &mut on_step)?;
     drop(on_step);
     if let Some(error) = step_error {
         return Err(error);
@@ -830,7 +869,7 @@ fn span_tokens(model: &Model, config: &SweepConfig, case: &Case) -> Result<usize
 /// Tokens of each compressed turn of a case, as rendered.
 fn turn_tokens<'a>(model: &'a Model, config: &'a SweepConfig, case: &'a Case) -> impl Iterator<Item = cram::Result<usize>> + 'a {
     case.turns().into_iter().map(|turn| {
-        let text = config.ask.rendering.messages(&case.transcript.messages, &turn);
+        let text = config.ask.for_case(case).rendering.messages(&case.transcript.messages, &turn);
         model.tokenizer.encode(&text).map(|ids| ids.len())
     })
 }

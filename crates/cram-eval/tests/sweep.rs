@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use cram::random;
 use cram_eval::sweep::{read_results, run_sweep, SweepConfig, SweepEvent};
+use cram_eval::render::Rendering;
 use cram_eval::EvalError;
 
 /// A random model directory and a transcript in its word vocabulary.
@@ -157,6 +158,22 @@ fn bad_configs_are_clear_errors() {
     let err = SweepConfig::load(&path).unwrap_err().to_string();
     assert!(err.contains("ratio 1 is not > 1") && err.contains("virtual tokens"), "{err}");
     assert!(config_error("batch_virtual_tokens = 0", None).contains("batch_virtual_tokens must be >= 1"));
+    let err = config_error("checkpoint_seconds = 1e20", None);
+    assert!(err.contains("checkpoint_seconds") && err.contains("must be a number of seconds >= 0"), "{err}");
+    for (from, to, expected) in [
+        ("lr = 0.01", "lr = nan", "lr NaN must be a finite number >= 0"),
+        ("steps = 5", "steps = 5\nbeta1 = 1.0", "beta1 1 must be in [0, 1)"),
+        ("steps = 5", "steps = 0", "steps must be >= 1"),
+    ] {
+        let path = write_config(dir.path(), &model, &cases, "");
+        std::fs::write(&path, std::fs::read_to_string(&path).unwrap().replace(from, to)).unwrap();
+        let err = SweepConfig::load(&path).unwrap_err().to_string();
+        assert!(err.contains(expected), "{err}");
+    }
+    let twice = dir.path().join("twice.toml");
+    std::fs::write(&twice, format!("model = {model:?}\nmethods = [\"surprisal\"]\nratios = [2.0]\n[[cases]]\nfile = {cases:?}\n[[cases]]\nfile = {cases:?}\n")).unwrap();
+    let err = SweepConfig::load(&twice).unwrap().load_cases(&twice).unwrap_err().to_string();
+    assert!(err.contains("case id `tiny` is named twice"), "{err}");
     assert!(config_error("", Some("missing.json")).contains("case file"));
     let err = config_error("", Some("missing.json"));
     assert!(err.contains("not found"), "{err}");
@@ -171,6 +188,31 @@ fn bad_configs_are_clear_errors() {
     let path = write_config(dir.path(), &model, &leaky, "");
     let err = SweepConfig::load(&path).unwrap().load_cases(&path).unwrap_err().to_string();
     assert!(err.contains("leaks fact `f`"), "{err}");
+}
+
+#[test]
+fn a_config_without_a_rendering_asks_as_the_case_file_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, _) = fixture(dir.path());
+    let case_file = dir.path().join("cases.json");
+    std::fs::write(&case_file, serde_json::json!({
+        "transcript": "tiny.json",
+        "render": "turn-markers",
+        "cases": [{
+            "id": "c", "prefix": [0], "compress": [1], "suffix": [2],
+            "questions": [{"id": "q", "question": "t6 t7?", "facts": [{"id": "f", "expect_any": ["t31"]}]}]
+        }]
+    }).to_string()).unwrap();
+    let path = dir.path().join("ask.toml");
+    let asked_with = |ask: &str| {
+        std::fs::write(&path, format!("model = {model:?}\nmethods = [\"surprisal\"]\nratios = [2.0]\n[[cases]]\nfile = {case_file:?}\n{ask}")).unwrap();
+        let config = SweepConfig::load(&path).unwrap();
+        let cases = config.load_cases(&path).unwrap();
+        config.ask.for_case(&cases[0]).rendering
+    };
+    assert_eq!(asked_with(""), Rendering::TurnMarkers);
+    assert_eq!(asked_with("[ask]\nmax_new_tokens = 8"), Rendering::TurnMarkers);
+    assert_eq!(asked_with("[ask]\nrendering = \"chatml\""), Rendering::Chatml);
 }
 
 /// A case file whose one case compresses three turns one after the other;

@@ -4,8 +4,9 @@
 //!
 //! cargo run --release -p cram --example session_cache -- [MODEL.gguf] [OUT.safetensors]
 //!
-//! The model defaults to `$CRAM_HOME/models/` or `~/.cache/cram/models/`
-//! `qwen2.5-coder-0.5b-instruct.gguf` (`cargo run --release -- fetch-model`).
+//! The model defaults to `qwen2.5-coder-0.5b-instruct.gguf` where
+//! `cargo run --release -- fetch-model` puts it: `$CRAM_HOME/models/`, else
+//! `$XDG_CACHE_HOME/cram/models/`, else `~/.cache/cram/models/`.
 
 use std::path::PathBuf;
 
@@ -69,10 +70,13 @@ fn main() -> Result<()> {
     Ok(())
 }
 
+/// Where `cram fetch-model` puts it: `$CRAM_HOME`, else
+/// `$XDG_CACHE_HOME/cram`, else `~/.cache/cram`.
 fn default_model_path() -> PathBuf {
+    let cache = || std::env::var_os("XDG_CACHE_HOME").map(PathBuf::from).or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")));
     let home = std::env::var_os("CRAM_HOME")
         .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/cram")))
+        .or_else(|| cache().map(|c| c.join("cram")))
         .unwrap_or_else(|| PathBuf::from("."));
     home.join("models/qwen2.5-coder-0.5b-instruct.gguf")
 }

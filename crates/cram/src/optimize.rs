@@ -81,6 +81,32 @@ impl OptimizerConfig {
     pub fn steps_for(&self, n_tokens: usize) -> usize {
         self.steps.unwrap_or_else(|| default_steps(n_tokens))
     }
+
+    /// Refuses settings under which Adam's update is not a finite number
+    /// (a NaN loss would otherwise run the whole budget and be recorded).
+    pub fn validate(&self) -> Result<()> {
+        let invalid = |reason: String| Err(Error::Invalid(format!("optimizer: {reason}")));
+        // lr 0 is allowed: the start itself, unoptimised, is a baseline.
+        if !(self.lr.is_finite() && self.lr >= 0.0) {
+            return invalid(format!("lr {} must be a finite number >= 0", self.lr));
+        }
+        for (name, beta) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            // beta = 1 divides by zero in the bias correction.
+            if !(0.0..1.0).contains(&beta) {
+                return invalid(format!("{name} {beta} must be in [0, 1)"));
+            }
+        }
+        if !(self.eps.is_finite() && self.eps > 0.0) {
+            return invalid(format!("eps {} must be a finite number > 0", self.eps));
+        }
+        if self.steps == Some(0) {
+            return invalid("steps must be >= 1".into());
+        }
+        if let Some(rule) = self.early_stop.filter(|rule| !(rule.min_improvement.is_finite() && rule.min_improvement >= 0.0)) {
+            return invalid(format!("early_stop.min_improvement {} must be a finite number >= 0", rule.min_improvement));
+        }
+        Ok(())
+    }
 }
 
 /// `max(round(300 * n / 250), 100)`: the published budget, 300 steps for a
@@ -187,6 +213,7 @@ pub fn optimise_together(
     steps: usize,
     on_step: &mut dyn FnMut(usize, f32),
 ) -> Result<Vec<Optimized>> {
+    config.validate()?;
     let prefix = shared_prefix(objectives, inits)?;
     let started = Instant::now();
     let lengths: Vec<usize> = objectives.iter().map(|objective| objective.positions.len()).collect();
@@ -238,7 +265,8 @@ pub fn optimise_together(
         let losses = group_losses(&output)?;
         let total = losses.iter().skip(1).try_fold(losses[0].clone(), |sum, loss| sum.add(loss))?;
         state.adam.step(&embeddings, &total.backward()?)?;
-        let total = record(&losses, &mut state.loss_curves)?;
+        // Checked before a checkpoint can save it.
+        let total = finite(record(&losses, &mut state.loss_curves)?, steps_taken)?;
         totals.push(total);
         steps_taken += 1;
         // Saved before `on_step`, so a process killed there resumes after this step.
@@ -252,7 +280,7 @@ pub fn optimise_together(
     let embeddings = embeddings.as_tensor().detach();
     let output = model.forward_placed(&embeddings, &placement, Some(prefix), Logits::None)?;
     let mut loss_curves = state.loss_curves;
-    record(&group_losses(&output)?, &mut loss_curves)?;
+    finite(record(&group_losses(&output)?, &mut loss_curves)?, steps_taken)?;
     let seconds = resumed_seconds + started.elapsed().as_secs_f64();
 
     let mut offset = 0;
@@ -289,6 +317,17 @@ fn record(losses: &[Tensor], curves: &mut [Vec<f32>]) -> Result<f32> {
     let losses = Tensor::stack(losses, 0)?.to_vec1::<f32>()?;
     curves.iter_mut().zip(&losses).for_each(|(curve, loss)| curve.push(*loss));
     Ok(losses.iter().sum())
+}
+
+/// `total`, the loss before step `step`, if it is a finite number. Adam
+/// cannot come back from a NaN and JSON cannot hold one, so a run whose
+/// loss is not finite ends with an error instead of spending its budget.
+fn finite(total: f32, step: usize) -> Result<f32> {
+    if total.is_finite() {
+        Ok(total)
+    } else {
+        Err(Error::Diverged { step, loss: total })
+    }
 }
 
 /// The one prefix every objective follows; an init per objective, sized to it.

@@ -216,6 +216,30 @@ fn a_killed_optimisation_resumes_from_its_checkpoint_to_the_same_result() -> any
 }
 
 #[test]
+fn settings_adam_cannot_use_and_a_diverging_loss_are_errors() -> anyhow::Result<()> {
+    let model = random::model(&random::tiny_config(), 41, &cpu())?;
+    let prefix = prefix_cache(&model, &PREFIX);
+    let span = SpanTargets::compute(&model, &prefix, &SPAN, &positions(PREFIX.len(), SPAN.len()))?;
+    let start = Recipe::published(3.0).virtual_start(&model, &prefix, &span)?;
+    let objective = start.objective(&prefix);
+    for (config, expected) in [
+        (OptimizerConfig { beta2: 1.0, ..Default::default() }, "beta2 1 must be in [0, 1)"),
+        (OptimizerConfig { lr: f64::NAN, ..Default::default() }, "lr NaN must be"),
+        (OptimizerConfig { eps: 0.0, ..Default::default() }, "eps 0 must be"),
+    ] {
+        let error = optimise(&model, objective, &start.init, &config, 2, &mut |_, _| {}).unwrap_err();
+        assert!(error.to_string().contains(expected), "{error}");
+    }
+    // A start that is not a number ends the run at its first step.
+    let broken = start.init.affine(f64::NAN, 0.0)?;
+    let mut steps_reported = 0;
+    let error = optimise(&model, objective, &broken, &OptimizerConfig::default(), 5, &mut |_, _| steps_reported += 1).unwrap_err();
+    assert!(matches!(error, cram::Error::Diverged { step: 0, .. }), "{error}");
+    assert_eq!(steps_reported, 0);
+    Ok(())
+}
+
+#[test]
 fn optimising_together_refuses_different_prefixes() -> anyhow::Result<()> {
     let model = random::model(&random::tiny_config(), 31, &cpu())?;
     let (prefix, other_prefix) = (prefix_cache(&model, &PREFIX), prefix_cache(&model, &PREFIX));

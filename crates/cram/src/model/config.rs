@@ -111,11 +111,10 @@ fn gguf_value<'a>(metadata: &'a HashMap<String, gguf_file::Value>, key: &str) ->
 
 fn gguf_usize(metadata: &HashMap<String, gguf_file::Value>, key: &str) -> Result<usize> {
     let value = gguf_value(metadata, key)?;
-    let number = value
-        .to_u64()
-        .or_else(|_| value.to_u32().map(u64::from))
-        .or_else(|_| value.to_i32().map(|v| v as u64))
-        .map_err(|_| Error::Config(format!("GGUF metadata `{key}` is not an integer: {value:?}")))?;
+    let number = (value.to_u64().ok())
+        .or_else(|| value.to_u32().ok().map(u64::from))
+        .or_else(|| value.to_i32().ok().and_then(|v| u64::try_from(v).ok()))
+        .ok_or_else(|| Error::Config(format!("GGUF metadata `{key}` is not an integer >= 0: {value:?}")))?;
     Ok(number as usize)
 }
 
