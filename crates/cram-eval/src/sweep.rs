@@ -391,7 +391,7 @@ impl SweepConfig {
     /// The cases the config names, loaded and leak-checked. Relative paths
     /// are taken from the current directory, then from the config's own.
     pub fn load_cases(&self, config_path: &Path) -> Result<Vec<Case>> {
-        let mut cases: Vec<Case> = Vec::new();
+        let mut cases = Vec::new();
         // Cells are keyed by case id: a second case of the same id would
         // never run, its cells taken for the first's.
         let mut case_files: HashMap<String, PathBuf> = HashMap::new();

@@ -111,7 +111,9 @@ fn gguf_value<'a>(metadata: &'a HashMap<String, gguf_file::Value>, key: &str) ->
 
 fn gguf_usize(metadata: &HashMap<String, gguf_file::Value>, key: &str) -> Result<usize> {
     let value = gguf_value(metadata, key)?;
-    let number = (value.to_u64().ok())
+    let number = value
+        .to_u64()
+        .ok()
         .or_else(|| value.to_u32().ok().map(u64::from))
         .or_else(|| value.to_i32().ok().and_then(|v| u64::try_from(v).ok()))
         .ok_or_else(|| Error::Config(format!("GGUF metadata `{key}` is not an integer >= 0: {value:?}")))?;
