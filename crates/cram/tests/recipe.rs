@@ -15,6 +15,11 @@ use cram::{compress_together, random, Checkpointing, Compressor, EarlyStop, Logi
 const PREFIX: [u32; 4] = [5, 9, 14, 2];
 const SPAN: [u32; 12] = [30, 31, 8, 8, 44, 17, 63, 1, 12, 40, 41, 7];
 
+/// The targets of `SPAN` placed right after `PREFIX`, at its original positions.
+fn span_after_prefix(model: &cram::Qwen2, prefix: &cram::KvCache) -> cram::Result<SpanTargets> {
+    SpanTargets::compute(model, prefix, &SPAN, &positions(PREFIX.len(), SPAN.len()))
+}
+
 #[test]
 fn chunk_bounds_are_a_truncated_linspace() {
     assert_eq!(chunk_bounds(10, 3).unwrap(), vec![0, 3, 6, 10]);
@@ -105,7 +110,7 @@ fn targets_hold_the_span_kv_and_its_surprisal() -> anyhow::Result<()> {
 fn the_raw_span_compressor_reproduces_the_span_kv() -> anyhow::Result<()> {
     let model = random::model(&random::tiny_config(), 19, &cpu())?;
     let prefix = prefix_cache(&model, &PREFIX);
-    let targets = SpanTargets::compute(&model, &prefix, &SPAN, &positions(PREFIX.len(), SPAN.len()))?;
+    let targets = span_after_prefix(&model, &prefix)?;
     let raw = RawSpan.compress(&model, &prefix, &targets, &mut |_, _| {})?;
     assert_eq!(raw.positions, targets.positions);
     for layer in 0..targets.values.len() {
@@ -119,7 +124,7 @@ fn the_raw_span_compressor_reproduces_the_span_kv() -> anyhow::Result<()> {
 fn optimisation_lowers_the_value_loss() -> anyhow::Result<()> {
     let model = random::model(&random::tiny_config(), 23, &cpu())?;
     let prefix = prefix_cache(&model, &PREFIX);
-    let targets = SpanTargets::compute(&model, &prefix, &SPAN, &positions(PREFIX.len(), SPAN.len()))?;
+    let targets = span_after_prefix(&model, &prefix)?;
     for pooling in [Pooling::Surprisal, Pooling::Uniform] {
         let recipe = Recipe {
             pooling,
@@ -146,7 +151,7 @@ fn spans_optimised_together_match_each_optimised_alone() -> anyhow::Result<()> {
     // them apart, so each gets the gradients and Adam steps it would alone.
     let model = random::model(&random::tiny_config(), 29, &cpu())?;
     let prefix = prefix_cache(&model, &PREFIX);
-    let span = SpanTargets::compute(&model, &prefix, &SPAN, &positions(PREFIX.len(), SPAN.len()))?;
+    let span = span_after_prefix(&model, &prefix)?;
     let config = OptimizerConfig { lr: 0.05, ..Default::default() };
     let starts: Vec<_> = [2.0, 3.0, 6.0].iter().map(|&ratio| Recipe::published(ratio).virtual_start(&model, &prefix, &span)).collect::<Result<_, _>>()?;
     let objectives: Vec<Objective> =
@@ -176,7 +181,7 @@ fn spans_optimised_together_match_each_optimised_alone() -> anyhow::Result<()> {
 fn a_killed_optimisation_resumes_from_its_checkpoint_to_the_same_result() -> anyhow::Result<()> {
     let model = random::model(&random::tiny_config(), 37, &cpu())?;
     let prefix = prefix_cache(&model, &PREFIX);
-    let span = SpanTargets::compute(&model, &prefix, &SPAN, &positions(PREFIX.len(), SPAN.len()))?;
+    let span = span_after_prefix(&model, &prefix)?;
     let start = Recipe::published(3.0).virtual_start(&model, &prefix, &span)?;
     let objective = start.objective(&prefix);
     let plain = OptimizerConfig { lr: 0.05, ..Default::default() };
@@ -219,7 +224,7 @@ fn a_killed_optimisation_resumes_from_its_checkpoint_to_the_same_result() -> any
 fn settings_adam_cannot_use_and_a_diverging_loss_are_errors() -> anyhow::Result<()> {
     let model = random::model(&random::tiny_config(), 41, &cpu())?;
     let prefix = prefix_cache(&model, &PREFIX);
-    let span = SpanTargets::compute(&model, &prefix, &SPAN, &positions(PREFIX.len(), SPAN.len()))?;
+    let span = span_after_prefix(&model, &prefix)?;
     let start = Recipe::published(3.0).virtual_start(&model, &prefix, &span)?;
     let objective = start.objective(&prefix);
     for (config, expected) in [
@@ -243,7 +248,7 @@ fn settings_adam_cannot_use_and_a_diverging_loss_are_errors() -> anyhow::Result<
 fn optimising_together_refuses_different_prefixes() -> anyhow::Result<()> {
     let model = random::model(&random::tiny_config(), 31, &cpu())?;
     let (prefix, other_prefix) = (prefix_cache(&model, &PREFIX), prefix_cache(&model, &PREFIX));
-    let span = SpanTargets::compute(&model, &prefix, &SPAN, &positions(PREFIX.len(), SPAN.len()))?;
+    let span = span_after_prefix(&model, &prefix)?;
     let start = Recipe::published(3.0).virtual_start(&model, &prefix, &span)?;
     let objectives = [
         start.objective(&prefix),
@@ -259,7 +264,7 @@ fn optimising_together_refuses_different_prefixes() -> anyhow::Result<()> {
 fn compressing_together_refuses_what_would_change_a_recipe() -> anyhow::Result<()> {
     let model = random::model(&random::tiny_config(), 37, &cpu())?;
     let prefix = prefix_cache(&model, &PREFIX);
-    let span = SpanTargets::compute(&model, &prefix, &SPAN, &positions(PREFIX.len(), SPAN.len()))?;
+    let span = span_after_prefix(&model, &prefix)?;
     let compress = |recipes: &[Recipe]| compress_together(recipes, &model, &prefix, &span, &mut |_, _| {});
 
     let fast = Recipe { optimizer: OptimizerConfig { lr: 0.1, steps: Some(3), ..Default::default() }, ..Recipe::published(2.0) };
