@@ -594,6 +594,10 @@ pub struct CellResult {
     /// the process that wrote this line resumed after a crash.
     #[serde(default)]
     pub resumed_steps: usize,
+    /// Threads of the CPU kernels: the cell's seconds depend on them, its
+    /// numbers do not (one and two threads give T8's loss curve to the bit).
+    #[serde(default)]
+    pub threads: Option<usize>,
 }
 
 fn one() -> usize {
@@ -844,7 +848,9 @@ fn cell_result(model: &Model, cell: &Cell, run: CaseRun, seconds: f64) -> CellRe
         loss_final: (!turn_losses.is_empty()).then(|| turn_losses.iter().sum::<f32>() / turn_losses.len() as f32),
         steps: optimizations.iter().map(|o| o.steps).sum(),
         seconds: seconds + optimizations.iter().map(|o| o.resumed_seconds).sum::<f64>(),
-        optimize_seconds: optimizations.iter().map(|o| o.seconds).sum(),
+        // A fold from 0.0, not `sum`: an empty f64 sum is -0.0, which the
+        // lines of cells that do not optimise would then print.
+        optimize_seconds: optimizations.iter().fold(0.0, |total, o| total + o.seconds),
         answer,
         loss_curve: optimizations.iter().flat_map(|o| o.loss_curve.iter().copied()).collect(),
         turn_losses,
@@ -853,6 +859,7 @@ fn cell_result(model: &Model, cell: &Cell, run: CaseRun, seconds: f64) -> CellRe
         answers: run.answers,
         batch_cells: 1,
         resumed_steps: optimizations.iter().map(|o| o.resumed_steps).sum(),
+        threads: Some(candle_core::utils::get_num_threads()),
     }
 }
 

@@ -87,8 +87,11 @@ fn a_sweep_runs_every_cell_once_and_resumes_after_a_crash() {
     assert_eq!(surprisal_2x.loss_curve.len(), 6);
     let full = results.iter().find(|r| r.cell.method == "full").unwrap();
     assert_eq!((full.n_virtual, full.n_tokens, full.facts_total), (n_tokens, n_tokens, 1));
+    assert!(full.optimize_seconds == 0.0 && full.optimize_seconds.is_sign_positive(), "no optimisation: 0 seconds, not -0");
     let none = results.iter().find(|r| r.cell.method == "none").unwrap();
     assert_eq!(none.n_virtual, 0);
+    let threads = candle_core::utils::get_num_threads();
+    assert!(results.iter().all(|r| r.threads == Some(threads)), "each line records the CPU threads it ran on");
     assert!(out.join("summary.csv").exists() && out.join("facts_vs_ratio.svg").exists() && out.join("loss_curves.svg").exists());
 
     // Nothing left to do: a third run runs nothing.
