@@ -1,0 +1,61 @@
+"""The recipe's row of the side-by-side at every ratio, beside the others.
+
+Reads the recipe's cells (V only, surprisal pooling, full budget) at 2.4x
+from issue5-side-by-side-cpu-recipe{,-own} and at 1.6, 3.2, 4.8, 6.4x from
+issue5-side-by-side-cpu-recipe-ratios, and the eviction and summary cells
+from issue5-side-by-side-cpu; prints facts per case and summed over the six
+cases, per method and ratio, as markdown.
+
+    python3 experiments/issue5-recipe-vs-ratio.py
+"""
+
+import json
+import os
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CASES = ["t8-claude-md", "t18-auth-middleware", "t4-agents-md", "t6-settings", "t4-hacking-md", "t6-config"]
+RATIOS = [1.6, 2.4, 3.2, 4.8, 6.4]
+OTHERS = ["streaming", "snapkv", "key-norm", "summary"]
+RECIPE_RUNS = {  # directory -> the label its V-only full-budget recipe cells carry
+    "issue5-side-by-side-cpu-recipe": "surprisal-full-budget",
+    "issue5-side-by-side-cpu-recipe-own": "surprisal",
+    "issue5-side-by-side-cpu-recipe-ratios": "surprisal",
+}
+
+
+def results(directory):
+    with open(os.path.join(HERE, directory, "results.jsonl")) as lines:
+        return [json.loads(line) for line in lines if line.strip()]
+
+
+def facts_table():
+    """(method, case, ratio) -> facts recalled."""
+    table = {}
+    for directory, label in RECIPE_RUNS.items():
+        for cell in results(directory):
+            if cell["method"] == label:
+                table[("recipe", cell["case"], cell["ratio"])] = cell["facts_correct"]
+    for cell in results("issue5-side-by-side-cpu"):
+        if cell["method"] in OTHERS:
+            table[(cell["method"], cell["case"], cell["ratio"])] = cell["facts_correct"]
+    return table
+
+
+def main():
+    table = facts_table()
+    methods = ["recipe"] + OTHERS
+    print("| method \\ ratio | " + " | ".join(str(r) for r in RATIOS) + " |")
+    print("|---" * (len(RATIOS) + 1) + "|")
+    for method in methods:
+        sums = [sum(table[(method, case, ratio)] for case in CASES) for ratio in RATIOS]
+        print(f"| {method} | " + " | ".join(str(s) for s in sums) + " |")
+    print()
+    print("| method | " + " | ".join(str(r) for r in RATIOS) + " |")
+    print("|---" * (len(RATIOS) + 1) + "|")
+    for method in methods:
+        per_case = [" ".join(str(table[(method, case, ratio)]) for case in CASES) for ratio in RATIOS]
+        print(f"| {method} | " + " | ".join(per_case) + " |")
+
+
+if __name__ == "__main__":
+    main()
