@@ -63,6 +63,8 @@ pub struct BenchRecord {
     pub model: String,
     pub device: String,
     pub threads: usize,
+    /// The build measured ([`crate::BUILD`]).
+    pub build: &'static str,
     pub prefix_tokens: usize,
     pub span_tokens: usize,
     pub n_virtual: usize,
@@ -158,6 +160,7 @@ pub fn measure(model: &Model, ids: &[u32], n_virtual: usize, settings: &BenchSet
         model: model.name.clone(),
         device: format!("{:?}", qwen.device()),
         threads: candle_core::utils::get_num_threads(),
+        build: crate::BUILD,
         prefix_tokens: settings.prefix_tokens,
         span_tokens,
         n_virtual,

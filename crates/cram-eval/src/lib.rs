@@ -13,6 +13,11 @@ pub mod transcript;
 
 use std::path::PathBuf;
 
+/// The build that runs: the package version, and where it was built from a
+/// git checkout, `+` its commit (`-dirty` when the compiled sources differ
+/// from it). Results lines record it.
+pub const BUILD: &str = env!("CRAM_BUILD");
+
 /// Errors of the evaluation side.
 #[derive(Debug, thiserror::Error)]
 pub enum EvalError {

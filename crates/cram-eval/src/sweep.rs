@@ -598,6 +598,10 @@ pub struct CellResult {
     /// numbers do not (one and two threads give T8's loss curve to the bit).
     #[serde(default)]
     pub threads: Option<usize>,
+    /// The build that wrote the line ([`crate::BUILD`]): builds may differ in
+    /// the last bits of a loss curve. Absent in lines older than the field.
+    #[serde(default)]
+    pub build: Option<String>,
 }
 
 fn one() -> usize {
@@ -860,6 +864,7 @@ fn cell_result(model: &Model, cell: &Cell, run: CaseRun, seconds: f64) -> CellRe
         batch_cells: 1,
         resumed_steps: optimizations.iter().map(|o| o.resumed_steps).sum(),
         threads: Some(candle_core::utils::get_num_threads()),
+        build: Some(crate::BUILD.to_string()),
     }
 }
 

@@ -92,6 +92,8 @@ fn a_sweep_runs_every_cell_once_and_resumes_after_a_crash() {
     assert_eq!(none.n_virtual, 0);
     let threads = candle_core::utils::get_num_threads();
     assert!(results.iter().all(|r| r.threads == Some(threads)), "each line records the CPU threads it ran on");
+    assert!(cram_eval::BUILD.starts_with(env!("CARGO_PKG_VERSION")));
+    assert!(results.iter().all(|r| r.build.as_deref() == Some(cram_eval::BUILD)), "each line records the build that wrote it");
     assert!(out.join("summary.csv").exists() && out.join("facts_vs_ratio.svg").exists() && out.join("loss_curves.svg").exists());
 
     // Nothing left to do: a third run runs nothing.
