@@ -79,12 +79,12 @@ pub fn write_report(dir: &Path) -> Result<()> {
 
 fn summary_csv(results: &[CellResult], points: &[RatioPoint]) -> String {
     let mut out = String::from(
-        "case,method,ratio,seed,n_tokens,n_virtual,facts_correct,facts_total,loss_final,steps,seconds,optimize_seconds\n",
+        "case,method,ratio,seed,n_tokens,n_virtual,facts_correct,facts_total,loss_final,steps,seconds,optimize_seconds,threads,build\n",
     );
     for r in results {
         let _ = writeln!(
             out,
-            "{},{},{},{},{},{},{},{},{},{},{:.1},{:.1}",
+            "{},{},{},{},{},{},{},{},{},{},{:.1},{:.1},{},{}",
             r.cell.case,
             r.cell.method,
             r.cell.ratio.map_or(String::new(), |x| x.to_string()),
@@ -96,7 +96,10 @@ fn summary_csv(results: &[CellResult], points: &[RatioPoint]) -> String {
             r.loss_final.map_or(String::new(), |x| format!("{x:.4}")),
             r.steps,
             r.seconds,
-            r.optimize_seconds
+            r.optimize_seconds,
+            // Seconds compare only between lines of one thread count and build.
+            r.threads.map_or(String::new(), |x| x.to_string()),
+            r.build.as_deref().unwrap_or("")
         );
     }
     out.push_str("\nmethod,ratio,facts_correct_mean,facts_correct_min,facts_correct_max,facts_total,seconds_per_cell,steps_per_cell\n");

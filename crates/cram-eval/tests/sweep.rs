@@ -94,7 +94,11 @@ fn a_sweep_runs_every_cell_once_and_resumes_after_a_crash() {
     assert!(results.iter().all(|r| r.threads == Some(threads)), "each line records the CPU threads it ran on");
     assert!(cram_eval::BUILD.starts_with(env!("CARGO_PKG_VERSION")));
     assert!(results.iter().all(|r| r.build.as_deref() == Some(cram_eval::BUILD)), "each line records the build that wrote it");
-    assert!(out.join("summary.csv").exists() && out.join("facts_vs_ratio.svg").exists() && out.join("loss_curves.svg").exists());
+    assert!(out.join("facts_vs_ratio.svg").exists() && out.join("loss_curves.svg").exists());
+    let summary = std::fs::read_to_string(out.join("summary.csv")).unwrap();
+    let cell_rows = summary.lines().skip(1).take_while(|line| !line.is_empty());
+    let stamp = format!(",{threads},{}", cram_eval::BUILD);
+    assert_eq!(cell_rows.filter(|row| row.ends_with(&stamp)).count(), 7, "every cell row ends with its threads and build");
 
     // Nothing left to do: a third run runs nothing.
     let again = run_sweep(&config, &config_path, &out, &mut |_| Ok(())).unwrap();
