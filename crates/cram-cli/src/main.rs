@@ -169,7 +169,7 @@ fn main() -> Result<()> {
             sweep(&config, &out, overrides).map(|_| ())
         }
         Command::Report { dir } => {
-            cram_eval::plot::write_report(&dir)?;
+            warn_of_mixed_builds(&cram_eval::plot::write_report(&dir)?);
             println!("{}", dir.join("summary.csv").display());
             Ok(())
         }
@@ -219,7 +219,14 @@ fn sweep(config_path: &Path, out: &Path, overrides: Overrides) -> Result<SweepCo
         outcome.ran,
         out.join("results.jsonl").display()
     );
+    warn_of_mixed_builds(&outcome.report);
     Ok(config)
+}
+
+fn warn_of_mixed_builds(report: &cram_eval::plot::Report) {
+    if let Some(warning) = report.mixed_builds_warning() {
+        eprintln!("[report] warning: {warning}");
+    }
 }
 
 /// Times each size in turn, printing a row as each finishes.

@@ -1,7 +1,7 @@
 //! A sweep's report: `summary.csv` (one row per cell, then facts recalled per
 //! method and ratio) and SVG plots, all derived from `results.jsonl`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::path::Path;
 
@@ -63,18 +63,50 @@ pub fn facts_by_ratio(results: &[CellResult]) -> Vec<RatioPoint> {
         .collect()
 }
 
+/// What a written report tells its reader beyond its files.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Report {
+    /// The builds that wrote the results, sorted; [`UNRECORDED_BUILD`] for
+    /// lines older than the build stamp.
+    pub builds: Vec<String>,
+}
+
+/// How a report names the build of a line written before lines carried one.
+pub const UNRECORDED_BUILD: &str = "unrecorded";
+
+impl Report {
+    /// A warning when more than one build wrote the results: builds may
+    /// differ in the last bits of a loss curve, and a marginal answer with
+    /// them, so their cells are not one run.
+    pub fn mixed_builds_warning(&self) -> Option<String> {
+        (self.builds.len() > 1).then(|| {
+            format!(
+                "results.jsonl mixes {} builds ({}); compare cells within one build (summary.csv's last column)",
+                self.builds.len(),
+                self.builds.join(", ")
+            )
+        })
+    }
+}
+
 /// Writes `summary.csv`, `facts_vs_ratio.svg` and `loss_curves.svg` into `dir`.
-pub fn write_report(dir: &Path) -> Result<()> {
+pub fn write_report(dir: &Path) -> Result<Report> {
     let results = read_results(&dir.join("results.jsonl"))?;
     let points = facts_by_ratio(&results);
     let csv = dir.join("summary.csv");
     std::fs::write(&csv, summary_csv(&results, &points)).map_err(|e| EvalError::io(&csv, e))?;
+    let report = Report { builds: builds(&results) };
     if results.is_empty() {
-        return Ok(());
+        return Ok(report);
     }
     plot_facts(&dir.join("facts_vs_ratio.svg"), &points)?;
     plot_losses(&dir.join("loss_curves.svg"), &results)?;
-    Ok(())
+    Ok(report)
+}
+
+fn builds(results: &[CellResult]) -> Vec<String> {
+    let builds: BTreeSet<&str> = results.iter().map(|r| r.build.as_deref().unwrap_or(UNRECORDED_BUILD)).collect();
+    builds.into_iter().map(String::from).collect()
 }
 
 fn summary_csv(results: &[CellResult], points: &[RatioPoint]) -> String {

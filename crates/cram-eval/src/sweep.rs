@@ -622,11 +622,13 @@ pub enum SweepEvent<'a> {
 }
 
 /// What a sweep did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SweepOutcome {
     pub total: usize,
     pub skipped: usize,
     pub ran: usize,
+    /// The report written from every line in `results.jsonl`.
+    pub report: crate::plot::Report,
 }
 
 /// Runs every cell not yet in `out_dir/results.jsonl`, then writes the
@@ -648,8 +650,8 @@ pub fn run_sweep(
     let finished: HashSet<String> = read_results(&results_path)?.iter().map(|r| r.cell.key()).collect();
     let cells = config.cells(&cases);
     let pending: Vec<&(Cell, CellKind)> = cells.iter().filter(|(c, _)| !finished.contains(&c.key())).collect();
-    let outcome = SweepOutcome { total: cells.len(), skipped: cells.len() - pending.len(), ran: pending.len() };
-    on_event(&SweepEvent::Planned { total: cells.len(), done: outcome.skipped })?;
+    let skipped = cells.len() - pending.len();
+    on_event(&SweepEvent::Planned { total: cells.len(), done: skipped })?;
 
     if !pending.is_empty() {
         let checkpoints = out_dir.join("checkpoints");
@@ -667,8 +669,8 @@ pub fn run_sweep(
             remove_checkpoints(&checkpoints)?;
         }
     }
-    crate::plot::write_report(out_dir)?;
-    Ok(outcome)
+    let report = crate::plot::write_report(out_dir)?;
+    Ok(SweepOutcome { total: cells.len(), skipped, ran: pending.len(), report })
 }
 
 impl SweepConfig {

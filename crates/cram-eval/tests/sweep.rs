@@ -99,6 +99,24 @@ fn a_sweep_runs_every_cell_once_and_resumes_after_a_crash() {
     let cell_rows = summary.lines().skip(1).take_while(|line| !line.is_empty());
     let stamp = format!(",{threads},{}", cram_eval::BUILD);
     assert_eq!(cell_rows.filter(|row| row.ends_with(&stamp)).count(), 7, "every cell row ends with its threads and build");
+    assert_eq!(outcome.report.builds, [cram_eval::BUILD]);
+    assert_eq!(outcome.report.mixed_builds_warning(), None);
+
+    // A line from another build and one from before the stamp (no `build`),
+    // as another seed's cells, are named in a warning.
+    let mut lines = read_results(&results_path).unwrap();
+    lines[0].build = Some("0.0.1+0123456789ab".into());
+    lines[1].build = None;
+    let mut mixed = std::fs::read_to_string(&results_path).unwrap();
+    for line in &mut lines[..2] {
+        line.cell.seed += 1;
+        mixed.push_str(&format!("{}\n", serde_json::to_string(line).unwrap()));
+    }
+    std::fs::write(&results_path, mixed).unwrap();
+    let report = cram_eval::plot::write_report(&out).unwrap();
+    assert_eq!(report.builds, ["0.0.1+0123456789ab", cram_eval::BUILD, cram_eval::plot::UNRECORDED_BUILD]);
+    let warning = report.mixed_builds_warning().expect("three builds: a warning");
+    assert!(report.builds.iter().all(|build| warning.contains(build.as_str())), "{warning}");
 
     // Nothing left to do: a third run runs nothing.
     let again = run_sweep(&config, &config_path, &out, &mut |_| Ok(())).unwrap();
