@@ -7,3 +7,4 @@ cargo build --release
 ./target/release/cram sweep configs/side-by-side-cpu-recipe.toml --out experiments/issue5-side-by-side-cpu-recipe
 ./target/release/cram sweep configs/side-by-side-cpu-init.toml --out experiments/issue5-side-by-side-cpu-init
 ./target/release/cram sweep configs/side-by-side-cpu-recipe-own.toml --out experiments/issue5-side-by-side-cpu-recipe-own
+RAYON_NUM_THREADS=1 ./target/release/cram sweep configs/side-by-side-cpu-t24.toml --out experiments/issue5-side-by-side-cpu-t24
