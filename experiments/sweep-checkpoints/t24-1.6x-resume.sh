@@ -12,7 +12,7 @@ state=experiments/sweep-checkpoints/t24-1.6x-state
 mkdir -p /tmp/t24
 cp target/release/cram /tmp/t24/cram16
 cp experiments/sweep-checkpoints/t24-1.6x-run-one.sh /tmp/t24/run16-one.sh
-for pooling in surprisal uniform; do
+for pooling in $(ls "$state"); do  # the cells not yet finished
   cp experiments/sweep-checkpoints/t24-1.6x-$pooling.toml /tmp/t24/$pooling-1.6.toml
   mkdir -p /tmp/t24/out16-$pooling/checkpoints
   for save in "$state"/$pooling/*.safetensors.xz; do
