@@ -4,10 +4,9 @@ Reads the recipe's cells (V only, surprisal pooling, full budget) at 2.4x
 from issue5-side-by-side-cpu-recipe{,-own} and at 1.6, 3.2, 4.8, 6.4x from
 issue5-side-by-side-cpu-recipe-ratios; its K + V cells (`surprisal-kv`) from
 issue5-side-by-side-cpu-recipe (2.4x, T8 and T18), -kv-ratios (T8 and T18 at
-the other ratios) and -kv-own (the own cases at 2.4x and 4.8x); and the
+the other ratios) and -kv-own (the own cases at every ratio); and the
 eviction and summary cells from issue5-side-by-side-cpu. Prints facts per
-case and summed over the six cases, per method and ratio, as markdown; a
-cell not run is `-`, and a sum over fewer than six cases says over which.
+case and summed over the six cases, per method and ratio, as markdown.
 
     python3 experiments/issue5-recipe-vs-ratio.py
 """
@@ -40,8 +39,6 @@ def facts_table():
             if cell["method"] == label:
                 table[("recipe", cell["case"], cell["ratio"])] = cell["facts_correct"]
     for directory in KV_RUNS:
-        if not os.path.exists(os.path.join(HERE, directory, "results.jsonl")):
-            continue
         for cell in results(directory):
             if cell["method"] == "surprisal-kv":
                 table[("recipe-kv", cell["case"], cell["ratio"])] = cell["facts_correct"]
@@ -51,29 +48,19 @@ def facts_table():
     return table
 
 
-def summed(table, method, ratio):
-    """Facts summed over the cases run; names the cases when not all six."""
-    run = [case for case in CASES if (method, case, ratio) in table]
-    total = sum(table[(method, case, ratio)] for case in run)
-    if len(run) == len(CASES):
-        return str(total)
-    if not run:
-        return "-"
-    return f"{total} ({', '.join(case.split('-')[0] for case in run)})"
-
-
 def main():
     table = facts_table()
     methods = ["recipe", "recipe-kv"] + OTHERS
     print("| method \\ ratio | " + " | ".join(str(r) for r in RATIOS) + " |")
     print("|---" * (len(RATIOS) + 1) + "|")
     for method in methods:
-        print(f"| {method} | " + " | ".join(summed(table, method, ratio) for ratio in RATIOS) + " |")
+        sums = [sum(table[(method, case, ratio)] for case in CASES) for ratio in RATIOS]
+        print(f"| {method} | " + " | ".join(str(s) for s in sums) + " |")
     print()
     print("| method | " + " | ".join(str(r) for r in RATIOS) + " |")
     print("|---" * (len(RATIOS) + 1) + "|")
     for method in methods:
-        per_case = [" ".join(str(table.get((method, case, ratio), "-")) for case in CASES) for ratio in RATIOS]
+        per_case = [" ".join(str(table[(method, case, ratio)]) for case in CASES) for ratio in RATIOS]
         print(f"| {method} | " + " | ".join(per_case) + " |")
 
 
