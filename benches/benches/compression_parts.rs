@@ -1,13 +1,14 @@
-//! The parts of one compression besides the step (see `optimisation_step`)
+//! The parts of one compression besides the step (see `optimization_step`)
 //! on the real Qwen2.5-Coder-0.5B-Instruct, CPU, f32: the span's target
 //! forward (V and surprisal), one step (and the closing forward that reads
-//! the result) of five ratios of that span optimised together against one
+//! the result) of five ratios of that span optimized together against one
 //! ratio alone, and greedy answer generation.
 //!
 //! cargo bench -p cram-benches --bench compression_parts
 
 use criterion::{BenchmarkId, Criterion};
-use cram::optimize::{optimise_together, Objective};
+use cram::recipe::objective::Objective;
+use cram::recipe::optimize::optimize_together;
 use cram::{generate, OptimizerConfig, Recipe, SpanTargets};
 use cram_benches::{load_default_model, CountingAllocator};
 use cram_eval::bench::{prefix_cache, transcript_ids};
@@ -43,7 +44,7 @@ fn main() -> anyhow::Result<()> {
             chosen.iter().map(|s| s.objective(&prefix)).collect();
         let inits: Vec<_> = chosen.iter().map(|s| s.init.clone()).collect();
         group.bench_with_input(BenchmarkId::from_parameter(label), &objectives, |b, objectives| {
-            b.iter(|| optimise_together(qwen, objectives, &inits, &OptimizerConfig::default(), 1, &mut |_, _| {}).expect("step"))
+            b.iter(|| optimize_together(qwen, objectives, &inits, &OptimizerConfig::default(), 1, &mut |_, _| {}).expect("step"))
         });
     }
     group.finish();

@@ -1,4 +1,4 @@
-//! Shared pieces of the benchmarks: the real-model optimisation step and a
+//! Shared pieces of the benchmarks: the real-model optimization step and a
 //! counting allocator to measure its peak memory.
 
 use std::alloc::{GlobalAlloc, Layout};
@@ -8,8 +8,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use anyhow::Result;
 use candle_core::{Tensor, Var};
-use cram::ops::WeightGrad;
-use cram::{objective, KvCache, Logits, Model, ModelSource, Recipe, SpanTargets};
+use cram::model::ops::WeightGrad;
+use cram::recipe::objective;
+use cram::{KvCache, Logits, Model, ModelSource, Recipe, SpanTargets};
 use cram_eval::models::{KnownModel, DEFAULT_MODEL};
 
 /// Wraps mimalloc (the allocator the `cram` binary runs on), counting live
@@ -50,7 +51,7 @@ pub fn load_default_model() -> Result<Model> {
     Ok(Model::load(&ModelSource::gguf(path), &candle_core::Device::Cpu)?)
 }
 
-/// One optimisation step's inputs: a prefix cache, virtual embeddings at
+/// One optimization step's inputs: a prefix cache, virtual embeddings at
 /// positions spread over a span after the prefix, and V targets.
 pub struct StepSetup {
     pub cache: KvCache,
@@ -62,7 +63,7 @@ pub struct StepSetup {
 impl StepSetup {
     /// The first `prefix_len` tokens of `text` as the prefix and the next
     /// `round(3.2 n_virtual)` as the span, set up exactly as the published
-    /// recipe starts its optimisation at 3.2x (`Recipe::virtual_start`).
+    /// recipe starts its optimization at 3.2x (`Recipe::virtual_start`).
     pub fn new(model: &Model, text: &str, prefix_len: usize, n_virtual: usize) -> Result<Self> {
         let ratio = 3.2;
         let span_len = (n_virtual as f64 * ratio).round() as usize;

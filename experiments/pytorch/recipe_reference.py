@@ -2,7 +2,7 @@
 
 Written for two comparisons (issues 3 and 6): whether cram's results match an
 independent implementation of the same method on the same tokens, and how
-long one optimisation step takes in each.
+long one optimization step takes in each.
 
 Input: the JSON written by cram's `case_tokens` example (prefix, span,
 suffix and question ids). The model is the same GGUF cram loads,
@@ -123,7 +123,7 @@ def value_loss(values, targets):
     return sum(((v - t) ** 2).mean() / (t**2).mean() for v, t in zip(values, targets))
 
 
-def optimise(model, capture, cache, init, positions, targets, steps, lr, on_step):
+def optimize(model, capture, cache, init, positions, targets, steps, lr, on_step):
     prefix_length = cache.get_seq_length()
     embeds = init.clone().requires_grad_(True)
     adam = torch.optim.Adam([embeds], lr=lr)
@@ -182,7 +182,7 @@ def main():
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--time-only", action="store_true", help="only time the optimisation steps")
+    parser.add_argument("--time-only", action="store_true", help="only time the optimization steps")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -209,8 +209,8 @@ def main():
             print(f"step {step} loss {loss:.4f}", flush=True)
 
     started = time.perf_counter()
-    embeds, losses, step_seconds = optimise(model, capture, cache, init, positions, targets, steps, args.lr, on_step)
-    optimise_seconds = time.perf_counter() - started
+    embeds, losses, step_seconds = optimize(model, capture, cache, init, positions, targets, steps, args.lr, on_step)
+    optimize_seconds = time.perf_counter() - started
     result = {
         "case": tokens["case"],
         "ratio": args.ratio,
@@ -223,7 +223,7 @@ def main():
         "torch": torch.__version__,
         "seconds_per_step_median": float(np.median(step_seconds)),
         "seconds_per_step_mean_after_first": float(np.mean(step_seconds[1:])) if steps > 1 else step_seconds[0],
-        "optimise_seconds": optimise_seconds,
+        "optimize_seconds": optimize_seconds,
         "loss_curve": losses,
         "surprisal": surprisal.tolist(),
         "hf_tokenizer_agrees": None,

@@ -53,7 +53,7 @@ pub struct Overrides {
     /// Override the config's device.
     #[arg(long)]
     pub device: Option<String>,
-    /// Optimise the recipe cells of one span together, in batches of at most
+    /// Optimize the recipe cells of one span together, in batches of at most
     /// this many virtual tokens (for GPUs; see `batch_virtual_tokens`).
     #[arg(long)]
     pub batch_virtual_tokens: Option<NonZeroUsize>,
@@ -108,8 +108,8 @@ enum Command {
     },
     /// Rewrite summary.csv and the plots of a sweep directory from its results.
     Report { dir: PathBuf },
-    /// Time the parts of one compression (target forward, optimisation step,
-    /// spans optimised together, answer generation) at several sizes, with
+    /// Time the parts of one compression (target forward, optimization step,
+    /// spans optimized together, answer generation) at several sizes, with
     /// FLOP/s and peak memory.
     Bench {
         #[command(flatten)]
@@ -126,7 +126,7 @@ enum Command {
         /// Steps run per size (the first half warms up, the rest is timed).
         #[arg(long, default_value_t = 8)]
         steps: usize,
-        /// Ratios of one span optimised together in the batched timing.
+        /// Ratios of one span optimized together in the batched timing.
         #[arg(long, value_delimiter = ',', default_values_t = [1.6, 2.4, 3.2, 4.8, 6.4])]
         together: Vec<f64>,
         /// Skip the batched timing.
@@ -150,7 +150,8 @@ enum Command {
         full: bool,
         #[command(flatten)]
         overrides: Overrides,
-        /// Output directory (default: experiments/reproduce-{quick,full}-MODEL).
+        /// Output directory: a run to resume (default: a fresh
+        /// runs/reproduce-{quick,full}-MODEL-TIME).
         #[arg(long)]
         out: Option<PathBuf>,
     },
@@ -282,7 +283,7 @@ fn check(model_args: &ModelArgs, spec: &CheckSpec, out: Option<PathBuf>) -> Resu
         let settings = AskSettings { rendering, per_fact: spec.per_fact, max_new_tokens: spec.max_new_tokens };
         for (label, condition) in [("full", Condition::Full), ("none", Condition::NoContext)] {
             let started = std::time::Instant::now();
-            let run = run_case(&model, case, &settings, condition, &mut |_, _| {})?;
+            let run = run_case(&model, case, &settings, condition, &mut |_, _| {})?.remove(0);
             let (correct, total) = facts_score(&run.answers);
             let seconds = started.elapsed().as_secs_f64();
             println!("\n== {} | {rendering:?} | context {label}: {correct}/{total} facts ({seconds:.1}s)", spec.case_id);

@@ -1,6 +1,7 @@
 //! Progress bars for sweeps: one over cells, one over a cell's steps.
 
-use cram_eval::sweep::{Cell, SweepEvent};
+use cram_eval::results::Cell;
+use cram_eval::sweep::SweepEvent;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 #[derive(Default)]
@@ -19,10 +20,10 @@ impl SweepBars {
                 bar.set_position(*done as u64);
                 self.cells = Some(bar);
             }
-            SweepEvent::CellStarted { cell, steps } => self.started(label(cell), *steps),
-            SweepEvent::BatchStarted { cells, steps } => {
+            SweepEvent::UnitStarted { cells, steps } => {
                 let labels: Vec<String> = cells.iter().map(|cell| label(cell)).collect();
-                self.started(format!("together: {}", labels.join(", ")), Some(*steps));
+                let together = if labels.len() > 1 { "together: " } else { "" };
+                self.started(format!("{together}{}", labels.join(", ")), *steps);
             }
             SweepEvent::Step { step, loss } => {
                 if let Some(bar) = &self.steps {
@@ -55,7 +56,7 @@ impl SweepBars {
         }
     }
 
-    /// Shows what runs now, with a bar over its steps if it optimises.
+    /// Shows what runs now, with a bar over its steps if it optimizes.
     fn started(&mut self, label: String, steps: Option<usize>) {
         if let Some(cells) = &self.cells {
             cells.set_message(label);

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result};
-use cram_eval::sweep::{read_results, CellResult};
+use cram_eval::results::{read_results, CellResult};
 
 /// The published facts recalled for a case, method and ratio (7B model).
 fn published(case: &str, method: &str, ratio: Option<f64>) -> &'static str {
@@ -25,15 +25,16 @@ fn published(case: &str, method: &str, ratio: Option<f64>) -> &'static str {
 pub fn run(full: bool, overrides: crate::Overrides, out: Option<PathBuf>) -> Result<()> {
     let name = if full { "full" } else { "quick" };
     let config_path = PathBuf::from(format!("configs/reproduce-{name}.toml"));
-    let config = cram_eval::sweep::SweepConfig::load(&config_path)
-        .with_context(|| "run `cram reproduce` from the repository root")?;
+    let config = cram_eval::sweep::SweepConfig::load(&config_path)?;
     let model_name = overrides.model.clone().unwrap_or(config.model.clone());
     // A path names the run by its file; a model name or repo id by itself.
     let model_label = match model_name.strip_suffix(".gguf") {
         Some(stem) => Path::new(stem).file_name().map_or(stem.to_string(), |s| s.to_string_lossy().into_owned()),
         None => model_name.replace('/', "_"),
     };
-    let out = out.unwrap_or_else(|| PathBuf::from(format!("experiments/reproduce-{name}-{model_label}")));
+    // A fresh run folder: a run computes, and never rewrites committed records.
+    let out = out.unwrap_or_else(|| PathBuf::from(format!("runs/reproduce-{name}-{model_label}-{}", timestamp())));
+    eprintln!("[reproduce] writing to {} (rerun with --out {0} to resume it)", out.display());
     let config = crate::sweep(&config_path, &out, overrides)?;
     let results = read_results(&out.join("results.jsonl"))?;
     let table = table(&results, &config.ratios);
@@ -42,6 +43,12 @@ pub fn run(full: bool, overrides: crate::Overrides, out: Option<PathBuf>) -> Res
     std::fs::write(&path, &table).with_context(|| format!("writing {}", path.display()))?;
     eprintln!("[reproduce] table written to {}", path.display());
     Ok(())
+}
+
+/// Now, UTC, as `20261129-225241`: a run folder's name sorts by time.
+fn timestamp() -> String {
+    let rfc3339 = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    rfc3339.trim_end_matches('Z').replace('-', "").replace(':', "").replace('T', "-")
 }
 
 /// Markdown: one row per case and method, one column per ratio, each cell

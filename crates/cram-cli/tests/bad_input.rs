@@ -84,3 +84,21 @@ fn an_infinite_bench_ratio_is_refused() {
     let output = cram(&["bench", "--ratio", "inf"], home.path());
     assert_clean_failure(&output, "ratios must be finite and above 1, got inf");
 }
+
+/// The published cases and the reproduce configs are built into the binary:
+/// outside the repository, `check` finds its case file and `reproduce` its
+/// config (each then stops at the missing model, before any work).
+#[test]
+fn check_and_reproduce_work_outside_the_repository() {
+    let home = tempfile::tempdir().unwrap();
+    let elsewhere = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_cram")).args(args).current_dir(home.path()).env("CRAM_HOME", home.path()).output().unwrap()
+    };
+    let output = elsewhere(&["check", "--case", "no-such-case"]);
+    assert_clean_failure(&output, "no case `no-such-case` in eval/bearing/bearing-questions.json (cases: t8-claude-md");
+    let output = elsewhere(&["reproduce", "--model", "/nonexistent/model.gguf"]);
+    assert_clean_failure(&output, "file not found: /nonexistent/model.gguf");
+    let runs = home.path().join("runs");
+    let run = std::fs::read_dir(&runs).unwrap().next().unwrap().unwrap().file_name().into_string().unwrap();
+    assert!(run.starts_with("reproduce-quick-model-2"), "a fresh, dated run folder: {run}");
+}

@@ -9,7 +9,8 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use cram::Model;
-use cram_eval::cases::{load_case_file, Question};
+use cram_eval::cases::load_case_file;
+use cram_eval::questions::Question;
 use cram_eval::models;
 use cram_eval::render::Rendering;
 use serde_json::json;

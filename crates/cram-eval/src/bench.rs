@@ -1,6 +1,6 @@
 //! Timing the parts of one compression on a real model: the target
-//! forward, one optimisation step, the whole optimisation (projected from
-//! the step), several spans optimised together, and answer generation; with
+//! forward, one optimization step, the whole optimization (projected from
+//! the step), several spans optimized together, and answer generation; with
 //! the FLOPs each step does, the rate achieved, and peak memory.
 //!
 //! The tokens are the published transcript's (cycled when a size needs more),
@@ -10,7 +10,9 @@ use std::path::Path;
 use std::time::Instant;
 
 use candle_core::Tensor;
-use cram::optimize::{default_steps, optimise_together, Objective};
+use cram::recipe::objective::Objective;
+use cram::recipe::optimize::optimize_together;
+use cram::recipe::settings::default_steps;
 use cram::{generate, KvCache, Logits, Model, Qwen2, Qwen2Config, Recipe, SpanTargets, VirtualStart};
 use serde::Serialize;
 
@@ -26,11 +28,11 @@ pub struct BenchSettings {
     pub prefix_tokens: usize,
     /// Span tokens per virtual token.
     pub ratio: f64,
-    /// Optimisation steps run; the first half is a warm-up and not counted.
+    /// Optimization steps run; the first half is a warm-up and not counted.
     pub steps: usize,
     /// Tokens generated in the answer timing.
     pub answer_tokens: usize,
-    /// Ratios optimised together in the batched timing (empty: skipped).
+    /// Ratios optimized together in the batched timing (empty: skipped).
     pub together_ratios: Vec<f64>,
 }
 
@@ -81,10 +83,10 @@ pub struct BenchRecord {
     /// The recipe's default step budget for this span.
     pub default_steps: usize,
     /// default_steps × step_seconds: projected, not measured.
-    pub projected_optimisation_seconds: f64,
+    pub projected_optimization_seconds: f64,
     /// The ratios of `together_seconds`, all of this span.
     pub together_ratios: Vec<f64>,
-    /// Median step time of those ratios optimised together.
+    /// Median step time of those ratios optimized together.
     pub together_step_seconds: Option<f64>,
     /// together_step_seconds / step_seconds.
     pub together_over_single: Option<f64>,
@@ -101,7 +103,7 @@ pub fn transcript_ids(model: &Model, case_file: &Path) -> Result<Vec<u32>> {
     Ok(model.tokenizer.encode(&Rendering::Chatml.messages(messages, &indices))?)
 }
 
-/// Matmul FLOPs of one optimisation step of `n_virtual` tokens over
+/// Matmul FLOPs of one optimization step of `n_virtual` tokens over
 /// `cached` entries: the forward to the last layer's V projection, and the
 /// backward to the embeddings only (a linear layer's input gradient costs
 /// its forward again; attention's backward, four products against the
@@ -171,7 +173,7 @@ pub fn measure(model: &Model, ids: &[u32], n_virtual: usize, settings: &BenchSet
         step_gflops_per_second: flops / step_seconds / 1e9,
         step_peak_rss_mib,
         default_steps: default_steps(span_tokens),
-        projected_optimisation_seconds: default_steps(span_tokens) as f64 * step_seconds,
+        projected_optimization_seconds: default_steps(span_tokens) as f64 * step_seconds,
         together_ratios: settings.together_ratios.clone(),
         together_step_seconds,
         together_over_single: together_step_seconds.map(|together| together / step_seconds),
@@ -188,7 +190,7 @@ pub fn prefix_cache(model: &Qwen2, ids: &[u32], positions: &[f32]) -> Result<KvC
     Ok(cache)
 }
 
-/// Runs `steps` optimisation steps of `starts` together; returns the median
+/// Runs `steps` optimization steps of `starts` together; returns the median
 /// step time over the second half of the steps, and the prefix extended by the result.
 fn time_steps(model: &Qwen2, prefix: &KvCache, starts: &[VirtualStart], steps: usize) -> Result<(f64, KvCache)> {
     let objectives: Vec<Objective> =
@@ -196,7 +198,7 @@ fn time_steps(model: &Qwen2, prefix: &KvCache, starts: &[VirtualStart], steps: u
     let inits: Vec<Tensor> = starts.iter().map(|start| start.init.clone()).collect();
     let mut step_ends = vec![Instant::now()];
     let config = cram::OptimizerConfig::default();
-    let optimized = optimise_together(model, &objectives, &inits, &config, steps.max(2), &mut |_, _| {
+    let optimized = optimize_together(model, &objectives, &inits, &config, steps.max(2), &mut |_, _| {
         step_ends.push(Instant::now());
     })?;
     // The first half warms up: the allocator reaches its steady state only

@@ -1,88 +1,14 @@
-//! Questions, facts and the case files that say how a transcript is split.
+//! The case files that say how a transcript is split and what is asked
+//! about its compressed span.
 
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::questions::Question;
 use crate::render::Rendering;
 use crate::transcript::{Split, Transcript};
 use crate::{EvalError, Result};
-
-/// One fact an answer must state.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Fact {
-    pub id: String,
-    /// Groups of alternatives: every group must match, any string of a group
-    /// matches (case-insensitive).
-    #[serde(default)]
-    pub expect: Vec<Vec<String>>,
-    /// Shorthand for `expect: [expect_any]`.
-    #[serde(default)]
-    pub expect_any: Vec<String>,
-    /// Any of these in the answer makes the fact wrong.
-    #[serde(default)]
-    pub reject_any: Vec<String>,
-    /// What the model is expected to say without context (documentation).
-    #[serde(default)]
-    pub wrong_default: Option<String>,
-}
-
-impl Fact {
-    /// All groups, `expect_any` included.
-    pub fn groups(&self) -> Vec<Vec<String>> {
-        let mut groups = self.expect.clone();
-        if !self.expect_any.is_empty() {
-            groups.push(self.expect_any.clone());
-        }
-        groups
-    }
-
-    /// Whether `answer` states this fact.
-    pub fn is_recalled(&self, answer: &str) -> bool {
-        let answer = answer.to_lowercase();
-        let contains = |s: &String| answer.contains(&s.to_lowercase());
-        let groups = self.groups();
-        !groups.is_empty() && groups.iter().all(|group| group.iter().any(contains)) && !self.reject_any.iter().any(contains)
-    }
-}
-
-/// A question and the facts its answer is scored on.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Question {
-    pub id: String,
-    pub question: String,
-    pub facts: Vec<Fact>,
-}
-
-impl Question {
-    /// The question asked one fact at a time, when it is a run of as many
-    /// `?`-ended sentences as it has facts (the published T8 question asks
-    /// three things at once, which small models answer poorly); otherwise
-    /// the question whole.
-    pub fn per_fact(&self) -> Vec<Question> {
-        let sentences: Vec<String> = self
-            .question
-            .split_inclusive('?')
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-            .collect();
-        let splits = sentences.len() == self.facts.len() && sentences.iter().all(|s| s.ends_with('?'));
-        if !splits || self.facts.len() == 1 {
-            return vec![self.clone()];
-        }
-        sentences
-            .into_iter()
-            .zip(&self.facts)
-            .map(|(sentence, fact)| Question {
-                id: format!("{}/{}", self.id, fact.id),
-                question: sentence,
-                facts: vec![fact.clone()],
-            })
-            .collect()
-    }
-}
 
 /// A transcript, how it is split, and what is asked about the compressed span.
 #[derive(Debug, Clone)]
@@ -126,7 +52,7 @@ impl Case {
 /// transcript path relative to it and cases with their splits), or a
 /// transcript in our JSON format carrying its own questions (one case).
 pub fn load_case_file(path: &Path) -> Result<Vec<Case>> {
-    let text = std::fs::read_to_string(path).map_err(|e| EvalError::io(path, e))?;
+    let text = crate::bundled::read_to_string(path).map_err(|e| EvalError::io(path, e))?;
     let is_case_file = serde_json::from_str::<serde_json::Value>(&text)
         .map_err(|e| EvalError::Transcript { path: path.into(), reason: e.to_string() })?
         .get("cases")

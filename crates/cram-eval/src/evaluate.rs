@@ -6,7 +6,8 @@ use std::time::Instant;
 use cram::{CompressionReport, Compressor, Model, Recipe, Session};
 use serde::{Deserialize, Serialize};
 
-use crate::cases::{Case, Question};
+use crate::cases::Case;
+use crate::questions::Question;
 use crate::render::Rendering;
 use crate::Result;
 
@@ -36,6 +37,9 @@ pub enum Condition<'a> {
     NoContext,
     /// The span through a compressor.
     Compressed(&'a dyn Compressor),
+    /// A single-turn span through several recipes, optimised together
+    /// ([`Session::fork_compressed`]): one run per recipe.
+    Together(&'a [Recipe]),
 }
 
 /// One question's answer and its facts' scores.
@@ -69,72 +73,61 @@ pub fn facts_score(answers: &[Answered]) -> (usize, usize) {
 }
 
 /// Builds the context of `case` under `condition`, turn by turn for a
-/// sequential case, and asks every question over it. `on_step` reports a
-/// compressor's optimisation progress.
+/// sequential case, and asks every question over it: one run, or one per
+/// recipe of [`Condition::Together`]. `on_step` reports a compressor's
+/// optimisation progress.
 pub fn run_case(
     model: &Model,
     case: &Case,
     settings: &AskSettings,
     condition: Condition<'_>,
     on_step: &mut dyn FnMut(usize, f32),
-) -> Result<CaseRun> {
-    let mut session = prefix_session(model, case, settings)?;
-    let (mut n_tokens, mut n_kept, mut compressions) = (0, 0, Vec::new());
-    for turn in case.turns() {
-        let text = settings.rendering.messages(&case.transcript.messages, &turn);
-        n_tokens += model.tokenizer.encode(&text)?.len();
-        match condition {
-            Condition::Full => session.push_verbatim(&text)?,
-            // Nothing, and what follows closes the gap.
-            Condition::NoContext => {}
-            Condition::Compressed(compressor) => {
-                let report = session.push_compressed(&text, compressor, on_step)?;
-                n_kept += report.n_kept;
-                compressions.push(report);
-            }
-        }
-    }
-    if matches!(condition, Condition::Full) {
-        n_kept = n_tokens;
-    }
-    answer_after_span(session, case, settings, CaseRun { answers: Vec::new(), n_tokens, n_kept, compressions, answer_seconds: 0.0 })
-}
-
-/// Compresses a single-turn case's span with every recipe in one batched
-/// optimisation ([`Session::fork_compressed`]) and asks every question over
-/// each result: one run per recipe, in order.
-pub fn run_case_together(
-    model: &Model,
-    case: &Case,
-    settings: &AskSettings,
-    recipes: &[Recipe],
-    on_step: &mut dyn FnMut(usize, f32),
 ) -> Result<Vec<CaseRun>> {
-    let turns = case.turns();
-    let [turn] = turns.as_slice() else {
-        return Err(cram::Error::Invalid(format!(
-            "case `{}` compresses {} turns one after another: only a single-turn case's recipes can be optimised together",
-            case.id,
-            turns.len()
-        ))
-        .into());
+    let prefix = Session::new(model, &settings.rendering.messages(&case.transcript.messages, &case.split.prefix))?;
+    let mut n_tokens = 0;
+    let mut sessions = match condition {
+        Condition::Together(recipes) => {
+            let turns = case.turns();
+            let [turn] = turns.as_slice() else {
+                return Err(cram::Error::Invalid(format!(
+                    "case `{}` compresses {} turns one after another: only a single-turn case's recipes can be optimised together",
+                    case.id,
+                    turns.len()
+                ))
+                .into());
+            };
+            let text = settings.rendering.messages(&case.transcript.messages, turn);
+            n_tokens = model.tokenizer.encode(&text)?.len();
+            prefix.fork_compressed(&text, recipes, on_step)?
+        }
+        _ => {
+            let mut session = prefix;
+            for turn in case.turns() {
+                let text = settings.rendering.messages(&case.transcript.messages, &turn);
+                n_tokens += model.tokenizer.encode(&text)?.len();
+                match condition {
+                    Condition::Full => session.push_verbatim(&text)?,
+                    // Nothing, and what follows closes the gap.
+                    Condition::NoContext | Condition::Together(_) => {}
+                    Condition::Compressed(compressor) => {
+                        session.push_compressed(&text, compressor, on_step)?;
+                    }
+                }
+            }
+            vec![session]
+        }
     };
-    let text = settings.rendering.messages(&case.transcript.messages, turn);
-    let n_tokens = model.tokenizer.encode(&text)?.len();
-    let forks = prefix_session(model, case, settings)?.fork_compressed(&text, recipes, on_step)?;
-    forks
-        .into_iter()
-        .map(|fork| {
-            let compressions: Vec<CompressionReport> = fork.turns().iter().filter_map(|t| t.compression.clone()).collect();
-            let n_kept = compressions.iter().map(|c| c.n_kept).sum();
-            answer_after_span(fork, case, settings, CaseRun { answers: Vec::new(), n_tokens, n_kept, compressions, answer_seconds: 0.0 })
+    sessions
+        .drain(..)
+        .map(|session| {
+            let compressions: Vec<CompressionReport> = session.turns().iter().filter_map(|t| t.compression.clone()).collect();
+            let n_kept = match condition {
+                Condition::Full => n_tokens,
+                _ => compressions.iter().map(|c| c.n_kept).sum(),
+            };
+            answer_after_span(session, case, settings, CaseRun { answers: Vec::new(), n_tokens, n_kept, compressions, answer_seconds: 0.0 })
         })
         .collect()
-}
-
-/// A session holding the case's prefix.
-fn prefix_session<'m>(model: &'m Model, case: &Case, settings: &AskSettings) -> Result<Session<'m>> {
-    Ok(Session::new(model, &settings.rendering.messages(&case.transcript.messages, &case.split.prefix))?)
 }
 
 /// Pushes the suffix after the span's context and asks every question;

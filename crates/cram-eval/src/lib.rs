@@ -2,12 +2,15 @@
 //! fact scoring, and the real models the evaluation runs on.
 
 pub mod bench;
+pub mod bundled;
 pub mod cases;
 pub mod evaluate;
 pub mod memory;
 pub mod models;
 pub mod plot;
+pub mod questions;
 pub mod render;
+pub mod results;
 pub mod sweep;
 pub mod transcript;
 

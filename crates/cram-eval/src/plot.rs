@@ -7,7 +7,7 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
-use crate::sweep::{read_results, CellResult};
+use crate::results::{read_results, CellResult};
 use crate::{EvalError, Result};
 
 /// Facts recalled by one method at one ratio, summed over cases.
@@ -23,7 +23,7 @@ pub struct RatioPoint {
     pub total: usize,
     /// Mean wall time of one cell (one case, one seed), seconds.
     pub seconds_per_cell: f64,
-    /// Mean optimisation steps of one cell.
+    /// Mean optimization steps of one cell.
     pub steps_per_cell: f64,
 }
 
@@ -216,7 +216,7 @@ fn plot_losses(path: &Path, results: &[CellResult]) -> Result<()> {
     let root = SVGBackend::new(path, (800, 500)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_error)?;
     let mut chart = ChartBuilder::on(&root)
-        .caption("V loss during optimisation", ("sans-serif", 22))
+        .caption("V loss during optimization", ("sans-serif", 22))
         .margin(15)
         .x_label_area_size(40)
         .y_label_area_size(60)

@@ -5,7 +5,7 @@ use std::path::Path;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::cases::Question;
+use crate::questions::Question;
 use crate::{EvalError, Result};
 
 /// One piece of a message's content.
@@ -50,7 +50,7 @@ pub struct Split {
 impl Transcript {
     /// Reads `.jsonl` as a Messages-API log and anything else as our JSON format.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| EvalError::io(path, e))?;
+        let text = crate::bundled::read_to_string(path).map_err(|e| EvalError::io(path, e))?;
         let id = path.file_stem().map_or_else(|| "transcript".into(), |s| s.to_string_lossy().into_owned());
         let is_jsonl = path.extension().is_some_and(|e| e == "jsonl");
         let parsed = if is_jsonl { Self::from_jsonl(&text, id) } else { Self::from_json(&text) };

@@ -2,7 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
-use cram_eval::cases::{load_case_file, Fact};
+use cram_eval::cases::load_case_file;
+use cram_eval::questions::Fact;
 use cram_eval::render::Rendering;
 use cram_eval::transcript::Transcript;
 use cram_eval::EvalError;
@@ -132,4 +133,27 @@ fn a_case_whose_answer_is_outside_the_span_is_refused() {
     }));
     let err = load_case_file(&no_span).unwrap_err();
     assert!(err.to_string().contains("no turn left to compress"), "{err}");
+}
+
+#[test]
+fn a_question_may_carry_its_one_fact_inline() {
+    let question = |json: serde_json::Value| serde_json::from_value::<cram_eval::questions::Question>(json);
+    let inline = question(serde_json::json!({
+        "id": "lib", "question": "Which hashing library?", "expect_any": ["bcryptjs"], "reject_any": ["bcrypt "]
+    }))
+    .unwrap();
+    let written_out = question(serde_json::json!({
+        "id": "lib", "question": "Which hashing library?",
+        "facts": [{"id": "lib", "expect_any": ["bcryptjs"], "reject_any": ["bcrypt "]}]
+    }))
+    .unwrap();
+    assert_eq!(inline, written_out, "the shorthand is the one-fact question");
+    assert!(inline.facts[0].is_recalled("We use bcryptjs.") && !inline.facts[0].is_recalled("bcrypt to hash"));
+
+    let both = question(serde_json::json!({"id": "q", "question": "?", "expect_any": ["a"], "facts": []})).unwrap_err();
+    assert!(both.to_string().contains("both `facts` and an inline fact"), "{both}");
+    let neither = question(serde_json::json!({"id": "q", "question": "?"})).unwrap_err();
+    assert!(neither.to_string().contains("has no facts"), "{neither}");
+    let stray = question(serde_json::json!({"id": "q", "question": "?", "facts": [], "reject_any": ["x"]})).unwrap_err();
+    assert!(stray.to_string().contains("need an inline `expect`"), "{stray}");
 }

@@ -35,9 +35,9 @@ fn the_small_model_knows_the_t8_facts_only_from_the_span() {
     let t8 = cases.iter().find(|c| c.id == "t8-claude-md").unwrap();
 
     let settings = AskSettings { rendering: Rendering::Chatml, per_fact: true, max_new_tokens: 48 };
-    let full = run_case(&model, t8, &settings, Condition::Full, &mut |_, _| {}).unwrap().answers;
+    let full = run_case(&model, t8, &settings, Condition::Full, &mut |_, _| {}).unwrap().remove(0).answers;
     show("full", &full);
-    let none = run_case(&model, t8, &settings, Condition::NoContext, &mut |_, _| {}).unwrap().answers;
+    let none = run_case(&model, t8, &settings, Condition::NoContext, &mut |_, _| {}).unwrap().remove(0).answers;
     show("none", &none);
     assert_eq!(facts_score(&full), (3, 3), "with the span in context every fact is found");
     assert_eq!(facts_score(&none), (0, 3), "without the span the model falls back to defaults");

@@ -1,14 +1,15 @@
 //! The KV cache a compressed context lives in: per layer K (post-RoPE) and V,
 //! plus the logical position every entry sits at. Physical length (entries)
 //! and logical positions are separate on purpose: a compressed span holds
-//! fewer entries than the positions it covers.
+//! fewer entries than the positions it covers, and a dropped span none, so
+//! the cache also keeps the position the next token goes to.
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// Per-layer keys and values of a batch-1 sequence.
 #[derive(Debug, Clone, Default)]
@@ -19,6 +20,10 @@ pub struct KvCache {
     values: Vec<Tensor>,
     /// (len): the RoPE position of each entry.
     positions: Vec<f32>,
+    /// Where a continuation starts: after every position the cache has
+    /// covered, entries or not (a span dropped or evicted to fewer entries
+    /// still took its positions).
+    next_position: f32,
 }
 
 impl KvCache {
@@ -47,9 +52,16 @@ impl KvCache {
         &self.positions
     }
 
-    /// The position after the last entry: where a continuation starts.
+    /// Where a continuation starts: after the last position the cache
+    /// covers, including spans that left fewer entries than positions.
     pub fn next_position(&self) -> f32 {
-        self.positions.last().map_or(0.0, |last| last.floor() + 1.0)
+        self.next_position
+    }
+
+    /// Moves the next position to `position` if it is further on: what a
+    /// span that took positions without keeping entries for all of them does.
+    pub fn advance_to(&mut self, position: f32) {
+        self.next_position = self.next_position.max(position);
     }
 
     /// Keys and values of one layer, if the cache holds any.
@@ -114,18 +126,25 @@ impl KvCache {
             }
         }
         self.positions.extend_from_slice(positions);
+        if let Some(last) = positions.iter().copied().reduce(f32::max) {
+            self.advance_to(last.floor() + 1.0);
+        }
         Ok(())
     }
 }
 
 /// Tensor names in a saved cache file: `keys.{layer}`, `values.{layer}`, `positions`.
 const POSITIONS: &str = "positions";
+/// The header key of the next position.
+const NEXT_POSITION_KEY: &str = "next_position";
 
 impl KvCache {
     /// Writes the cache as a safetensors file any candle (or numpy) code can
     /// read: `keys.{layer}` and `values.{layer}` (1, kv_heads, len,
-    /// head_dim), `positions` (len) in f32, and `metadata` in the header.
-    pub fn save(&self, path: &Path, metadata: HashMap<String, String>) -> Result<()> {
+    /// head_dim), `positions` (len) in f32, and `metadata` in the header,
+    /// with the next position under `next_position`.
+    pub fn save(&self, path: &Path, mut metadata: HashMap<String, String>) -> Result<()> {
+        metadata.insert(NEXT_POSITION_KEY.into(), self.next_position.to_string());
         let mut tensors: Vec<(String, Tensor)> = Vec::with_capacity(2 * self.num_layers() + 1);
         for (layer, (key, value)) in self.keys.iter().zip(&self.values).enumerate() {
             tensors.push((format!("keys.{layer}"), key.contiguous()?));
@@ -155,7 +174,12 @@ impl KvCache {
         };
         let keys = (0..layers).map(|layer| take(format!("keys.{layer}"))).collect::<Result<Vec<_>>>()?;
         let values = (0..layers).map(|layer| take(format!("values.{layer}"))).collect::<Result<Vec<_>>>()?;
-        Ok((Self::from_parts(keys, values, positions)?, metadata))
+        let mut cache = Self::from_parts(keys, values, positions)?;
+        // Files written before the key existed continue after their last entry.
+        if let Some(next) = metadata.get(NEXT_POSITION_KEY) {
+            cache.advance_to(next.parse().map_err(|_| bad(format!("`{NEXT_POSITION_KEY}` {next} is not a number")))?);
+        }
+        Ok((cache, metadata))
     }
 }
 

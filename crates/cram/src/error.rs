@@ -32,8 +32,8 @@ pub enum Error {
     /// Arguments that do not fit together (shapes, positions, lengths).
     #[error("invalid input: {0}")]
     Invalid(String),
-    /// The optimisation's loss stopped being a finite number.
-    #[error("the optimisation diverged: loss {loss} at step {step} (a lower lr may help)")]
+    /// The optimization's loss stopped being a finite number.
+    #[error("the optimization diverged: loss {loss} at step {step} (a lower lr may help)")]
     Diverged { step: usize, loss: f32 },
     /// A tensor operation failed.
     #[error(transparent)]

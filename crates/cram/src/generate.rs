@@ -4,7 +4,7 @@ use candle_core::D;
 
 use crate::cache::KvCache;
 use crate::model::{Logits, Qwen2};
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// Feeds `prompt` at positions `first_position, first_position + 1, ...`
 /// after what `cache` holds, then decodes greedily until a token of `stop`

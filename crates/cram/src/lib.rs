@@ -1,17 +1,18 @@
 //! # cram
 //!
 //! Compresses a span of an LLM conversation into fewer *virtual tokens*:
-//! input embeddings optimised through a frozen Qwen2 so that their Value
+//! input embeddings optimized through a frozen Qwen2 so that their Value
 //! vectors at every layer match surprisal-pooled Values of the original
 //! tokens, at RoPE positions interpolated over the span. The result is KV
 //! cache entries a caller keeps generating from.
 //!
 //! The modules follow the method: [`model`] (load, differentiable forward)
-//! -> [`targets`] (V and surprisal of the span) -> [`pooling`] ->
-//! [`positions`] -> [`init`] -> [`optimize`] (Adam on the embeddings,
-//! [`objective`]: V, or K + V; [`checkpoint`] lets a killed run resume) -> [`compress`] (methods behind one trait:
-//! the recipe, [`hybrid`], the eviction baselines of [`evict`], the text
-//! baseline of [`summary`]) -> [`cache`] -> [`generate`]. [`session`] runs the whole
+//! -> [`span`] (the span as the model saw it: K, V, surprisal) ->
+//! [`compressor`] (the trait every method implements, and the budget) ->
+//! [`recipe`] (the published method, its steps in order) or [`methods`]
+//! (baselines, eviction by a [`scoring`] policy through [`select`], the
+//! hybrid, compress-then-evict, the summary), all built by name from
+//! [`registry`] -> [`cache`] -> [`generate`]. [`session`] runs the whole
 //! flow turn by turn, as an agent's history ages.
 //!
 //! ```no_run
@@ -32,7 +33,7 @@
 //! // The span, compressed 3.2x into virtual tokens at its own positions.
 //! let span_ids = tok.encode("<|im_start|>user\nWe hash passwords with bcryptjs.<|im_end|>\n")?;
 //! let span = SpanTargets::compute(qwen, &cache, &span_ids, &at(prefix_ids.len(), span_ids.len()))?;
-//! Recipe::published(3.2).compress(qwen, &cache, &span, &mut |_, _| {})?.append_to(&mut cache)?;
+//! Recipe::published(3.2).compress(&model, &cache, &span, &mut |_, _| {})?.append_to(&mut cache)?;
 //!
 //! // The question continues after the span's original positions.
 //! let question = tok.encode("<|im_start|>user\nWhich hashing library?<|im_end|>\n<|im_start|>assistant\n")?;
@@ -48,39 +49,37 @@
 // In the order data flows through the method.
 pub mod model;
 pub mod tokenizer;
-pub mod targets;
-pub mod pooling;
-pub mod positions;
-pub mod init;
-pub mod objective;
-pub mod optimize;
-pub mod checkpoint;
-pub mod compress;
-pub mod hybrid;
-pub mod evict;
-pub mod summary;
+pub mod span;
+pub mod compressor;
+pub mod scoring;
+pub mod select;
+pub mod recipe;
+pub mod methods;
+pub mod registry;
 pub mod cache;
 pub mod session;
 pub mod generate;
 
 pub mod error;
-mod adam;
-pub mod ops;
-pub mod random;
-pub mod rope;
+mod rng;
+#[cfg(feature = "test-support")]
+pub mod testing;
 
 pub use cache::KvCache;
-pub use compress::{compress_together, CompressedSpan, CompressionReport, Compressor, RawSpan, Recipe, Truncate, VirtualStart};
-pub use evict::{CompressThenEvict, Evict, Eviction};
-pub use init::Init;
-pub use summary::Summarize;
-pub use hybrid::Hybrid;
-pub use session::{Session, Turn};
-pub use checkpoint::Checkpointing;
-pub use optimize::{EarlyStop, OptimizerConfig};
-pub use pooling::Pooling;
-pub use positions::PositionMode;
-pub use targets::SpanTargets;
+pub use compressor::{budget, CompressedSpan, CompressionReport, Compressor, OptimizationReport};
 pub use error::{Error, Result};
+pub use methods::baselines::{RawSpan, Truncate};
+pub use methods::compress_evict::{CompressEvictSettings, CompressThenEvict};
+pub use methods::evict::Evict;
+pub use methods::hybrid::{Hybrid, HybridSettings};
+pub use methods::summary::Summarize;
 pub use model::{ForwardOutput, Logits, Model, ModelSource, Placement, Qwen2, Qwen2Config};
+pub use recipe::init::Init;
+pub use recipe::pooling::Pooling;
+pub use recipe::positions::PositionMode;
+pub use recipe::settings::{Checkpointing, EarlyStop, OptimizerConfig};
+pub use recipe::{compress_together, Recipe, VirtualStart};
+pub use scoring::{KeyNorm, Scorer, SnapKv, Streaming, ValueUniqueness};
+pub use session::{Session, Turn};
+pub use span::SpanTargets;
 pub use tokenizer::Tokenizer;

@@ -4,8 +4,8 @@
 //! through a [`Compressor`]; a compressed turn's targets are computed over
 //! the cache as it stands (earlier turns already compressed), at the turn's
 //! original positions. The cache's physical length (entries) and the
-//! logical position the next turn starts at are tracked apart: a compressed
-//! turn holds fewer entries than the positions it covers.
+//! logical position the next turn starts at are tracked apart (by the
+//! cache): a compressed turn holds fewer entries than the positions it covers.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -13,11 +13,12 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::cache::KvCache;
-use crate::compress::{compress_together, CompressedSpan, CompressionReport, Compressor, Recipe};
+use crate::compressor::{CompressedSpan, CompressionReport, Compressor};
 use crate::generate;
 use crate::model::{Logits, Model};
-use crate::targets::SpanTargets;
-use crate::{Error, Result};
+use crate::recipe::{compress_together, Recipe};
+use crate::span::SpanTargets;
+use crate::error::{Error, Result};
 
 /// What one pushed turn became.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -34,10 +35,9 @@ pub struct Turn {
 #[derive(Debug, Clone)]
 pub struct Session<'m> {
     model: &'m Model,
+    /// Its next position is where the next turn starts: the original
+    /// positions, as if every turn were still there verbatim.
     cache: KvCache,
-    /// Where the next turn starts: the original positions, as if every
-    /// turn were still there verbatim.
-    next_position: f32,
     turns: Vec<Turn>,
 }
 
@@ -46,14 +46,13 @@ const FORMAT_KEY: &str = "cram.format";
 const FORMAT: &str = "cram-session-1";
 const IDENTITY_KEY: &str = "model.identity";
 const NAME_KEY: &str = "model.name";
-const NEXT_POSITION_KEY: &str = "next_position";
 const TURNS_KEY: &str = "turns";
 
 impl<'m> Session<'m> {
     /// A session whose cache holds `system_prompt`, already rendered (e.g.
     /// `<|im_start|>system\n...<|im_end|>\n`); it may be empty.
     pub fn new(model: &'m Model, system_prompt: &str) -> Result<Self> {
-        let mut session = Self { model, cache: KvCache::new(), next_position: 0.0, turns: Vec::new() };
+        let mut session = Self { model, cache: KvCache::new(), turns: Vec::new() };
         session.push_verbatim(system_prompt)?;
         Ok(session)
     }
@@ -71,14 +70,13 @@ impl<'m> Session<'m> {
             let qwen2 = &self.model.qwen2;
             let output = qwen2.forward(&qwen2.embed(ids)?, &positions, Some(&self.cache), Logits::None)?;
             self.cache.append(&output.keys, &output.values, &positions)?;
-            self.next_position += ids.len() as f32;
         }
         self.turns.push(Turn { n_tokens: ids.len(), n_kept: ids.len(), compression: None });
         Ok(())
     }
 
     /// Compresses rendered text with `compressor` against the running cache
-    /// and appends the result. `on_step(step, loss)` reports optimisation.
+    /// and appends the result. `on_step(step, loss)` reports optimization.
     pub fn push_compressed(
         &mut self,
         text: &str,
@@ -86,12 +84,12 @@ impl<'m> Session<'m> {
         on_step: &mut dyn FnMut(usize, f32),
     ) -> Result<CompressionReport> {
         let span = self.span_targets(text)?;
-        let compressed = compressor.compress(&self.model.qwen2, &self.cache, &span, on_step)?;
+        let compressed = compressor.compress(self.model, &self.cache, &span, on_step)?;
         self.push_compressed_span(span.len(), compressed)
     }
 
     /// Compresses rendered text with each recipe in one batched
-    /// optimisation ([`compress_together`]) and returns one session per
+    /// optimization ([`compress_together`]) and returns one session per
     /// recipe, each this one followed by its compressed turn: a ratio (or
     /// pooling, or seed) sweep of one span for about the cost of one on a GPU.
     pub fn fork_compressed(
@@ -101,7 +99,7 @@ impl<'m> Session<'m> {
         on_step: &mut dyn FnMut(usize, f32),
     ) -> Result<Vec<Self>> {
         let span = self.span_targets(text)?;
-        compress_together(recipes, &self.model.qwen2, &self.cache, &span, on_step)?
+        compress_together(recipes, self.model, &self.cache, &span, on_step)?
             .into_iter()
             .map(|compressed| {
                 let mut fork = self.clone();
@@ -125,7 +123,6 @@ impl<'m> Session<'m> {
     fn push_compressed_span(&mut self, n_tokens: usize, compressed: CompressedSpan) -> Result<CompressionReport> {
         compressed.append_to(&mut self.cache)?;
         let report = compressed.report;
-        self.next_position += n_tokens as f32;
         self.turns.push(Turn { n_tokens, n_kept: report.n_kept, compression: Some(report.clone()) });
         Ok(report)
     }
@@ -141,7 +138,7 @@ impl<'m> Session<'m> {
             &self.model.qwen2,
             &mut cache,
             &prompt_ids,
-            self.next_position,
+            self.cache.next_position(),
             max_new_tokens,
             &tokenizer.stop_ids(),
         )?;
@@ -155,7 +152,7 @@ impl<'m> Session<'m> {
 
     /// The position the next turn starts at (the logical length).
     pub fn next_position(&self) -> f32 {
-        self.next_position
+        self.cache.next_position()
     }
 
     /// Every turn pushed so far, the system prompt first.
@@ -176,7 +173,6 @@ impl<'m> Session<'m> {
             (FORMAT_KEY.to_string(), FORMAT.to_string()),
             (IDENTITY_KEY.to_string(), self.model.qwen2.identity()?),
             (NAME_KEY.to_string(), self.model.name.clone()),
-            (NEXT_POSITION_KEY.to_string(), self.next_position.to_string()),
             (TURNS_KEY.to_string(), turns),
         ]);
         self.cache.save(path, metadata)
@@ -195,13 +191,12 @@ impl<'m> Session<'m> {
         if saved != loading {
             return Err(Error::WrongModel { path: path.to_path_buf(), saved, loading });
         }
-        let next_position = metadata.get(NEXT_POSITION_KEY).and_then(|p| p.parse().ok()).ok_or_else(|| bad("no next_position"))?;
         let turns = metadata.get(TURNS_KEY).and_then(|t| serde_json::from_str(t).ok()).ok_or_else(|| bad("no turns"))?;
-        Ok(Self { model, cache, next_position, turns })
+        Ok(Self { model, cache, turns })
     }
 
     /// Positions of a turn of `n` tokens starting at the next position.
     fn turn_positions(&self, n: usize) -> Vec<f32> {
-        (0..n).map(|i| self.next_position + i as f32).collect()
+        (0..n).map(|i| self.next_position() + i as f32).collect()
     }
 }

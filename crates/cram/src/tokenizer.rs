@@ -5,7 +5,7 @@ use std::path::Path;
 use candle_core::quantized::gguf_file;
 use candle_core::quantized::tokenizer::TokenizerFromGguf;
 
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// Qwen's chat-turn end marker.
 pub const IM_END: &str = "<|im_end|>";

@@ -4,14 +4,17 @@
 
 mod common;
 
-use candle_core::{Device, Tensor};
+use std::rc::Rc;
+
+use candle_core::{Device, Tensor, D};
 use common::{cpu, max_abs_diff, positions, prefix_cache};
-use cram::objective::normalised_loss;
-use cram::optimize::optimise;
-use cram::pooling::{chunk_bounds, n_virtual};
-use cram::rope::Rotation;
+use cram::model::rope::Rotation;
+use cram::recipe::objective::normalised_loss;
+use cram::recipe::optimize::optimize;
+use cram::recipe::pooling::chunk_bounds;
 use cram::{
-    random, Compressor, EarlyStop, Evict, Eviction, Init, KvCache, Logits, OptimizerConfig, Qwen2, Recipe, SpanTargets, Summarize,
+    budget, testing, Compressor, EarlyStop, Evict, Init, KeyNorm, KvCache, Logits, Model, OptimizerConfig, Qwen2, Recipe, Scorer, SnapKv,
+    SpanTargets, Streaming, Summarize,
 };
 
 const PREFIX: [u32; 4] = [5, 9, 14, 2];
@@ -25,7 +28,10 @@ fn span_after_prefix(model: &Qwen2, prefix: &KvCache) -> SpanTargets {
 fn rope_then_inverse_rope_is_the_identity() -> anyhow::Result<()> {
     let head_dim = 64;
     let positions = [0.0f32, 1.0, 17.4, 250.0, 1579.5, 30_000.0];
-    let keys = Tensor::randn(0f32, 1.0, (1, 2, positions.len(), head_dim), &Device::Cpu)?;
+    // Fixed, varied entries (no unseeded draw).
+    let keys = (Tensor::arange(0u32, (2 * positions.len() * head_dim) as u32, &Device::Cpu)?.to_dtype(candle_core::DType::F32)? * 0.37)?
+        .sin()?
+        .reshape((1, 2, positions.len(), head_dim))?;
     let rotation = Rotation::new(&positions, head_dim, 1_000_000.0, candle_core::DType::F32, &Device::Cpu)?;
     let rotated = rotation.apply(&keys)?;
     assert!(max_abs_diff(&rotated, &keys) > 0.1, "a real rotation");
@@ -39,7 +45,7 @@ fn rope_then_inverse_rope_is_the_identity() -> anyhow::Result<()> {
 fn unrotated_keys_do_not_depend_on_position() -> anyhow::Result<()> {
     // Layer 0's key is a projection of the token's embedding alone: with
     // RoPE undone it must be the same wherever the span sits.
-    let model = random::model(&random::tiny_config(), 41, &cpu())?;
+    let model = testing::model(&testing::tiny_config(), 41, &cpu())?;
     let prefix = prefix_cache(&model, &PREFIX);
     let here = span_after_prefix(&model, &prefix);
     let elsewhere = SpanTargets::compute(&model, &prefix, &SPAN, &positions(PREFIX.len() + 37, SPAN.len()))?;
@@ -55,14 +61,15 @@ fn quick(recipe: Recipe, steps: usize) -> Recipe {
 
 #[test]
 fn the_key_value_objective_fits_keys_and_values() -> anyhow::Result<()> {
-    let model = random::model(&random::tiny_config(), 43, &cpu())?;
-    let prefix = prefix_cache(&model, &PREFIX);
-    let span = span_after_prefix(&model, &prefix);
+    let full = testing::full_model(&testing::tiny_config(), 43, &cpu())?;
+    let model = &full.qwen2;
+    let prefix = prefix_cache(model, &PREFIX);
+    let span = span_after_prefix(model, &prefix);
     let key_value = quick(Recipe { key_weight: 1.0, ..Recipe::published(3.0) }, 80);
     assert_eq!(key_value.name(), "surprisal-kv");
-    let start = key_value.virtual_start(&model, &prefix, &span)?;
+    let start = key_value.virtual_start(model, &prefix, &span)?;
     assert_eq!(start.key_targets.len(), model.config().num_hidden_layers);
-    assert!(quick(Recipe::published(3.0), 1).virtual_start(&model, &prefix, &span)?.key_targets.is_empty());
+    assert!(quick(Recipe::published(3.0), 1).virtual_start(model, &prefix, &span)?.key_targets.is_empty());
 
     let key_term = |keys: &[Tensor], positions: &[f32]| -> anyhow::Result<f32> {
         let rotation = model.rotation_f32(positions)?;
@@ -70,8 +77,8 @@ fn the_key_value_objective_fits_keys_and_values() -> anyhow::Result<()> {
         Ok(normalised_loss(&unrotated, &start.key_targets)?.to_scalar::<f32>()?)
     };
     let before = model.forward(&start.init, &start.positions, Some(&prefix), Logits::None)?;
-    let compressed = key_value.compress(&model, &prefix, &span, &mut |_, _| {})?;
-    let v_only = quick(Recipe::published(3.0), 80).compress(&model, &prefix, &span, &mut |_, _| {})?;
+    let compressed = key_value.compress(&full, &prefix, &span, &mut |_, _| {})?;
+    let v_only = quick(Recipe::published(3.0), 80).compress(&full, &prefix, &span, &mut |_, _| {})?;
     let (k_before, k_after) = (key_term(&before.keys, &start.positions)?, key_term(&compressed.keys, &compressed.positions)?);
     let k_v_only = key_term(&v_only.keys, &v_only.positions)?;
     assert!(k_after < 0.7 * k_before, "K term {k_before} -> {k_after}");
@@ -81,20 +88,22 @@ fn the_key_value_objective_fits_keys_and_values() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn evicted(model: &Qwen2, prefix: &KvCache, span: &SpanTargets, eviction: Eviction, ratio: f64) -> cram::CompressedSpan {
-    Evict { eviction, ratio }.compress(model, prefix, span, &mut |_, _| {}).unwrap()
+fn evicted(model: &Model, prefix: &KvCache, span: &SpanTargets, scorer: Rc<dyn Scorer>, ratio: f64) -> cram::CompressedSpan {
+    Evict { scorer, ratio }.compress(model, prefix, span, &mut |_, _| {}).unwrap()
 }
 
 #[test]
 fn eviction_keeps_n_over_ratio_of_the_span_and_never_the_prefix() -> anyhow::Result<()> {
-    let model = random::model(&random::tiny_config(), 47, &cpu())?;
-    let prefix = prefix_cache(&model, &PREFIX);
-    let span = span_after_prefix(&model, &prefix);
-    for eviction in [Eviction::SnapKv { window: 6, kernel: 3 }, Eviction::KeyNorm, Eviction::Streaming { sinks: 2 }] {
+    let model = testing::full_model(&testing::tiny_config(), 47, &cpu())?;
+    let prefix = prefix_cache(&model.qwen2, &PREFIX);
+    let span = span_after_prefix(&model.qwen2, &prefix);
+    let scorers: [Rc<dyn Scorer>; 3] = [Rc::new(SnapKv { window: 6, kernel: 3 }), Rc::new(KeyNorm {}), Rc::new(Streaming { sinks: 2 })];
+    for scorer in scorers {
         for ratio in [1.6, 2.4, 3.2, 4.8, 6.4, 25.0] {
-            let kept = evicted(&model, &prefix, &span, eviction, ratio);
-            let count = n_virtual(SPAN.len(), ratio)?;
-            assert_eq!(kept.len(), count, "{} at {ratio}x", eviction.name());
+            let kept = evicted(&model, &prefix, &span, scorer.clone(), ratio);
+            let count = budget(SPAN.len(), ratio)?;
+            assert_eq!(kept.len(), count, "{} at {ratio}x", scorer.name());
+            assert_eq!(kept.report.method, scorer.name());
             assert_eq!(kept.report.n_kept, count);
             // Real entries of the span, at their own positions, in order.
             let indices: Vec<usize> = kept.positions.iter().map(|p| *p as usize - PREFIX.len()).collect();
@@ -108,6 +117,7 @@ fn eviction_keeps_n_over_ratio_of_the_span_and_never_the_prefix() -> anyhow::Res
             let mut cache = prefix.clone();
             kept.append_to(&mut cache)?;
             assert_eq!(cache.len(), PREFIX.len() + count);
+            assert_eq!(cache.next_position(), (PREFIX.len() + SPAN.len()) as f32, "after the span, kept or not");
             assert_eq!(&cache.positions()[..PREFIX.len()], &positions(0, PREFIX.len())[..]);
             for layer in 0..cache.keys().len() {
                 let head = cache.keys()[layer].narrow(2, 0, PREFIX.len())?;
@@ -120,17 +130,17 @@ fn eviction_keeps_n_over_ratio_of_the_span_and_never_the_prefix() -> anyhow::Res
 
 #[test]
 fn eviction_policies_choose_as_they_say() -> anyhow::Result<()> {
-    let model = random::model(&random::tiny_config(), 53, &cpu())?;
+    let model = testing::model(&testing::tiny_config(), 53, &cpu())?;
     let prefix = prefix_cache(&model, &PREFIX);
     let span = span_after_prefix(&model, &prefix);
-    let streaming = Eviction::Streaming { sinks: 2 }.keep(&model, &prefix, &span, 6)?;
+    let streaming = Streaming { sinks: 2 }.keep(&model, &prefix, &span, 6)?;
     assert_eq!(streaming, [0, 1, 16, 17, 18, 19], "two sinks and the four most recent");
     // Sinks take at most half the budget.
-    assert_eq!(Eviction::Streaming { sinks: 4 }.keep(&model, &prefix, &span, 2)?, [0, 19]);
+    assert_eq!(Streaming { sinks: 4 }.keep(&model, &prefix, &span, 2)?, [0, 19]);
 
     // Key norm keeps the smallest keys: every kept token's summed relative
     // norm is at most every dropped token's.
-    let kept = Eviction::KeyNorm.keep(&model, &prefix, &span, 5)?;
+    let kept = KeyNorm {}.keep(&model, &prefix, &span, 5)?;
     let relative_norms: Vec<f32> = (0..SPAN.len())
         .map(|i| {
             span.keys
@@ -156,31 +166,49 @@ fn eviction_policies_choose_as_they_say() -> anyhow::Result<()> {
         let summed: Vec<f32> = rows.sum(2)?.sum(1)?.squeeze(0)?.to_vec1()?;
         attention.iter_mut().zip(summed).for_each(|(total, x)| *total += x);
     }
-    let snap = Eviction::SnapKv { window: 4, kernel: 1 }.keep(&model, &prefix, &span, 5)?;
+    let snap = SnapKv { window: 4, kernel: 1 }.keep(&model, &prefix, &span, 5)?;
     let least_kept = snap.iter().map(|&i| attention[i]).fold(f32::MAX, f32::min);
     let most_dropped = (0..SPAN.len()).filter(|i| !snap.contains(i)).map(|i| attention[i]).fold(f32::MIN, f32::max);
     assert!(least_kept >= most_dropped, "{least_kept} < {most_dropped}");
-    assert!(Eviction::SnapKv { window: 4, kernel: 1 }.keep(&model, &prefix, &span, 21).is_err(), "more than the span");
+    assert!(SnapKv { window: 4, kernel: 1 }.keep(&model, &prefix, &span, 21).is_err(), "more than the span");
+    assert!(SnapKv { window: 4, kernel: 2 }.keep(&model, &prefix, &span, 5).is_err(), "an even kernel");
     Ok(())
 }
 
+/// The summary against what the test computes itself: the fixed prompt
+/// decoded greedily with a full forward per token, and the summary's
+/// entries as one forward of prefix + summary from position 0.
 #[test]
-fn the_summary_stays_within_the_token_budget() -> anyhow::Result<()> {
-    let model = random::full_model(&random::tiny_config(), 59, &cpu())?;
-    let prefix = prefix_cache(&model.qwen2, &PREFIX);
-    let span = span_after_prefix(&model.qwen2, &prefix);
+fn the_summary_is_the_models_greedy_summary_within_the_token_budget() -> anyhow::Result<()> {
+    let model = testing::full_model(&testing::tiny_config(), 59, &cpu())?;
+    let qwen = &model.qwen2;
+    let prefix = prefix_cache(qwen, &PREFIX);
+    let span = span_after_prefix(qwen, &prefix);
+    // The word-level test tokenizer reads every number as its unknown token,
+    // so the prompt's ids do not depend on the word count it asks for.
+    let prompt = model.tokenizer.encode(&Summarize::prompt(&model.tokenizer.decode(&SPAN)?, 1))?;
+    assert_eq!(prompt, model.tokenizer.encode(&Summarize::prompt(&model.tokenizer.decode(&SPAN)?, 12))?);
+    assert!(model.tokenizer.stop_ids().is_empty(), "nothing stops the random model early");
     for ratio in [1.6, 3.2, 6.4, 30.0] {
-        let summary = Summarize { tokenizer: &model.tokenizer, ratio };
-        let compressed = summary.compress(&model.qwen2, &prefix, &span, &mut |_, _| {})?;
-        let budget = n_virtual(SPAN.len(), ratio)?;
-        assert!(!compressed.is_empty() && compressed.len() <= budget, "{} tokens for a budget of {budget}", compressed.len());
-        assert_eq!(compressed.report.n_kept, compressed.len());
-        assert_eq!(compressed.positions, positions(PREFIX.len(), compressed.len()), "from the span's first position");
-        // The entries are the summary's own tokens run after the prefix.
-        let ids = summary.summary_ids(&model.qwen2, &span, budget)?;
-        assert_eq!(compressed.report.text.as_deref(), Some(model.tokenizer.decode(&ids)?.as_str()), "the report keeps the summary");
-        let own = model.qwen2.forward(&model.qwen2.embed(&ids)?, &compressed.positions, Some(&prefix), Logits::None)?;
-        assert!(max_abs_diff(&own.values[1], &compressed.values[1]) == 0.0);
+        let compressed = Summarize { ratio }.compress(&model, &prefix, &span, &mut |_, _| {})?;
+        let budget = budget(SPAN.len(), ratio)?;
+        let mut summary = prompt.clone();
+        for _ in 0..budget {
+            let logits = qwen.forward(&qwen.embed(&summary)?, &positions(0, summary.len()), None, Logits::Last)?.logits.unwrap();
+            summary.push(logits.flatten_all()?.argmax(D::Minus1)?.to_scalar::<u32>()?);
+        }
+        let summary = &summary[prompt.len()..];
+        assert_eq!(compressed.report.text.as_deref(), Some(model.tokenizer.decode(summary)?.as_str()), "{ratio}x");
+        assert_eq!((compressed.len(), compressed.report.n_kept), (budget, budget));
+        assert_eq!(compressed.positions, positions(PREFIX.len(), budget), "from the span's first position");
+        assert_eq!(compressed.next_position, (PREFIX.len() + SPAN.len()) as f32, "what follows keeps its positions");
+        let whole: Vec<u32> = PREFIX.iter().chain(summary).copied().collect();
+        let scratch = qwen.forward(&qwen.embed(&whole)?, &positions(0, whole.len()), None, Logits::None)?;
+        for layer in 0..scratch.keys.len() {
+            let own = |t: &Tensor| t.narrow(2, PREFIX.len(), budget).unwrap();
+            assert!(max_abs_diff(&own(&scratch.keys[layer]), &compressed.keys[layer]) <= 1e-5, "layer {layer} keys");
+            assert!(max_abs_diff(&own(&scratch.values[layer]), &compressed.values[layer]) <= 1e-5, "layer {layer} values");
+        }
     }
     assert!(Summarize::prompt("SPAN", 12).contains("at most 12 words") && Summarize::prompt("SPAN", 12).contains("SPAN"));
     Ok(())
@@ -188,7 +216,7 @@ fn the_summary_stays_within_the_token_budget() -> anyhow::Result<()> {
 
 #[test]
 fn initial_embeddings_follow_the_chosen_start() -> anyhow::Result<()> {
-    let model = random::model(&random::tiny_config(), 61, &cpu())?;
+    let model = testing::model(&testing::tiny_config(), 61, &cpu())?;
     let prefix = prefix_cache(&model, &PREFIX);
     let span = span_after_prefix(&model, &prefix);
     let bounds = chunk_bounds(SPAN.len(), 5)?;
@@ -205,11 +233,10 @@ fn initial_embeddings_follow_the_chosen_start() -> anyhow::Result<()> {
     assert!(max_abs_diff(&random_start, &other_seed) > 1e-2);
     assert!(max_abs_diff(&random_start, &Init::Random { seed: 1 }.embeddings(&model, &prefix, &span, &bounds)?) == 0.0);
 
-    let eviction = Eviction::KeyNorm;
-    let kept_start = Init::Kept(eviction).embeddings(&model, &prefix, &span, &bounds)?;
-    let kept = eviction.keep(&model, &prefix, &span, 5)?;
+    let kept_start = Init::Kept(Rc::new(KeyNorm {})).embeddings(&model, &prefix, &span, &bounds)?;
+    let kept = KeyNorm {}.keep(&model, &prefix, &span, 5)?;
     assert!(max_abs_diff(&kept_start, &span.select(&kept)?.embeddings) == 0.0);
-    assert_eq!(Recipe { init: Init::Kept(eviction), ..Recipe::published(4.0) }.name(), "surprisal+key-norm-init");
+    assert_eq!(Recipe { init: Init::Kept(Rc::new(KeyNorm {})), ..Recipe::published(4.0) }.name(), "surprisal+key-norm-init");
     Ok(())
 }
 
@@ -221,18 +248,18 @@ fn early_stopping_stops_on_a_plateau_only() -> anyhow::Result<()> {
     assert!(rule.plateaued(&[5.0, 1.0, 1.0, 0.999, 1.0]), "less than 1% in the last 3");
     assert!(rule.plateaued(&[5.0, 1.0, 2.0, 2.0, 2.0]), "worse");
 
-    let model = random::model(&random::tiny_config(), 67, &cpu())?;
+    let model = testing::model(&testing::tiny_config(), 67, &cpu())?;
     let prefix = prefix_cache(&model, &PREFIX);
     let span = span_after_prefix(&model, &prefix);
     let start = Recipe::published(4.0).virtual_start(&model, &prefix, &span)?;
     // lr 0: the loss never moves, so the run stops once the patience is spent.
     let frozen = OptimizerConfig { lr: 0.0, early_stop: Some(EarlyStop { patience: 5, min_improvement: 0.01 }), ..Default::default() };
-    let stopped = optimise(&model, start.objective(&prefix), &start.init, &frozen, 100, &mut |_, _| {})?;
+    let stopped = optimize(&model, start.objective(&prefix), &start.init, &frozen, 100, &mut |_, _| {})?;
     assert_eq!((stopped.report.steps, stopped.report.budget), (6, 100));
     assert_eq!(stopped.report.loss_curve.len(), 7);
     // A run that keeps improving uses its whole budget.
     let learning = OptimizerConfig { lr: 0.05, early_stop: Some(EarlyStop { patience: 5, min_improvement: 1e-4 }), ..Default::default() };
-    let full = optimise(&model, start.objective(&prefix), &start.init, &learning, 20, &mut |_, _| {})?;
+    let full = optimize(&model, start.objective(&prefix), &start.init, &learning, 20, &mut |_, _| {})?;
     assert_eq!((full.report.steps, full.report.budget), (20, 20));
     Ok(())
 }

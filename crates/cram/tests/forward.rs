@@ -1,13 +1,14 @@
-//! The differentiable forward on a small random-weight Qwen2: agreement with
-//! candle-transformers, position behaviour, prefix caching, and gradients.
+//! The differentiable forward on a small random-weight Qwen2, against two
+//! independent implementations (candle-transformers' qwen2 for logits, a
+//! naive f64 reference for every layer's K, V and attention), position
+//! behaviour, prefix caching and decoding. Gradients: `gradient.rs`.
 
 mod common;
 
-use candle_core::{DType, Device, Tensor, Var, D};
-use candle_nn::VarBuilder;
-use common::{cpu, max_abs_diff, write_safetensors_dir};
-use cram::ops::WeightGrad;
-use cram::{generate, random, KvCache, Logits, Model, ModelSource, Qwen2};
+use candle_core::{Tensor, Var, D};
+use common::reference::{heads_of, max_diff_3, Reference};
+use common::{candle_transformers_logits, cpu, max_abs_diff, write_safetensors_dir};
+use cram::{generate, testing, KvCache, Logits, Model, ModelSource};
 
 const TOKENS: [u32; 9] = [3, 17, 42, 8, 8, 60, 1, 33, 21];
 
@@ -17,8 +18,8 @@ fn positions(start: f32, n: usize) -> Vec<f32> {
 
 #[test]
 fn logits_match_candle_transformers_qwen2() -> anyhow::Result<()> {
-    let config = random::tiny_config();
-    let weights = random::named_weights(&config, 7, &cpu())?;
+    let config = testing::tiny_config();
+    let weights = testing::named_weights(&config, 7, &cpu())?;
 
     // Ours, loaded through the safetensors-directory path.
     let dir = tempfile::tempdir()?;
@@ -27,37 +28,94 @@ fn logits_match_candle_transformers_qwen2() -> anyhow::Result<()> {
     let embeddings = ours.qwen2.embed(&TOKENS)?;
     let our_logits = ours.qwen2.forward(&embeddings, &positions(0.0, TOKENS.len()), None, Logits::All)?.logits.unwrap();
 
-    // candle-transformers' reference implementation on the same weights.
-    let reference_config = candle_transformers::models::qwen2::Config {
-        vocab_size: config.vocab_size,
-        hidden_size: config.hidden_size,
-        intermediate_size: config.intermediate_size,
-        num_hidden_layers: config.num_hidden_layers,
-        num_attention_heads: config.num_attention_heads,
-        num_key_value_heads: config.num_key_value_heads,
-        max_position_embeddings: 4096,
-        sliding_window: 4096,
-        max_window_layers: config.num_hidden_layers,
-        tie_word_embeddings: false,
-        rope_theta: config.rope_theta,
-        rms_norm_eps: config.rms_norm_eps,
-        use_sliding_window: false,
-        hidden_act: candle_nn::Activation::Silu,
-    };
-    let vb = VarBuilder::from_tensors(weights.clone(), DType::F32, &cpu());
-    let mut reference = candle_transformers::models::qwen2::Model::new(&reference_config, vb)?;
-    let ids = Tensor::new(&TOKENS, &cpu())?.unsqueeze(0)?;
-    let hidden = reference.forward(&ids, 0, None)?;
-    let reference_logits = hidden.broadcast_matmul(&weights["lm_head.weight"].t()?)?;
-
-    let diff = max_abs_diff(&our_logits, &reference_logits);
+    let diff = max_abs_diff(&our_logits, &candle_transformers_logits(&config, &weights, &TOKENS));
     assert!(diff <= 1e-4, "max abs logit difference {diff}");
+    Ok(())
+}
+
+/// Every layer's K and V, stopping after the last K/V projection (no
+/// logits) or running to the logits, against the naive reference; the
+/// logits too. Fractional positions with gaps, as virtual tokens have.
+#[test]
+fn every_layer_matches_a_naive_reference() -> anyhow::Result<()> {
+    let config = testing::tiny_config();
+    let weights = testing::named_weights(&config, 9, &cpu())?;
+    let model = testing::model(&config, 9, &cpu())?;
+    let reference = Reference::new(&config, &weights);
+    let at = [0.0f32, 1.0, 2.5, 4.0, 4.5, 9.0, 10.0, 11.25, 30.0];
+    let expected = reference.forward(&TOKENS, &at);
+    for logits in [Logits::None, Logits::All] {
+        let output = model.forward(&model.embed(&TOKENS)?, &at, None, logits)?;
+        assert_eq!(output.logits.is_some(), logits == Logits::All);
+        for layer in 0..config.num_hidden_layers {
+            let key_diff = max_diff_3(&heads_of(&output.keys[layer]), &expected.keys[layer], 0);
+            let value_diff = max_diff_3(&heads_of(&output.values[layer]), &expected.values[layer], 0);
+            assert!(key_diff <= 1e-4 && value_diff <= 1e-4, "{logits:?} layer {layer}: K {key_diff}, V {value_diff}");
+        }
+        if let Some(ours) = output.logits {
+            let ours = ours.squeeze(0)?.to_dtype(candle_core::DType::F64)?.to_vec2::<f64>()?;
+            let diff = ours.iter().flatten().zip(expected.logits.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+            assert!(diff <= 1e-4, "logits differ by {diff}");
+        }
+    }
+    Ok(())
+}
+
+/// The cache a forward without logits leaves (its last layer stops at the
+/// K/V projections) is what the model needs to go on: continued over it,
+/// the next tokens' logits are candle-transformers' over the whole sequence.
+#[test]
+fn a_cache_filled_without_logits_continues_as_candle_transformers_does() -> anyhow::Result<()> {
+    let config = testing::tiny_config();
+    let weights = testing::named_weights(&config, 11, &cpu())?;
+    let model = testing::model(&config, 11, &cpu())?;
+    let split = 5;
+    let prefix = model.forward(&model.embed(&TOKENS[..split])?, &positions(0.0, split), None, Logits::None)?;
+    assert!(prefix.logits.is_none());
+    let mut cache = KvCache::new();
+    cache.append(&prefix.keys, &prefix.values, &positions(0.0, split))?;
+    let rest = &TOKENS[split..];
+    let continued = model.forward(&model.embed(rest)?, &positions(split as f32, rest.len()), Some(&cache), Logits::All)?;
+    let expected = candle_transformers_logits(&config, &weights, &TOKENS).narrow(1, split, rest.len())?;
+    let diff = max_abs_diff(&continued.logits.unwrap(), &expected);
+    assert!(diff <= 1e-4, "max abs logit difference {diff}");
+    Ok(())
+}
+
+/// Each layer's attention rows of new tokens over a prefix cache against
+/// the reference's softmax over the whole sequence (cache columns first):
+/// distributions, causal, and the right ones.
+#[test]
+fn attention_probabilities_are_the_reference_softmax_rows() -> anyhow::Result<()> {
+    let config = testing::tiny_config();
+    let weights = testing::named_weights(&config, 13, &cpu())?;
+    let model = testing::model(&config, 13, &cpu())?;
+    let at = [0.0f32, 1.0, 2.0, 3.0, 4.0, 5.5, 7.0, 9.25, 10.0];
+    let split = 4;
+    let prefix = model.forward(&model.embed(&TOKENS[..split])?, &at[..split], None, Logits::None)?;
+    let mut cache = KvCache::new();
+    cache.append(&prefix.keys, &prefix.values, &at[..split])?;
+    let probabilities = model.attention_probabilities(&model.embed(&TOKENS[split..])?, &at[split..], Some(&cache))?;
+    let expected = Reference::new(&config, &weights).forward(&TOKENS, &at).probabilities;
+    assert_eq!(probabilities.len(), config.num_hidden_layers);
+    for (layer, ours) in probabilities.iter().enumerate() {
+        assert_eq!(ours.dims(), &[1, config.num_attention_heads, TOKENS.len() - split, TOKENS.len()]);
+        let ours = heads_of(ours);
+        let diff = max_diff_3(&ours, &expected[layer], split);
+        assert!(diff <= 1e-5, "layer {layer}: {diff}");
+        for (head, rows) in ours.iter().enumerate() {
+            for (i, row) in rows.iter().enumerate() {
+                assert!((row.iter().sum::<f64>() - 1.0).abs() <= 1e-5, "layer {layer} head {head} row {i}");
+                assert!(row[split + i + 1..].iter().all(|&p| p == 0.0), "row {i} sees the future");
+            }
+        }
+    }
     Ok(())
 }
 
 #[test]
 fn shifting_positions_keeps_values_and_moves_keys() -> anyhow::Result<()> {
-    let model = random::model(&random::tiny_config(), 3, &cpu())?;
+    let model = testing::model(&testing::tiny_config(), 3, &cpu())?;
     let embeddings = model.embed(&TOKENS)?;
     let at_zero = model.forward(&embeddings, &positions(0.0, TOKENS.len()), None, Logits::None)?;
     let shifted = model.forward(&embeddings, &positions(37.5, TOKENS.len()), None, Logits::None)?;
@@ -72,7 +130,7 @@ fn shifting_positions_keeps_values_and_moves_keys() -> anyhow::Result<()> {
 
 #[test]
 fn forward_over_a_prefix_cache_equals_one_forward_over_the_whole() -> anyhow::Result<()> {
-    let model = random::model(&random::tiny_config(), 5, &cpu())?;
+    let model = testing::model(&testing::tiny_config(), 5, &cpu())?;
     let split = 4;
     let whole = model.forward(&model.embed(&TOKENS)?, &positions(0.0, TOKENS.len()), None, Logits::All)?;
 
@@ -95,103 +153,13 @@ fn forward_over_a_prefix_cache_equals_one_forward_over_the_whole() -> anyhow::Re
 }
 
 #[test]
-fn stopping_without_logits_returns_the_same_keys_and_values() -> anyhow::Result<()> {
-    let model = random::model(&random::tiny_config(), 9, &cpu())?;
-    let embeddings = model.embed(&TOKENS)?;
-    let full = model.forward(&embeddings, &positions(0.0, TOKENS.len()), None, Logits::All)?;
-    let stopped = model.forward(&embeddings, &positions(0.0, TOKENS.len()), None, Logits::None)?;
-    assert!(stopped.logits.is_none());
-    for layer in 0..model.config().num_hidden_layers {
-        assert_eq!(max_abs_diff(&full.keys[layer], &stopped.keys[layer]), 0.0);
-        assert_eq!(max_abs_diff(&full.values[layer], &stopped.values[layer]), 0.0);
-    }
-    Ok(())
-}
-
-/// A random model in f64, so finite differences are exact to many digits.
-fn f64_model(seed: u64) -> anyhow::Result<Qwen2> {
-    let config = random::tiny_config();
-    let mut weights = random::named_weights(&config, seed, &cpu())?;
-    Ok(Qwen2::from_named_weights(config, |name| {
-        weights.remove(name).map(|t| t.to_dtype(DType::F64)).transpose().map_err(Into::into)
-    })?)
-}
-
-/// Σ over layers of mean((V - target)²): the shape of the compression loss.
-fn value_loss(model: &Qwen2, embeddings: &Tensor, positions: &[f32], cache: &KvCache, targets: &[Tensor]) -> Tensor {
-    let output = model.forward(embeddings, positions, Some(cache), Logits::None).unwrap();
-    let per_layer: Vec<Tensor> = output
-        .values
-        .iter()
-        .zip(targets)
-        .map(|(v, t)| (v - t).unwrap().sqr().unwrap().mean_all().unwrap())
-        .collect();
-    Tensor::stack(&per_layer, 0).unwrap().sum_all().unwrap()
-}
-
-fn check_gradient(weight_grad: WeightGrad) -> anyhow::Result<()> {
-    let mut model = f64_model(11)?;
-    model.set_weight_grad(weight_grad);
-    let device = Device::Cpu;
-    let prefix = model.embed(&TOKENS[..3])?.to_dtype(DType::F64)?;
-    let prefix_out = model.forward(&prefix, &positions(0.0, 3), None, Logits::None)?;
-    // The last layer's K/V are computed even without logits: a full cache.
-    let mut cache = KvCache::new();
-    cache.append(&prefix_out.keys, &prefix_out.values, &positions(0.0, 3))?;
-
-    // Three virtual tokens at fractional positions over a span of six.
-    let virtual_positions = [3.0f32, 5.5, 8.0];
-    let init = Tensor::randn(0.0f64, 1.0, (1, 3, model.config().hidden_size), &device)?;
-    let virtual_embeddings = Var::from_tensor(&init)?;
-    let targets: Vec<Tensor> = prefix_out
-        .values
-        .iter()
-        .map(|v| Tensor::randn(0.0f64, 1.0, v.dims4().map(|(b, h, _, d)| (b, h, 3, d)).unwrap(), &device).unwrap())
-        .collect();
-
-    let loss = value_loss(&model, virtual_embeddings.as_tensor(), &virtual_positions, &cache, &targets);
-    let grads = loss.backward()?;
-    let analytic = grads.get(virtual_embeddings.as_tensor()).expect("gradient reaches the embeddings");
-    let analytic: Vec<f64> = analytic.flatten_all()?.to_vec1()?;
-
-    let base: Vec<f64> = init.flatten_all()?.to_vec1()?;
-    let step = 1e-5;
-    let mut worst = 0.0f64;
-    for index in (0..base.len()).step_by(7) {
-        let at = |delta: f64| -> f64 {
-            let mut shifted = base.clone();
-            shifted[index] += delta;
-            let embeddings = Tensor::from_vec(shifted, init.shape(), &device).unwrap();
-            value_loss(&model, &embeddings, &virtual_positions, &cache, &targets).to_scalar::<f64>().unwrap()
-        };
-        let numeric = (at(step) - at(-step)) / (2.0 * step);
-        let relative = (analytic[index] - numeric).abs() / numeric.abs().max(analytic[index].abs()).max(1e-6);
-        worst = worst.max(relative);
-    }
-    assert!(worst <= 1e-2, "{weight_grad:?}: worst relative gradient error {worst}");
-    let gradient_norm: f64 = analytic.iter().map(|g| g * g).sum::<f64>().sqrt();
-    assert!(gradient_norm > 1e-6, "gradient vanished");
-    Ok(())
-}
-
-#[test]
-fn value_loss_gradient_matches_finite_differences() -> anyhow::Result<()> {
-    check_gradient(WeightGrad::Skip)
-}
-
-#[test]
-fn plain_matmul_path_has_the_same_gradient() -> anyhow::Result<()> {
-    check_gradient(WeightGrad::Compute)
-}
-
-#[test]
 fn stock_candle_softmax_drops_the_gradient_that_ours_keeps() -> anyhow::Result<()> {
     // Why crate::ops exists: the fused op has no backward here.
     let x = Var::new(&[[0.3f32, -1.2, 2.0]], &cpu())?;
     let weights = Tensor::new(&[[1.0f32, 2.0, 3.0]], &cpu())?;
     let stock = candle_nn::ops::softmax_last_dim(x.as_tensor())?.mul(&weights)?.sum_all()?;
     let stock_grad = stock.backward().map(|g| g.get(x.as_tensor()).is_some()).unwrap_or(false);
-    let ours = cram::ops::softmax_last_dim(x.as_tensor())?.mul(&weights)?.sum_all()?;
+    let ours = cram::model::ops::softmax_last_dim(x.as_tensor())?.mul(&weights)?.sum_all()?;
     let our_grad = ours.backward()?.get(x.as_tensor()).unwrap().sqr()?.sum_all()?.to_scalar::<f32>()?;
     assert!(!stock_grad, "stock softmax now backpropagates; crate::ops may be simplified");
     assert!(our_grad > 0.0);
@@ -200,7 +168,7 @@ fn stock_candle_softmax_drops_the_gradient_that_ours_keeps() -> anyhow::Result<(
 
 #[test]
 fn greedy_decoding_over_the_cache_matches_recomputing_from_scratch() -> anyhow::Result<()> {
-    let model = random::model(&random::tiny_config(), 13, &cpu())?;
+    let model = testing::model(&testing::tiny_config(), 13, &cpu())?;
     let mut cache = KvCache::new();
     let answer = generate::greedy(&model, &mut cache, &TOKENS, 0.0, 6, &[])?;
     assert_eq!(answer.len(), 6);

@@ -1,16 +1,21 @@
 //! The published recipe's pieces on a small random model: pooling, positions,
-//! surprisal targets, optimisation, and the compressors.
+//! surprisal targets, optimization, and the compressors.
 
 mod common;
 
 use std::time::Duration;
 
 use candle_core::{Tensor, D};
-use common::{cpu, max_abs_diff, positions, prefix_cache};
-use cram::optimize::{default_steps, optimise, optimise_together, Objective};
-use cram::pooling::{chunk_bounds, n_virtual, pool, pooling_matrix, token_weights};
-use cram::positions::virtual_positions;
-use cram::{compress_together, random, Checkpointing, Compressor, EarlyStop, Logits, OptimizerConfig, Pooling, PositionMode, RawSpan, Recipe, SpanTargets};
+use common::{candle_transformers_logits, cpu, max_abs_diff, positions, prefix_cache};
+use cram::recipe::objective::Objective;
+use cram::recipe::optimize::{optimize, optimize_together};
+use cram::recipe::pooling::{chunk_bounds, pool, pooling_matrix, token_weights};
+use cram::recipe::positions::virtual_positions;
+use cram::recipe::settings::default_steps;
+use cram::{
+    budget, compress_together, testing, Checkpointing, Compressor, EarlyStop, Logits, OptimizerConfig, Pooling, PositionMode, RawSpan,
+    Recipe, SpanTargets,
+};
 
 const PREFIX: [u32; 4] = [5, 9, 14, 2];
 const SPAN: [u32; 12] = [30, 31, 8, 8, 44, 17, 63, 1, 12, 40, 41, 7];
@@ -32,13 +37,13 @@ fn chunk_bounds_are_a_truncated_linspace() {
 }
 
 #[test]
-fn n_virtual_rounds_like_python_and_refuses_ratios_of_one_or_less() {
-    assert_eq!(n_virtual(242, 3.2).unwrap(), 76); // 75.625
-    assert_eq!(n_virtual(240, 1.6).unwrap(), 150);
-    assert_eq!(n_virtual(10, 4.0).unwrap(), 2); // 2.5 -> 2, ties to even
-    assert_eq!(n_virtual(3, 100.0).unwrap(), 1);
-    for bad in [1.0, 0.5, -2.0, f64::NAN] {
-        assert!(n_virtual(100, bad).is_err(), "ratio {bad}");
+fn the_budget_rounds_like_python_and_refuses_ratios_of_one_or_less() {
+    assert_eq!(budget(242, 3.2).unwrap(), 76); // 75.625
+    assert_eq!(budget(240, 1.6).unwrap(), 150);
+    assert_eq!(budget(10, 4.0).unwrap(), 2); // 2.5 -> 2, ties to even
+    assert_eq!(budget(3, 100.0).unwrap(), 1);
+    for bad in [1.0, 0.5, -2.0, f64::NAN, f64::INFINITY] {
+        assert!(budget(100, bad).is_err(), "ratio {bad}");
     }
 }
 
@@ -89,42 +94,57 @@ fn default_steps_scale_with_the_span() {
     assert_eq!(default_steps(20), 100);
 }
 
+/// The targets against independent computations: surprisal from
+/// candle-transformers' logits over prefix + span, K/V from one forward of
+/// prefix + span from scratch (not over the prefix cache).
 #[test]
 fn targets_hold_the_span_kv_and_its_surprisal() -> anyhow::Result<()> {
-    let model = random::model(&random::tiny_config(), 17, &cpu())?;
+    let config = testing::tiny_config();
+    let model = testing::model(&config, 17, &cpu())?;
     let prefix = prefix_cache(&model, &PREFIX);
-    let span_positions = positions(PREFIX.len(), SPAN.len());
-    let targets = SpanTargets::compute(&model, &prefix, &SPAN, &span_positions)?;
+    let targets = span_after_prefix(&model, &prefix)?;
     assert_eq!(targets.surprisal[0], 0.0, "the first token's prediction lies outside the span");
 
-    let logits = model.forward(&model.embed(&SPAN)?, &span_positions, Some(&prefix), Logits::All)?.logits.unwrap();
+    let whole: Vec<u32> = PREFIX.iter().chain(&SPAN).copied().collect();
+    let logits = candle_transformers_logits(&config, &testing::named_weights(&config, 17, &cpu())?, &whole);
     let log_probs = candle_nn::ops::log_softmax(&logits.squeeze(0)?, D::Minus1)?.to_vec2::<f32>()?;
     for i in 1..SPAN.len() {
-        let expected = -log_probs[i - 1][SPAN[i] as usize];
-        assert!((targets.surprisal[i] - expected).abs() < 1e-4, "token {i}");
+        let expected = -log_probs[PREFIX.len() + i - 1][SPAN[i] as usize];
+        assert!((targets.surprisal[i] - expected).abs() < 1e-4, "token {i}: {} vs {expected}", targets.surprisal[i]);
     }
+    assert!(targets.surprisal[1..].iter().any(|&s| s > 1.0), "a real surprisal");
+    assert_span_kv(&model, &targets.keys, &targets.values);
     Ok(())
 }
 
+/// `keys` and `values` are SPAN's after PREFIX, by one forward of both from position 0.
+fn assert_span_kv(model: &cram::Qwen2, keys: &[Tensor], values: &[Tensor]) {
+    let whole: Vec<u32> = PREFIX.iter().chain(&SPAN).copied().collect();
+    let scratch = model.forward(&model.embed(&whole).unwrap(), &positions(0, whole.len()), None, Logits::None).unwrap();
+    for layer in 0..scratch.keys.len() {
+        let span_part = |t: &Tensor| t.narrow(2, PREFIX.len(), SPAN.len()).unwrap();
+        assert!(max_abs_diff(&keys[layer], &span_part(&scratch.keys[layer])) <= 1e-5, "layer {layer} keys");
+        assert!(max_abs_diff(&values[layer], &span_part(&scratch.values[layer])) <= 1e-5, "layer {layer} values");
+    }
+}
+
 #[test]
-fn the_raw_span_compressor_reproduces_the_span_kv() -> anyhow::Result<()> {
-    let model = random::model(&random::tiny_config(), 19, &cpu())?;
-    let prefix = prefix_cache(&model, &PREFIX);
-    let targets = span_after_prefix(&model, &prefix)?;
+fn the_raw_span_compressor_gives_the_span_kv_at_its_own_positions() -> anyhow::Result<()> {
+    let model = testing::full_model(&testing::tiny_config(), 19, &cpu())?;
+    let prefix = prefix_cache(&model.qwen2, &PREFIX);
+    let targets = span_after_prefix(&model.qwen2, &prefix)?;
     let raw = RawSpan.compress(&model, &prefix, &targets, &mut |_, _| {})?;
-    assert_eq!(raw.positions, targets.positions);
-    for layer in 0..targets.values.len() {
-        assert!(max_abs_diff(&raw.keys[layer], &targets.keys[layer]) <= 1e-6);
-        assert!(max_abs_diff(&raw.values[layer], &targets.values[layer]) <= 1e-6);
-    }
+    assert_eq!(raw.positions, positions(PREFIX.len(), SPAN.len()));
+    assert_eq!((raw.report.method.as_str(), raw.report.n_kept, raw.next_position), ("raw", SPAN.len(), 16.0));
+    assert_span_kv(&model.qwen2, &raw.keys, &raw.values);
     Ok(())
 }
 
 #[test]
-fn optimisation_lowers_the_value_loss() -> anyhow::Result<()> {
-    let model = random::model(&random::tiny_config(), 23, &cpu())?;
-    let prefix = prefix_cache(&model, &PREFIX);
-    let targets = span_after_prefix(&model, &prefix)?;
+fn optimization_lowers_the_value_loss() -> anyhow::Result<()> {
+    let model = testing::full_model(&testing::tiny_config(), 23, &cpu())?;
+    let prefix = prefix_cache(&model.qwen2, &PREFIX);
+    let targets = span_after_prefix(&model.qwen2, &prefix)?;
     for pooling in [Pooling::Surprisal, Pooling::Uniform] {
         let recipe = Recipe {
             pooling,
@@ -146,10 +166,10 @@ fn optimisation_lowers_the_value_loss() -> anyhow::Result<()> {
 }
 
 #[test]
-fn spans_optimised_together_match_each_optimised_alone() -> anyhow::Result<()> {
+fn spans_optimized_together_match_each_optimized_alone() -> anyhow::Result<()> {
     // Three ratios of one span side by side in one forward: the mask keeps
     // them apart, so each gets the gradients and Adam steps it would alone.
-    let model = random::model(&random::tiny_config(), 29, &cpu())?;
+    let model = testing::model(&testing::tiny_config(), 29, &cpu())?;
     let prefix = prefix_cache(&model, &PREFIX);
     let span = span_after_prefix(&model, &prefix)?;
     let config = OptimizerConfig { lr: 0.05, ..Default::default() };
@@ -158,10 +178,10 @@ fn spans_optimised_together_match_each_optimised_alone() -> anyhow::Result<()> {
         starts.iter().map(|s| s.objective(&prefix)).collect();
     let inits: Vec<Tensor> = starts.iter().map(|s| s.init.clone()).collect();
     let mut summed_losses = Vec::new();
-    let together = optimise_together(&model, &objectives, &inits, &config, 15, &mut |_, loss| summed_losses.push(loss))?;
+    let together = optimize_together(&model, &objectives, &inits, &config, 15, &mut |_, loss| summed_losses.push(loss))?;
     assert_eq!(together.len(), 3);
     for ((objective, init), joint) in objectives.iter().zip(&inits).zip(&together) {
-        let alone = optimise(&model, *objective, init, &config, 15, &mut |_, _| {})?;
+        let alone = optimize(&model, *objective, init, &config, 15, &mut |_, _| {})?;
         assert_eq!(joint.keys[0].dims(), alone.keys[0].dims());
         assert!(max_abs_diff(&joint.embeddings, &alone.embeddings) <= 1e-4);
         for layer in 0..alone.values.len() {
@@ -178,27 +198,27 @@ fn spans_optimised_together_match_each_optimised_alone() -> anyhow::Result<()> {
 }
 
 #[test]
-fn a_killed_optimisation_resumes_from_its_checkpoint_to_the_same_result() -> anyhow::Result<()> {
-    let model = random::model(&random::tiny_config(), 37, &cpu())?;
+fn a_killed_optimization_resumes_from_its_checkpoint_to_the_same_result() -> anyhow::Result<()> {
+    let model = testing::model(&testing::tiny_config(), 37, &cpu())?;
     let prefix = prefix_cache(&model, &PREFIX);
     let span = span_after_prefix(&model, &prefix)?;
     let start = Recipe::published(3.0).virtual_start(&model, &prefix, &span)?;
     let objective = start.objective(&prefix);
     let plain = OptimizerConfig { lr: 0.05, ..Default::default() };
-    let uninterrupted = optimise(&model, objective, &start.init, &plain, 8, &mut |_, _| {})?;
+    let uninterrupted = optimize(&model, objective, &start.init, &plain, 8, &mut |_, _| {})?;
 
     // The process dies in the progress callback after the third step.
     let dir = tempfile::tempdir()?;
     let checkpointing = Checkpointing { dir: dir.path().to_path_buf(), every: Duration::ZERO };
     let saving = OptimizerConfig { checkpoint: Some(checkpointing.clone()), ..plain.clone() };
     let killed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        optimise(&model, objective, &start.init, &saving, 8, &mut |step, _| assert!(step < 2, "killed"))
+        optimize(&model, objective, &start.init, &saving, 8, &mut |step, _| assert!(step < 2, "killed"))
     }));
     assert!(killed.is_err());
     assert_eq!(std::fs::read_dir(dir.path())?.count(), 1, "one checkpoint file, no partial one");
 
     let mut reported = Vec::new();
-    let resumed = optimise(&model, objective, &start.init, &saving, 8, &mut |step, _| reported.push(step))?;
+    let resumed = optimize(&model, objective, &start.init, &saving, 8, &mut |step, _| reported.push(step))?;
     assert_eq!(resumed.report.resumed_steps, 3);
     assert_eq!(reported, (0..8).collect::<Vec<_>>(), "the restored steps are reported first");
     // Adam's moments came back too: the same numbers as a run never killed.
@@ -207,7 +227,7 @@ fn a_killed_optimisation_resumes_from_its_checkpoint_to_the_same_result() -> any
 
     // Another span (another start) does not pick up this run's file.
     let other = Recipe::published(2.0).virtual_start(&model, &prefix, &span)?;
-    let fresh = optimise(&model, other.objective(&prefix), &other.init, &saving, 2, &mut |_, _| {})?;
+    let fresh = optimize(&model, other.objective(&prefix), &other.init, &saving, 2, &mut |_, _| {})?;
     assert_eq!(fresh.report.resumed_steps, 0);
     assert_eq!(std::fs::read_dir(dir.path())?.count(), 2);
 
@@ -215,14 +235,14 @@ fn a_killed_optimisation_resumes_from_its_checkpoint_to_the_same_result() -> any
     for entry in std::fs::read_dir(dir.path())? {
         std::fs::write(entry?.path(), b"not a checkpoint")?;
     }
-    let error = optimise(&model, objective, &start.init, &saving, 8, &mut |_, _| {}).unwrap_err();
+    let error = optimize(&model, objective, &start.init, &saving, 8, &mut |_, _| {}).unwrap_err();
     assert!(error.to_string().contains(&dir.path().display().to_string()), "{error}");
     Ok(())
 }
 
 #[test]
 fn settings_adam_cannot_use_and_a_diverging_loss_are_errors() -> anyhow::Result<()> {
-    let model = random::model(&random::tiny_config(), 41, &cpu())?;
+    let model = testing::model(&testing::tiny_config(), 41, &cpu())?;
     let prefix = prefix_cache(&model, &PREFIX);
     let span = span_after_prefix(&model, &prefix)?;
     let start = Recipe::published(3.0).virtual_start(&model, &prefix, &span)?;
@@ -232,21 +252,21 @@ fn settings_adam_cannot_use_and_a_diverging_loss_are_errors() -> anyhow::Result<
         (OptimizerConfig { lr: f64::NAN, ..Default::default() }, "lr NaN must be"),
         (OptimizerConfig { eps: 0.0, ..Default::default() }, "eps 0 must be"),
     ] {
-        let error = optimise(&model, objective, &start.init, &config, 2, &mut |_, _| {}).unwrap_err();
+        let error = optimize(&model, objective, &start.init, &config, 2, &mut |_, _| {}).unwrap_err();
         assert!(error.to_string().contains(expected), "{error}");
     }
     // A start that is not a number ends the run at its first step.
     let broken = start.init.affine(f64::NAN, 0.0)?;
     let mut steps_reported = 0;
-    let error = optimise(&model, objective, &broken, &OptimizerConfig::default(), 5, &mut |_, _| steps_reported += 1).unwrap_err();
+    let error = optimize(&model, objective, &broken, &OptimizerConfig::default(), 5, &mut |_, _| steps_reported += 1).unwrap_err();
     assert!(matches!(error, cram::Error::Diverged { step: 0, .. }), "{error}");
     assert_eq!(steps_reported, 0);
     Ok(())
 }
 
 #[test]
-fn optimising_together_refuses_different_prefixes() -> anyhow::Result<()> {
-    let model = random::model(&random::tiny_config(), 31, &cpu())?;
+fn optimizing_together_refuses_different_prefixes() -> anyhow::Result<()> {
+    let model = testing::model(&testing::tiny_config(), 31, &cpu())?;
     let (prefix, other_prefix) = (prefix_cache(&model, &PREFIX), prefix_cache(&model, &PREFIX));
     let span = span_after_prefix(&model, &prefix)?;
     let start = Recipe::published(3.0).virtual_start(&model, &prefix, &span)?;
@@ -255,16 +275,16 @@ fn optimising_together_refuses_different_prefixes() -> anyhow::Result<()> {
         start.objective(&other_prefix),
     ];
     let inits = [start.init.clone(), start.init.clone()];
-    let error = optimise_together(&model, &objectives, &inits, &OptimizerConfig::default(), 1, &mut |_, _| {}).unwrap_err();
+    let error = optimize_together(&model, &objectives, &inits, &OptimizerConfig::default(), 1, &mut |_, _| {}).unwrap_err();
     assert!(error.to_string().contains("same prefix"), "{error}");
     Ok(())
 }
 
 #[test]
 fn compressing_together_refuses_what_would_change_a_recipe() -> anyhow::Result<()> {
-    let model = random::model(&random::tiny_config(), 37, &cpu())?;
-    let prefix = prefix_cache(&model, &PREFIX);
-    let span = span_after_prefix(&model, &prefix)?;
+    let model = testing::full_model(&testing::tiny_config(), 37, &cpu())?;
+    let prefix = prefix_cache(&model.qwen2, &PREFIX);
+    let span = span_after_prefix(&model.qwen2, &prefix)?;
     let compress = |recipes: &[Recipe]| compress_together(recipes, &model, &prefix, &span, &mut |_, _| {});
 
     let fast = Recipe { optimizer: OptimizerConfig { lr: 0.1, steps: Some(3), ..Default::default() }, ..Recipe::published(2.0) };

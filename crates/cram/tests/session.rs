@@ -1,13 +1,15 @@
 //! Turn-by-turn compression on a small random model: the session, its saved
-//! cache, the hybrid and compress-then-evict.
+//! cache, and where a continuation starts after a span that kept fewer
+//! entries than positions. The hybrid and compress-then-evict: `methods.rs`.
 
 mod common;
 
+use std::collections::HashMap;
+
 use common::{cpu, max_abs_diff, positions};
-use cram::pooling::n_virtual;
 use cram::{
-    random, CompressThenEvict, Compressor, Error, Hybrid, KvCache, Logits, Model, OptimizerConfig, Recipe, Session,
-    SpanTargets, Truncate,
+    testing, Compressor, Error, Evict, KvCache, Logits, Model, OptimizerConfig, Qwen2, Recipe, Scorer, Session, SpanTargets,
+    Truncate,
 };
 
 const SYSTEM: &str = "t5 t9 t14 t2";
@@ -16,7 +18,7 @@ const TURN_2: &str = "t22 t3 t50 t51 t52 t9";
 const QUESTION: &str = "t60 t61 t62";
 
 fn model(seed: u64) -> Model {
-    random::full_model(&random::tiny_config(), seed, &cpu()).unwrap()
+    testing::full_model(&testing::tiny_config(), seed, &cpu()).unwrap()
 }
 
 fn quick_recipe(ratio: f64) -> Recipe {
@@ -128,71 +130,72 @@ fn span_after_system(model: &Model) -> (KvCache, SpanTargets) {
     (session.cache().clone(), span)
 }
 
-#[test]
-fn the_hybrid_keeps_the_chosen_tokens_kv_unchanged_and_meets_the_ratio() {
-    let model = model(3);
-    let (prefix, span) = span_after_system(&model);
-    let mut hybrid = Hybrid::new(quick_recipe(2.0));
-    hybrid.verbatim_share = 0.25;
-    let verbatim = hybrid.verbatim_tokens(&span).unwrap();
-    assert_eq!(verbatim.len(), 3); // 25% of 12
-    assert!(verbatim.windows(2).all(|w| w[0] < w[1]));
+/// Keeps the earliest tokens: an eviction that always drops the span's last.
+#[derive(Debug)]
+struct Earliest;
 
-    let compressed = hybrid.compress(&model.qwen2, &prefix, &span, &mut |_, _| {}).unwrap();
-    assert_eq!(compressed.len(), n_virtual(12, 2.0).unwrap());
-    assert_eq!(compressed.report.n_kept, 6);
-    let kept_positions: Vec<f32> = verbatim.iter().map(|&i| span.positions[i]).collect();
-    assert_eq!(&compressed.positions[..3], kept_positions.as_slice());
-    for layer in 0..span.keys.len() {
-        for (entry, &token) in verbatim.iter().enumerate() {
-            let kept_key = compressed.keys[layer].narrow(2, entry, 1).unwrap();
-            let kept_value = compressed.values[layer].narrow(2, entry, 1).unwrap();
-            assert_eq!(max_abs_diff(&kept_key, &span.keys[layer].narrow(2, token, 1).unwrap()), 0.0);
-            assert_eq!(max_abs_diff(&kept_value, &span.values[layer].narrow(2, token, 1).unwrap()), 0.0);
-        }
+impl Scorer for Earliest {
+    fn name(&self) -> String {
+        "earliest".into()
     }
-    // The virtual tokens sit over the tokens that were not kept.
-    let rest: Vec<f32> = (0..12).filter(|i| !verbatim.contains(i)).map(|i| span.positions[i]).collect();
-    assert!(compressed.positions[3..].iter().all(|p| (rest[0]..=rest[rest.len() - 1]).contains(p)));
+
+    fn score(&self, _model: &Qwen2, _prefix: &KvCache, span: &SpanTargets, _budget: usize) -> cram::Result<Vec<f32>> {
+        Ok((0..span.len()).map(|i| -(i as f32)).collect())
+    }
+}
+
+/// Saves and loads `cache`; the loaded next position.
+fn next_position_after_save_and_load(cache: &KvCache) -> f32 {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cache.safetensors");
+    cache.save(&path, HashMap::new()).unwrap();
+    let (loaded, _) = KvCache::load(&path, &cpu(), candle_core::DType::F32).unwrap();
+    assert_eq!(loaded.positions(), cache.positions());
+    loaded.next_position()
 }
 
 #[test]
-fn value_uniqueness_ranks_a_token_unlike_its_neighbours_first() {
-    let device = cpu();
-    // One layer, one head, 5 tokens of dim 2; token 2 stands out.
-    let values = candle_core::Tensor::new(&[[[[0f32, 0.], [0., 0.1], [5., 5.], [0., 0.1], [0., 0.]]]], &device).unwrap();
-    let uniqueness = cram::hybrid::value_uniqueness(&[values]).unwrap();
-    let top = cram::evict::most_important(&uniqueness, 1);
-    assert_eq!(top, vec![2]);
-}
-
-#[test]
-fn compress_then_evict_keeps_n_over_ratio_of_the_virtual_tokens() {
-    let model = model(3);
-    let (prefix, span) = span_after_system(&model);
-    let first = quick_recipe(2.0).compress(&model.qwen2, &prefix, &span, &mut |_, _| {}).unwrap();
-    let method = CompressThenEvict { recipe: quick_recipe(2.0), ratio: 4.0, window: 4 };
-    let evicted = method.compress(&model.qwen2, &prefix, &span, &mut |_, _| {}).unwrap();
-    assert_eq!(evicted.len(), 3);
-    assert_eq!(evicted.report.method, "compress-evict");
-    assert!(evicted.positions.iter().all(|p| first.positions.contains(p)));
-    assert!(evicted.positions.windows(2).all(|w| w[0] < w[1]), "kept in cache order");
-
-    let backwards = CompressThenEvict { recipe: quick_recipe(4.0), ratio: 2.0, window: 4 };
-    assert!(backwards.compress(&model.qwen2, &prefix, &span, &mut |_, _| {}).is_err());
-}
-
-#[test]
-fn attention_probabilities_are_causal_distributions() {
+fn after_a_dropped_or_cut_span_the_cache_continues_after_the_span() {
     let model = model(1);
     let (prefix, span) = span_after_system(&model);
-    let probabilities = model.qwen2.attention_probabilities(&span.embeddings, &span.positions, Some(&prefix)).unwrap();
-    assert_eq!(probabilities.len(), model.qwen2.config().num_hidden_layers);
-    let layer = &probabilities[0]; // (1, heads, 12, 4 + 12)
-    assert_eq!(layer.dims(), &[1, model.qwen2.config().num_attention_heads, 12, 16]);
-    let sums: Vec<f32> = layer.sum(3).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-    assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-5));
-    // Token 0 of the span sees the prefix and itself only.
-    let future: f32 = layer.narrow(2, 0, 1).unwrap().narrow(3, 5, 11).unwrap().sum_all().unwrap().to_scalar().unwrap();
-    assert_eq!(future, 0.0);
+    let after_span = 4.0 + 12.0;
+    assert_eq!(prefix.next_position(), 4.0);
+
+    let mut dropped = prefix.clone();
+    Truncate.compress(&model, &prefix, &span, &mut |_, _| {}).unwrap().append_to(&mut dropped).unwrap();
+    assert_eq!((dropped.len(), dropped.next_position()), (4, after_span));
+    assert_eq!(next_position_after_save_and_load(&dropped), after_span);
+
+    let evicted = Evict::new(Earliest, 3.0).compress(&model, &prefix, &span, &mut |_, _| {}).unwrap();
+    assert_eq!(evicted.positions, positions(4, 4), "the span's first 4 entries, its last dropped");
+    let mut cut = prefix.clone();
+    evicted.append_to(&mut cut).unwrap();
+    assert_eq!((cut.len(), cut.next_position()), (8, after_span));
+    assert_eq!(next_position_after_save_and_load(&cut), after_span);
+
+    // What follows goes on from there, in a session as in a bare cache.
+    let mut session = Session::new(&model, SYSTEM).unwrap();
+    session.push_compressed(TURN_1, &Evict::new(Earliest, 3.0), &mut |_, _| {}).unwrap();
+    assert_eq!(session.next_position(), after_span);
+    session.push_verbatim(TURN_2).unwrap();
+    assert_eq!(&session.cache().positions()[8..], positions(16, 6).as_slice());
+}
+
+#[test]
+fn a_cache_file_without_a_next_position_continues_after_its_last_entry() {
+    let model = model(1);
+    let (prefix, _) = span_after_system(&model);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old.safetensors");
+    let mut tensors: HashMap<String, candle_core::Tensor> = HashMap::new();
+    for layer in 0..prefix.num_layers() {
+        let (keys, values) = prefix.layer(layer).unwrap();
+        tensors.insert(format!("keys.{layer}"), keys.clone());
+        tensors.insert(format!("values.{layer}"), values.clone());
+    }
+    tensors.insert("positions".into(), candle_core::Tensor::new(&[0.0f32, 1.0, 2.0, 7.0], &cpu()).unwrap());
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+    let (loaded, metadata) = KvCache::load(&path, &cpu(), candle_core::DType::F32).unwrap();
+    assert!(metadata.is_empty());
+    assert_eq!(loaded.next_position(), 8.0);
 }

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use candle_core::quantized::gguf_file;
 use serde::{Deserialize, Serialize};
 
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// The hyperparameters of a Qwen2 decoder.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

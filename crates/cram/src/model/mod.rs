@@ -2,7 +2,9 @@
 //! GGUF file (dequantised), a local safetensors directory, or an hf-hub repo.
 
 mod config;
+pub mod ops;
 mod qwen2;
+pub mod rope;
 
 pub use config::Qwen2Config;
 pub use qwen2::{ForwardOutput, Logits, Placement, Qwen2};
@@ -16,7 +18,7 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
 use crate::tokenizer::Tokenizer;
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// Where a model's files are.
 #[derive(Debug, Clone, PartialEq, Eq)]

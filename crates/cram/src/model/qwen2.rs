@@ -4,15 +4,15 @@
 //! (not only token ids) at arbitrary float positions over an explicit
 //! [`KvCache`], returns every layer's K (post-RoPE) and V for the new tokens,
 //! and computes logits only when asked. Every op on the path has a backward
-//! (see [`crate::ops`]); the frozen weights get no gradient buffers.
+//! (see [`super::ops`]); the frozen weights get no gradient buffers.
 
 use candle_core::{DType, Device, Tensor, D};
 
 use super::config::Qwen2Config;
 use crate::cache::KvCache;
-use crate::ops::{masked_softmax_last_dim, rms_norm, Linear, WeightGrad};
-use crate::rope::Rotation;
-use crate::{Error, Result};
+use super::ops::{masked_softmax_last_dim, rms_norm, Linear, WeightGrad};
+use super::rope::Rotation;
+use crate::error::{Error, Result};
 
 /// Which logits a forward computes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,18 +47,184 @@ pub struct Placement {
     cached: usize,
 }
 
-/// One decoder block's frozen weights.
+/// Grouped-query self-attention's frozen projections.
 #[derive(Debug, Clone)]
-struct DecoderLayer {
-    input_norm: Tensor,
+struct Attention {
     q_proj: Linear,
     k_proj: Linear,
     v_proj: Linear,
     o_proj: Linear,
-    post_attention_norm: Tensor,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    /// The projections of layer `prefix` (`model.layers.N`); Q, K and V carry biases.
+    fn new(config: &Qwen2Config, prefix: &str, require: &mut impl FnMut(&str) -> Result<Tensor>) -> Result<Self> {
+        let mut linear = |name: &str, bias: bool| -> Result<Linear> {
+            let weight = require(&format!("{prefix}.self_attn.{name}.weight"))?;
+            let bias = if bias { Some(require(&format!("{prefix}.self_attn.{name}.bias"))?) } else { None };
+            Ok(Linear::new(weight, bias))
+        };
+        Ok(Self {
+            q_proj: linear("q_proj", true)?,
+            k_proj: linear("k_proj", true)?,
+            v_proj: linear("v_proj", true)?,
+            o_proj: linear("o_proj", false)?,
+            heads: config.num_attention_heads,
+            kv_heads: config.num_key_value_heads,
+            head_dim: config.head_dim(),
+        })
+    }
+
+    /// normed (b, n, hidden) -> Q (b, heads, n, d), K and V (b, kv_heads, n, d), RoPE on Q and K.
+    fn project(&self, normed: &Tensor, rotation: &Rotation, weight_grad: WeightGrad) -> Result<(Tensor, Tensor, Tensor)> {
+        let (batch, n_new, _) = normed.dims3()?;
+        let split_heads = |projected: Tensor, heads: usize| -> Result<Tensor> {
+            Ok(projected.reshape((batch, n_new, heads, self.head_dim))?.transpose(1, 2)?.contiguous()?)
+        };
+        let query = split_heads(self.q_proj.forward(normed, weight_grad)?, self.heads)?;
+        let key = split_heads(self.k_proj.forward(normed, weight_grad)?, self.kv_heads)?;
+        let value = split_heads(self.v_proj.forward(normed, weight_grad)?, self.kv_heads)?;
+        Ok((rotation.apply(&query)?, rotation.apply(&key)?, value))
+    }
+
+    /// Attention probabilities without copying K/V per query head: the
+    /// query heads that share a KV head are stacked along the sequence axis.
+    /// query (b, heads, n, d); keys (b, kv, L, d) -> (b, kv, groups, n, L) in `softmax_dtype`.
+    fn probabilities(&self, query: &Tensor, keys: &Tensor, mask: Option<&Tensor>, softmax_dtype: DType) -> Result<Tensor> {
+        let (batch, _, n_new, _) = query.dims4()?;
+        let groups = self.heads / self.kv_heads;
+        let total = keys.dim(2)?;
+        // Scaling the (small) query rather than the (large) scores.
+        let grouped_query = (query / (self.head_dim as f64).sqrt())?.reshape((batch, self.kv_heads, groups * n_new, self.head_dim))?;
+        let scores = grouped_query.matmul(&keys.t()?)?;
+        let scores = scores.to_dtype(softmax_dtype)?.reshape((batch, self.kv_heads, groups, n_new, total))?;
+        masked_softmax_last_dim(&scores, mask)
+    }
+
+    /// probabilities (b, kv, groups, n, L); values (b, kv, L, d) -> the
+    /// output projection of what was attended, (b, n, hidden).
+    fn forward(&self, probabilities: &Tensor, values: &Tensor, weight_grad: WeightGrad) -> Result<Tensor> {
+        let (batch, kv_heads, groups, n_new, total) = probabilities.dims5()?;
+        let grouped = probabilities.to_dtype(values.dtype())?.reshape((batch, kv_heads, groups * n_new, total))?;
+        let attended = grouped.matmul(values)?; // (b, kv, groups * n, d)
+        let attended = attended.reshape((batch, self.heads, n_new, self.head_dim))?.transpose(1, 2)?;
+        self.o_proj.forward(&attended.reshape((batch, n_new, self.heads * self.head_dim))?, weight_grad)
+    }
+}
+
+/// The SwiGLU feed-forward block's frozen weights.
+#[derive(Debug, Clone)]
+struct Mlp {
     gate_proj: Linear,
     up_proj: Linear,
     down_proj: Linear,
+}
+
+impl Mlp {
+    fn new(prefix: &str, require: &mut impl FnMut(&str) -> Result<Tensor>) -> Result<Self> {
+        let mut linear = |name: &str| -> Result<Linear> { Ok(Linear::new(require(&format!("{prefix}.mlp.{name}.weight"))?, None)) };
+        Ok(Self { gate_proj: linear("gate_proj")?, up_proj: linear("up_proj")?, down_proj: linear("down_proj")? })
+    }
+
+    /// normed (b, n, hidden) -> (b, n, hidden)
+    fn forward(&self, normed: &Tensor, weight_grad: WeightGrad) -> Result<Tensor> {
+        let gate = self.gate_proj.forward(normed, weight_grad)?.silu()?;
+        let up = self.up_proj.forward(normed, weight_grad)?;
+        self.down_proj.forward(&(gate * up)?, weight_grad)
+    }
+}
+
+/// One decoder block: RMS norm, attention, residual, RMS norm, MLP, residual.
+#[derive(Debug, Clone)]
+struct DecoderLayer {
+    input_norm: Tensor,
+    attention: Attention,
+    post_attention_norm: Tensor,
+    mlp: Mlp,
+    rms_norm_eps: f64,
+}
+
+/// What one block computed for the new tokens.
+struct LayerOutput {
+    /// (b, kv_heads, n, d), RoPE applied.
+    key: Tensor,
+    /// (b, kv_heads, n, d)
+    value: Tensor,
+    /// (b, kv, groups, n, cached + n), when attention ran.
+    probabilities: Option<Tensor>,
+    /// (b, n, hidden), when the whole block ran.
+    hidden_states: Option<Tensor>,
+}
+
+/// How far a block runs: the last layer of a forward often needs less.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Depth {
+    /// Up to the K/V projections.
+    KeysAndValues,
+    /// Up to the attention probabilities.
+    Attention,
+    /// The whole block.
+    Full,
+}
+
+impl DecoderLayer {
+    fn new(config: &Qwen2Config, index: usize, require: &mut impl FnMut(&str) -> Result<Tensor>) -> Result<Self> {
+        let prefix = format!("model.layers.{index}");
+        Ok(Self {
+            input_norm: require(&format!("{prefix}.input_layernorm.weight"))?,
+            attention: Attention::new(config, &prefix, require)?,
+            post_attention_norm: require(&format!("{prefix}.post_attention_layernorm.weight"))?,
+            mlp: Mlp::new(&prefix, require)?,
+            rms_norm_eps: config.rms_norm_eps,
+        })
+    }
+
+    /// hidden_states (b, n, hidden) after the `cached` (K, V) of this layer
+    /// ((1, kv, L, d) each, shared by the batch), up to `depth`.
+    fn forward(
+        &self,
+        hidden_states: &Tensor,
+        placement: &Placement,
+        cached: Option<(&Tensor, &Tensor)>,
+        depth: Depth,
+        exec: Exec,
+    ) -> Result<LayerOutput> {
+        let batch = hidden_states.dim(0)?;
+        let normed = rms_norm(hidden_states, &self.input_norm, self.rms_norm_eps)?;
+        let (query, key, value) = self.attention.project(&normed, &placement.rotation, exec.weight_grad)?;
+        let mut output = LayerOutput { key: key.clone(), value: value.clone(), probabilities: None, hidden_states: None };
+        if depth == Depth::KeysAndValues {
+            return Ok(output);
+        }
+        let (all_keys, all_values) = match cached {
+            Some((cached_keys, cached_values)) => (
+                Tensor::cat(&[&expand_batch(cached_keys, batch)?, &key], 2)?,
+                Tensor::cat(&[&expand_batch(cached_values, batch)?, &value], 2)?,
+            ),
+            None => (key, value),
+        };
+        let probabilities = self.attention.probabilities(&query, &all_keys, placement.mask.as_ref(), exec.softmax_dtype)?;
+        if depth == Depth::Attention {
+            output.probabilities = Some(probabilities);
+            return Ok(output);
+        }
+        let attended = self.attention.forward(&probabilities, &all_values, exec.weight_grad)?;
+        output.probabilities = Some(probabilities);
+        let hidden_states = (hidden_states + attended)?;
+        let normed = rms_norm(&hidden_states, &self.post_attention_norm, self.rms_norm_eps)?;
+        output.hidden_states = Some((&hidden_states + self.mlp.forward(&normed, exec.weight_grad)?)?);
+        Ok(output)
+    }
+}
+
+/// How a forward executes, the same for every block.
+#[derive(Debug, Clone, Copy)]
+struct Exec {
+    weight_grad: WeightGrad,
+    softmax_dtype: DType,
 }
 
 /// The frozen Qwen2 weights and the differentiable forward over them.
@@ -93,33 +259,7 @@ impl Qwen2 {
                 config.vocab_size, config.hidden_size
             )));
         }
-        let mut layers = Vec::with_capacity(config.num_hidden_layers);
-        for index in 0..config.num_hidden_layers {
-            let prefix = format!("model.layers.{index}");
-            let mut linear = |name: &str, bias: bool| -> Result<Linear> {
-                let weight = require(&format!("{prefix}.{name}.weight"))?;
-                let bias = if bias { Some(require(&format!("{prefix}.{name}.bias"))?) } else { None };
-                Ok(Linear::new(weight, bias))
-            };
-            let q_proj = linear("self_attn.q_proj", true)?;
-            let k_proj = linear("self_attn.k_proj", true)?;
-            let v_proj = linear("self_attn.v_proj", true)?;
-            let o_proj = linear("self_attn.o_proj", false)?;
-            let gate_proj = linear("mlp.gate_proj", false)?;
-            let up_proj = linear("mlp.up_proj", false)?;
-            let down_proj = linear("mlp.down_proj", false)?;
-            layers.push(DecoderLayer {
-                input_norm: require(&format!("{prefix}.input_layernorm.weight"))?,
-                post_attention_norm: require(&format!("{prefix}.post_attention_layernorm.weight"))?,
-                q_proj,
-                k_proj,
-                v_proj,
-                o_proj,
-                gate_proj,
-                up_proj,
-                down_proj,
-            });
-        }
+        let layers = (0..config.num_hidden_layers).map(|index| DecoderLayer::new(&config, index, &mut require)).collect::<Result<Vec<_>>>()?;
         let final_norm = require("model.norm.weight")?;
         let lm_head_weight = match fetch("lm_head.weight")? {
             Some(weight) => weight,
@@ -198,7 +338,7 @@ impl Qwen2 {
         self.forward_placed(embeddings, &placement, cache, logits)
     }
 
-    /// Where new tokens go, prepared once for many forwards (an optimisation
+    /// Where new tokens go, prepared once for many forwards (an optimization
     /// runs thousands over the same positions): their RoPE tables and their
     /// attention mask. The new tokens form consecutive `groups` (lengths
     /// summing to `positions.len()`), independent sequences that all see the
@@ -242,7 +382,7 @@ impl Qwen2 {
         cache: Option<&KvCache>,
     ) -> Result<Vec<Tensor>> {
         let placement = self.placement(positions, &[positions.len()], cache.map_or(0, KvCache::len))?;
-        Ok(self.run(embeddings, &placement, cache, Logits::Last, true)?.1)
+        Ok(self.run(embeddings, &placement, cache, Logits::None, true)?.1)
     }
 
     /// Softmax in at least f32 whatever the weights' dtype: bf16 rows of
@@ -251,7 +391,8 @@ impl Qwen2 {
         if self.dtype == DType::F64 { DType::F64 } else { DType::F32 }
     }
 
-    /// The forward; with `keep_attention`, also each layer's attention probabilities.
+    /// The forward; with `keep_attention`, also each layer's attention
+    /// probabilities (batch, heads, n, cached + n) in f32.
     fn run(
         &self,
         embeddings: &Tensor,
@@ -260,7 +401,7 @@ impl Qwen2 {
         logits: Logits,
         keep_attention: bool,
     ) -> Result<(ForwardOutput, Vec<Tensor>)> {
-        let (batch, n_new, hidden) = embeddings.dims3()?;
+        let (_, n_new, hidden) = embeddings.dims3()?;
         if n_new != placement.n_new || hidden != self.config.hidden_size {
             return Err(Error::Invalid(format!(
                 "embeddings {:?} do not fit {} positions and hidden size {}",
@@ -275,42 +416,34 @@ impl Qwen2 {
         }
         if let Some(cache) = cache {
             if cache.num_layers() != self.layers.len() && !cache.is_empty() {
-                return Err(Error::Invalid(format!(
-                    "cache has {} layers, model {}",
-                    cache.num_layers(),
-                    self.layers.len()
-                )));
+                return Err(Error::Invalid(format!("cache has {} layers, model {}", cache.num_layers(), self.layers.len())));
             }
         }
-
+        // Without logits the last layer stops early: at its K/V, or at its
+        // attention when that is what the caller wants.
+        let last_depth = match (logits, keep_attention) {
+            (Logits::None, false) => Depth::KeysAndValues,
+            (Logits::None, true) => Depth::Attention,
+            _ => Depth::Full,
+        };
+        let exec = Exec { weight_grad: self.weight_grad, softmax_dtype: self.softmax_dtype() };
         let mut hidden_states = embeddings.to_dtype(self.dtype)?;
         let mut keys = Vec::with_capacity(self.layers.len());
         let mut values = Vec::with_capacity(self.layers.len());
         let mut attention = Vec::new();
         for (index, layer) in self.layers.iter().enumerate() {
-            let normed = rms_norm(&hidden_states, &layer.input_norm, self.config.rms_norm_eps)?;
-            let (query, key, value) = self.project_qkv(layer, &normed, &placement.rotation, batch, n_new)?;
-            keys.push(key.clone());
-            values.push(value.clone());
-            let is_last = index + 1 == self.layers.len();
-            if is_last && logits == Logits::None {
-                break;
+            let depth = if index + 1 == self.layers.len() { last_depth } else { Depth::Full };
+            let output = layer.forward(&hidden_states, placement, cache.and_then(|c| c.layer(index)), depth, exec)?;
+            keys.push(output.key);
+            values.push(output.value);
+            if let Some(probabilities) = output.probabilities.filter(|_| keep_attention) {
+                // Query head h shares KV head h / groups: kv-major order is head order.
+                let (batch, kv_heads, groups, n, total) = probabilities.dims5()?;
+                attention.push(probabilities.reshape((batch, kv_heads * groups, n, total))?.detach());
             }
-            let cached_kv = cache.and_then(|c| c.layer(index));
-            let (all_keys, all_values) = match cached_kv {
-                Some((cached_keys, cached_values)) => (
-                    Tensor::cat(&[&expand_batch(cached_keys, batch)?, &key], 2)?,
-                    Tensor::cat(&[&expand_batch(cached_values, batch)?, &value], 2)?,
-                ),
-                None => (key, value),
-            };
-            let (attended, probabilities) = self.attention(&query, &all_keys, &all_values, placement.mask.as_ref())?;
-            if keep_attention {
-                attention.push(probabilities.detach());
+            if let Some(next) = output.hidden_states {
+                hidden_states = next;
             }
-            hidden_states = (hidden_states + layer.o_proj.forward(&attended, self.weight_grad)?)?;
-            let normed = rms_norm(&hidden_states, &layer.post_attention_norm, self.config.rms_norm_eps)?;
-            hidden_states = (hidden_states + self.mlp(layer, &normed)?)?;
         }
         let logits = match logits {
             Logits::None => None,
@@ -318,59 +451,6 @@ impl Qwen2 {
             Logits::All => Some(self.logits(&hidden_states)?),
         };
         Ok((ForwardOutput { keys, values, logits }, attention))
-    }
-
-    /// Q (batch, heads, n, d), K and V (batch, kv_heads, n, d), RoPE on Q and K.
-    fn project_qkv(
-        &self,
-        layer: &DecoderLayer,
-        normed: &Tensor,
-        rotation: &Rotation,
-        batch: usize,
-        n_new: usize,
-    ) -> Result<(Tensor, Tensor, Tensor)> {
-        let head_dim = self.config.head_dim();
-        let split_heads = |projected: Tensor, heads: usize| -> Result<Tensor> {
-            Ok(projected.reshape((batch, n_new, heads, head_dim))?.transpose(1, 2)?.contiguous()?)
-        };
-        let query = split_heads(layer.q_proj.forward(normed, self.weight_grad)?, self.config.num_attention_heads)?;
-        let key = split_heads(layer.k_proj.forward(normed, self.weight_grad)?, self.config.num_key_value_heads)?;
-        let value = split_heads(layer.v_proj.forward(normed, self.weight_grad)?, self.config.num_key_value_heads)?;
-        Ok((rotation.apply(&query)?, rotation.apply(&key)?, value))
-    }
-
-    /// Grouped-query attention without copying K/V per query head: the query
-    /// heads that share a KV head are stacked along the sequence axis.
-    /// query (b, heads, n, d); keys, values (b, kv, L, d) -> (b, n, hidden),
-    /// and the probabilities (b, heads, n, L) in f32.
-    fn attention(
-        &self,
-        query: &Tensor,
-        keys: &Tensor,
-        values: &Tensor,
-        mask: Option<&Tensor>,
-    ) -> Result<(Tensor, Tensor)> {
-        let (batch, heads, n_new, head_dim) = query.dims4()?;
-        let kv_heads = self.config.num_key_value_heads;
-        let groups = heads / kv_heads;
-        let total = keys.dim(2)?;
-        // Scaling the (small) query rather than the (large) scores.
-        let grouped_query = (query / (head_dim as f64).sqrt())?.reshape((batch, kv_heads, groups * n_new, head_dim))?;
-        let scores = grouped_query.matmul(&keys.t()?)?;
-        let scores = scores.to_dtype(self.softmax_dtype())?.reshape((batch, kv_heads, groups, n_new, total))?;
-        let probabilities = masked_softmax_last_dim(&scores, mask)?;
-        let grouped = probabilities.to_dtype(self.dtype)?.reshape((batch, kv_heads, groups * n_new, total))?;
-        let attended = grouped.matmul(values)?; // (b, kv, groups * n, d)
-        let attended = attended.reshape((batch, heads, n_new, head_dim))?.transpose(1, 2)?;
-        // Query head h shares KV head h / groups: kv-major order is head order.
-        let probabilities = probabilities.reshape((batch, heads, n_new, total))?;
-        Ok((attended.reshape((batch, n_new, heads * head_dim))?, probabilities))
-    }
-
-    fn mlp(&self, layer: &DecoderLayer, normed: &Tensor) -> Result<Tensor> {
-        let gate = layer.gate_proj.forward(normed, self.weight_grad)?.silu()?;
-        let up = layer.up_proj.forward(normed, self.weight_grad)?;
-        layer.down_proj.forward(&(gate * up)?, self.weight_grad)
     }
 
     /// hidden (b, n, hidden) -> logits (b, n, vocab) in f32

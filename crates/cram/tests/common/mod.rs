@@ -1,7 +1,10 @@
 //! Helpers shared by the integration tests: random models written to disk in
-//! the formats the loaders read.
+//! the formats the loaders read, and two references to check the forward
+//! against (candle-transformers' qwen2, and [`reference`], a naive one).
 
 #![allow(dead_code)]
+
+pub mod reference;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -18,7 +21,7 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 
 /// Writes `weights` as an HF-style model directory.
 pub fn write_safetensors_dir(dir: &Path, config: &Qwen2Config, weights: &HashMap<String, Tensor>) {
-    cram::random::write_model_dir(dir, config, weights).unwrap();
+    cram::testing::write_model_dir(dir, config, weights).unwrap();
 }
 
 /// Writes `weights` as a llama.cpp-style GGUF (f32 tensors) with a tiny
@@ -93,4 +96,32 @@ pub fn prefix_cache(model: &cram::Qwen2, ids: &[u32]) -> cram::KvCache {
     let mut cache = cram::KvCache::new();
     cache.append(&out.keys, &out.values, &at).unwrap();
     cache
+}
+
+/// candle-transformers' qwen2 on the same weights: the logits (1, n, vocab)
+/// of `ids` run from position 0.
+pub fn candle_transformers_logits(config: &Qwen2Config, weights: &HashMap<String, Tensor>, ids: &[u32]) -> Tensor {
+    use candle_transformers::models::qwen2;
+    let reference_config = qwen2::Config {
+        vocab_size: config.vocab_size,
+        hidden_size: config.hidden_size,
+        intermediate_size: config.intermediate_size,
+        num_hidden_layers: config.num_hidden_layers,
+        num_attention_heads: config.num_attention_heads,
+        num_key_value_heads: config.num_key_value_heads,
+        max_position_embeddings: 4096,
+        sliding_window: 4096,
+        max_window_layers: config.num_hidden_layers,
+        tie_word_embeddings: config.tie_word_embeddings,
+        rope_theta: config.rope_theta,
+        rms_norm_eps: config.rms_norm_eps,
+        use_sliding_window: false,
+        hidden_act: candle_nn::Activation::Silu,
+    };
+    let vb = candle_nn::VarBuilder::from_tensors(weights.clone(), candle_core::DType::F32, &cpu());
+    let mut model = qwen2::Model::new(&reference_config, vb).unwrap();
+    let ids = Tensor::new(ids, &cpu()).unwrap().unsqueeze(0).unwrap();
+    let hidden = model.forward(&ids, 0, None).unwrap();
+    let head = weights.get("lm_head.weight").unwrap_or(&weights["model.embed_tokens.weight"]);
+    hidden.broadcast_matmul(&head.t().unwrap()).unwrap()
 }

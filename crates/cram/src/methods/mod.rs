@@ -1,0 +1,10 @@
+//! The compression methods besides the recipe, each a small unit behind
+//! [`crate::compressor::Compressor`]: the baselines that keep or drop the span whole,
+//! eviction by any [`crate::scoring::Scorer`], the hybrid (verbatim tokens
+//! plus the recipe), compress-then-evict, and the model's own summary.
+
+pub mod baselines;
+pub mod compress_evict;
+pub mod evict;
+pub mod hybrid;
+pub mod summary;

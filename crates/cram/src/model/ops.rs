@@ -1,0 +1,219 @@
+//! Differentiable building blocks: candle ops that have a backward pass, or
+//! custom ops that bring their own. Stock candle's fused `softmax_last_dim`, `rms_norm`, `rope*` and
+//! `sdpa` have none: a gradient through them silently vanishes, and the
+//! virtual embeddings would never move.
+
+use candle_core::backend::BackendStorage;
+use candle_core::op::{Add, Div, Exp, ReduceOp, Sub};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor, D};
+
+use crate::error::Result;
+
+/// Softmax over the last dimension, with a backward pass.
+pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
+    masked_softmax_last_dim(xs, None)
+}
+
+/// Softmax over the last dimension of `scores + mask`, with a backward pass.
+/// `mask` (rows, columns) broadcasts over the leading dimensions of `scores`
+/// (..., rows, columns) and holds 0 or -inf; every row must keep one entry.
+///
+/// One op rather than a chain of candle ops: autograd then keeps only the
+/// scores and the probabilities for the backward, not the masked, shifted
+/// and exponentiated copies in between. On attention over a long cache
+/// those copies were most of an optimization step's memory.
+pub fn masked_softmax_last_dim(scores: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    let mask = mask.map(|mask| mask.to_dtype(scores.dtype())).transpose()?;
+    Ok(scores.apply_op1(MaskedSoftmax { mask })?)
+}
+
+/// The op behind [`masked_softmax_last_dim`]; the mask is a constant.
+struct MaskedSoftmax {
+    mask: Option<Tensor>,
+}
+
+impl MaskedSoftmax {
+    /// The forward on whichever backend holds the storages, from candle's
+    /// own storage-level kernels; the intermediates die inside the op.
+    fn softmax<S: BackendStorage>(
+        scores: &S,
+        layout: &Layout,
+        mask: Option<(&S, &Layout)>,
+    ) -> candle_core::Result<(S, Shape)> {
+        let shape = layout.shape().clone();
+        let dense = Layout::contiguous(&shape);
+        let masked;
+        let (input, input_layout) = match mask {
+            Some((mask, mask_layout)) => {
+                masked = scores.binary_impl::<Add>(mask, layout, &mask_layout.broadcast_as(&shape)?)?;
+                (&masked, &dense)
+            }
+            None => (scores, layout),
+        };
+        let last = shape.rank() - 1;
+        let mut row_dims = shape.dims().to_vec();
+        row_dims[last] = 1;
+        let per_row = Layout::contiguous(row_dims.as_slice()).broadcast_as(&shape)?;
+        let row_max = input.reduce_op(ReduceOp::Max, input_layout, &[last])?;
+        let exp = input.binary_impl::<Sub>(&row_max, input_layout, &per_row)?.unary_impl::<Exp>(&dense)?;
+        let row_sum = exp.reduce_op(ReduceOp::Sum, &dense, &[last])?;
+        Ok((exp.binary_impl::<Div>(&row_sum, &dense, &per_row)?, shape))
+    }
+}
+
+impl CustomOp1 for MaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "masked-softmax"
+    }
+
+    fn cpu_fwd(&self, scores: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let Some(mask) = &self.mask else { return Self::softmax(scores, layout, None) };
+        let (storage, mask_layout) = mask.storage_and_layout();
+        match &*storage {
+            Storage::Cpu(mask) => Self::softmax(scores, layout, Some((mask, mask_layout))),
+            _ => candle_core::bail!("masked-softmax: scores on cpu, mask elsewhere"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        scores: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let Some(mask) = &self.mask else { return Self::softmax(scores, layout, None) };
+        let (storage, mask_layout) = mask.storage_and_layout();
+        match &*storage {
+            Storage::Cuda(mask) => Self::softmax(scores, layout, Some((mask, mask_layout))),
+            _ => candle_core::bail!("masked-softmax: scores on cuda, mask elsewhere"),
+        }
+    }
+
+    /// dL/dx = p * (g - sum(g * p)) along each row, from the output alone.
+    fn bwd(&self, _scores: &Tensor, probabilities: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let along_row = (grad * probabilities)?.sum_keepdim(D::Minus1)?;
+        Ok(Some(probabilities.mul(&grad.broadcast_sub(&along_row)?)?))
+    }
+}
+
+/// RMS normalisation over the last dimension, times a (frozen) gain.
+/// Computed in at least f32 and cast back once before the gain, as HF's
+/// Qwen2RMSNorm does: a bf16 mean of squares drifts.
+pub fn rms_norm(xs: &Tensor, gain: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = xs.dtype();
+    let wide = if dtype == DType::F64 { DType::F64 } else { DType::F32 };
+    let xs = xs.to_dtype(wide)?;
+    let mean_square = xs.sqr()?.mean_keepdim(D::Minus1)?;
+    let inv_rms = (mean_square + eps)?.sqrt()?.recip()?;
+    Ok(xs.broadcast_mul(&inv_rms)?.to_dtype(dtype)?.broadcast_mul(gain)?)
+}
+
+/// How a linear layer treats its frozen weight in the backward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightGrad {
+    /// The weight is a constant of a custom op whose backward returns only the
+    /// input's gradient (the default: the model is frozen).
+    #[default]
+    Skip,
+    /// A plain candle matmul: its backward also computes and keeps a
+    /// weight-sized gradient for every linear layer, doubling memory. Kept to
+    /// measure that cost in the benchmarks.
+    Compute,
+}
+
+/// A linear layer `y = x W^T + b` over frozen weights.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// (out_features, in_features)
+    weight: Tensor,
+    /// (out_features)
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// `weight` (out, in) and an optional `bias` (out).
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
+    /// The (out, in) weight.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// x: (..., in_features) -> (..., out_features)
+    pub fn forward(&self, xs: &Tensor, weight_grad: WeightGrad) -> Result<Tensor> {
+        let (out_features, in_features) = self.weight.dims2()?;
+        let mut leading_dims = xs.dims().to_vec();
+        leading_dims.pop();
+        let rows: usize = leading_dims.iter().product();
+        let flat = xs.contiguous()?.reshape((rows, in_features))?;
+        let ys = match weight_grad {
+            WeightGrad::Skip => flat.apply_op1(FrozenMatmul { weight: self.weight.clone() })?,
+            WeightGrad::Compute => flat.matmul(&self.weight.t()?)?,
+        };
+        let ys = match &self.bias {
+            Some(bias) => ys.broadcast_add(bias)?,
+            None => ys,
+        };
+        leading_dims.push(out_features);
+        Ok(ys.reshape(leading_dims)?)
+    }
+}
+
+/// `x W^T` with `W` held inside the op: candle sees a one-input op, so its
+/// backward computes the input's gradient `g W` and nothing for `W`.
+struct FrozenMatmul {
+    /// (out_features, in_features), contiguous.
+    weight: Tensor,
+}
+
+impl FrozenMatmul {
+    /// Runs `x (m, k) @ W^T (k, n)` on whichever backend holds the storages.
+    fn matmul<S: BackendStorage>(
+        &self,
+        xs: &S,
+        xs_layout: &Layout,
+        weight: &S,
+        weight_t_layout: &Layout,
+    ) -> candle_core::Result<(S, Shape)> {
+        let (m, k) = xs_layout.shape().dims2()?;
+        let (n, _) = self.weight.dims2()?;
+        let out = xs.matmul(weight, (1, m, n, k), xs_layout, weight_t_layout)?;
+        Ok((out, Shape::from((m, n))))
+    }
+}
+
+impl CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let weight_t = self.weight.t()?;
+        let (storage, weight_t_layout) = weight_t.storage_and_layout();
+        match &*storage {
+            Storage::Cpu(weight) => self.matmul(xs, layout, weight, weight_t_layout),
+            _ => candle_core::bail!("frozen-matmul: input on cpu, weight elsewhere"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let weight_t = self.weight.t()?;
+        let (storage, weight_t_layout) = weight_t.storage_and_layout();
+        match &*storage {
+            Storage::Cuda(weight) => self.matmul(xs, layout, weight, weight_t_layout),
+            _ => candle_core::bail!("frozen-matmul: input on cuda, weight elsewhere"),
+        }
+    }
+
+    fn bwd(&self, _xs: &Tensor, _ys: &Tensor, grad_ys: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        // dL/dx = dL/dy W: (m, n) @ (n, k) -> (m, k)
+        Ok(Some(grad_ys.matmul(&self.weight)?))
+    }
+}

@@ -1,0 +1,31 @@
+#!/bin/sh
+# The figures of experiments/speed/README.md, on the 2-core CPU, one after another,
+# from the repository root.
+set -e
+out=experiments/speed/bench
+for threads in 1 2; do
+  ./target/release/cram bench --virtual 64,128,256,512,1024 --steps 6 --no-together --threads $threads --out $out/sizes.jsonl
+done
+for threads in 1 2; do
+  ./target/release/cram bench --virtual 65 --steps 8 --threads $threads --out $out/together.jsonl
+done
+# The published ten-turn case's longest turn (1,579 tokens) at 2x after a long cache.
+./target/release/cram bench --virtual 790 --prefix 1500 --ratio 2 --steps 2 --no-together --threads 2 --out $out/long-turn.jsonl
+# The PyTorch side-by-side's second size (130 virtual tokens after 140).
+for threads in 1 2; do
+  ./target/release/cram bench --virtual 130 --steps 8 --no-together --threads $threads --out $out/pytorch-sizes.jsonl
+done
+# The heap peak of one long step, before and after (criterion bench's counting
+# allocator): set PREFIX_TOKENS = 1000 and VIRTUAL_TOKENS = [700] in
+# benches/benches/optimization_step.rs, then
+#   cargo bench -p cram-benches --bench optimization_step
+# and read the "peak extra heap" line (run once at 1f774f8, once after).
+
+# Session of 2026-11-21 (afternoon). The parallel f32 softmax (commit 71c572b,
+# reverted in 14df59a): /tmp/cram-before-fused-softmax is a release build of
+# 7892360, /tmp/cram-after-fused-softmax one of 71c572b.
+for build in before after; do
+  /tmp/cram-$build-fused-softmax bench --virtual 64,512 --steps 6 --no-together --threads 2 --out $out/fused-softmax-$build.jsonl
+done
+# The 1.5B model on CPU (fetched with `cram fetch-model qwen2.5-coder-1.5b-instruct`).
+cram bench --model qwen2.5-coder-1.5b-instruct --virtual 64,128,256 --steps 4 --no-together --threads 2 --out $out/sizes-1.5b.jsonl
