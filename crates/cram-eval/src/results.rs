@@ -56,6 +56,11 @@ pub struct CellResult {
     /// Each compressed turn's final loss (one entry for a single-turn case).
     #[serde(default)]
     pub turn_losses: Vec<f32>,
+    /// For fitted methods (attention matching), the relative error of the
+    /// compacted attention output on the reference queries, averaged over
+    /// compressed turns, layers and heads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fit_error: Option<f64>,
     /// Peak resident memory of the process during the cell (Linux), MiB.
     #[serde(default)]
     pub peak_rss_mib: Option<f64>,

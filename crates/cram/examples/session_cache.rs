@@ -1,6 +1,8 @@
 //! Compress two turns of a conversation, save the cache, and answer from it
 //! with plain candle code that knows nothing of sessions: the file is an
-//! ordinary safetensors file, the cache just per-layer K/V and positions.
+//! ordinary safetensors file, the cache just per-layer K/V, positions, and
+//! (for attention matching's entries) a logit bias per entry and KV head,
+//! which the forward adds to the attention scores like an additive mask.
 //!
 //! cargo run --release -p cram --example session_cache -- [MODEL.gguf] [OUT.safetensors]
 //!
@@ -12,7 +14,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use candle_core::{Device, D};
-use cram::{KvCache, Logits, Model, ModelSource, Recipe, Session};
+use cram::{AttentionMatching, Compressor, KvCache, Logits, Model, ModelSource, Recipe, Session};
 
 const SYSTEM: &str = "<|im_start|>system\nYou are a coding agent working in a Node.js repository.<|im_end|>\n";
 const TURNS: [&str; 2] = [
@@ -30,11 +32,13 @@ fn main() -> Result<()> {
     let model = Model::load(&ModelSource::gguf(&model_path), &Device::Cpu)
         .with_context(|| format!("loading {} (fetch it with `cargo run --release -- fetch-model`)", model_path.display()))?;
 
-    // 1. cram: compress two turns, 2x, each against the cache so far; save.
+    // 1. cram: compress two turns, 2x, each against the cache so far (the
+    // first by attention matching, the second by the recipe); save.
     let mut session = Session::new(&model, SYSTEM)?;
-    for turn in TURNS {
-        let report = session.push_compressed(turn, &Recipe::published(2.0), &mut |_, _| {})?;
-        println!("turn of {} tokens -> {} virtual tokens", report.n_tokens, report.n_kept);
+    let methods: [&dyn Compressor; 2] = [&AttentionMatching { settings: Default::default(), ratio: 2.0 }, &Recipe::published(2.0)];
+    for (turn, method) in TURNS.into_iter().zip(methods) {
+        let report = session.push_compressed(turn, method, &mut |_, _| {})?;
+        println!("turn of {} tokens -> {} entries ({})", report.n_tokens, report.n_kept, report.method);
     }
     session.save(&out)?;
     println!("cache: {} entries standing for {} positions, saved to {}", session.cache().len(), session.next_position(), out.display());
@@ -48,7 +52,10 @@ fn main() -> Result<()> {
     let keys = (0..layers).map(|l| tensors.remove(&format!("keys.{l}")).context("keys")).collect::<Result<Vec<_>>>()?;
     let values = (0..layers).map(|l| tensors.remove(&format!("values.{l}")).context("values")).collect::<Result<Vec<_>>>()?;
     let positions = tensors.remove("positions").context("positions")?.to_vec1::<f32>()?;
-    let mut cache = KvCache::from_parts(keys, values, positions)?;
+    // Per layer (1, kv_heads, entries): absent when every bias is 0.
+    let biases = (0..layers).map(|l| tensors.remove(&format!("biases.{l}"))).collect::<Option<Vec<_>>>();
+    let mut cache = KvCache::new();
+    cache.append_biased(&keys, &values, biases.as_deref(), &positions)?;
 
     let qwen2 = &model.qwen2;
     let stop = model.tokenizer.stop_ids();

@@ -20,6 +20,11 @@ pub struct KvCache {
     values: Vec<Tensor>,
     /// (len): the RoPE position of each entry.
     positions: Vec<f32>,
+    /// Per layer, (1, kv_heads, len) f32: a logit bias per entry and KV
+    /// head, added to the scaled scores of every query head of the group
+    /// (fitted by attention matching); `None` while every bias is 0, so a
+    /// cache of ordinary tokens computes exactly as it would without.
+    biases: Option<Vec<Tensor>>,
     /// Where a continuation starts: after every position the cache has
     /// covered, entries or not (a span dropped or evicted to fewer entries
     /// still took its positions).
@@ -78,6 +83,11 @@ impl KvCache {
         Ok(cache)
     }
 
+    /// Per layer, (1, kv_heads, len) f32: the entries' logit biases, if any is not 0.
+    pub fn biases(&self) -> Option<&[Tensor]> {
+        self.biases.as_deref()
+    }
+
     /// Keys of every layer, (1, kv_heads, len, head_dim) each.
     pub fn keys(&self) -> &[Tensor] {
         &self.keys
@@ -92,6 +102,12 @@ impl KvCache {
     /// entries at `positions`. They are detached: a cache never holds a graph.
     /// Appending no entries (a span dropped whole) changes nothing.
     pub fn append(&mut self, keys: &[Tensor], values: &[Tensor], positions: &[f32]) -> Result<()> {
+        self.append_biased(keys, values, None, positions)
+    }
+
+    /// [`KvCache::append`] with a logit bias per entry and KV head: per
+    /// layer (1, kv_heads, n) f32; `None` is 0.
+    pub fn append_biased(&mut self, keys: &[Tensor], values: &[Tensor], biases: Option<&[Tensor]>, positions: &[f32]) -> Result<()> {
         if positions.is_empty() && keys.iter().chain(values).all(|t| t.dims().get(2) == Some(&0)) {
             return Ok(());
         }
@@ -114,6 +130,12 @@ impl KvCache {
                 )));
             }
         }
+        if let Some(biases) = biases {
+            if biases.len() != keys.len() || biases.iter().zip(keys).any(|(b, k)| b.dims() != &k.dims()[..3]) {
+                return Err(Error::Invalid("biases must be (1, kv_heads, n) per layer, like the keys".into()));
+            }
+        }
+        self.append_biases(keys, biases)?;
         if self.is_empty() {
             self.keys = keys.iter().map(Tensor::detach).collect();
             self.values = values.iter().map(Tensor::detach).collect();
@@ -133,7 +155,33 @@ impl KvCache {
     }
 }
 
-/// Tensor names in a saved cache file: `keys.{layer}`, `values.{layer}`, `positions`.
+impl KvCache {
+    /// Extends the biases by those of `n` new entries (zeros when `None`),
+    /// first giving the held entries zeros if the cache had none.
+    fn append_biases(&mut self, keys: &[Tensor], biases: Option<&[Tensor]>) -> Result<()> {
+        let zeros = |key: &Tensor| -> Result<Tensor> {
+            let (_, kv_heads, n, _) = key.dims4()?;
+            Ok(Tensor::zeros((1, kv_heads, n), DType::F32, key.device())?)
+        };
+        if self.biases.is_none() && biases.is_none() {
+            return Ok(());
+        }
+        let held = match self.biases.take() {
+            Some(held) => held,
+            None if self.is_empty() => Vec::new(),
+            None => self.keys.iter().map(zeros).collect::<Result<_>>()?,
+        };
+        let new: Vec<Tensor> = match biases {
+            Some(biases) => biases.iter().map(|b| Ok(b.to_dtype(DType::F32)?.detach())).collect::<Result<_>>()?,
+            None => keys.iter().map(zeros).collect::<Result<_>>()?,
+        };
+        self.biases = Some(if held.is_empty() { new } else { held.iter().zip(&new).map(|(h, n)| Ok(Tensor::cat(&[h, n], 2)?)).collect::<Result<_>>()? });
+        Ok(())
+    }
+}
+
+/// Tensor names in a saved cache file: `keys.{layer}`, `values.{layer}`,
+/// `biases.{layer}` (only when some bias is not 0), `positions`.
 const POSITIONS: &str = "positions";
 /// The header key of the next position.
 const NEXT_POSITION_KEY: &str = "next_position";
@@ -149,6 +197,9 @@ impl KvCache {
         for (layer, (key, value)) in self.keys.iter().zip(&self.values).enumerate() {
             tensors.push((format!("keys.{layer}"), key.contiguous()?));
             tensors.push((format!("values.{layer}"), value.contiguous()?));
+        }
+        for (layer, bias) in self.biases.iter().flatten().enumerate() {
+            tensors.push((format!("biases.{layer}"), bias.contiguous()?));
         }
         tensors.push((POSITIONS.into(), Tensor::new(self.positions.as_slice(), &Device::Cpu)?));
         safetensors::serialize_to_file(tensors, Some(metadata), path)
@@ -168,13 +219,17 @@ impl KvCache {
         let metadata = header.metadata().clone().unwrap_or_default();
         let mut tensors = candle_core::safetensors::load_buffer(&bytes, device)?;
         let positions = tensors.remove(POSITIONS).ok_or_else(|| bad("no `positions` tensor".into()))?.to_vec1::<f32>()?;
-        let layers = tensors.len() / 2;
+        let layers = tensors.keys().filter(|name| name.starts_with("keys.")).count();
         let mut take = |name: String| -> Result<Tensor> {
             Ok(tensors.remove(&name).ok_or_else(|| bad(format!("no `{name}` tensor")))?.to_dtype(dtype)?)
         };
         let keys = (0..layers).map(|layer| take(format!("keys.{layer}"))).collect::<Result<Vec<_>>>()?;
         let values = (0..layers).map(|layer| take(format!("values.{layer}"))).collect::<Result<Vec<_>>>()?;
-        let mut cache = Self::from_parts(keys, values, positions)?;
+        // A file without biases (all 0, or older than biases) loads with none.
+        let biases = (0..layers).map(|layer| tensors.remove(&format!("biases.{layer}"))).collect::<Option<Vec<_>>>();
+        let biases = biases.map(|b| b.iter().map(|t| Ok(t.to_dtype(DType::F32)?)).collect::<Result<Vec<_>>>()).transpose()?;
+        let mut cache = Self::new();
+        cache.append_biased(&keys, &values, biases.as_deref(), &positions)?;
         // Files written before the key existed continue after their last entry.
         if let Some(next) = metadata.get(NEXT_POSITION_KEY) {
             cache.advance_to(next.parse().map_err(|_| bad(format!("`{NEXT_POSITION_KEY}` {next} is not a number")))?);

@@ -47,6 +47,9 @@ pub struct CompressedSpan {
     pub values: Vec<Tensor>,
     /// (n_kept): the entries' positions, inside the span's range.
     pub positions: Vec<f32>,
+    /// Per layer, (1, kv_heads, n_kept) f32: the entries' logit biases;
+    /// `None` for methods whose entries take none (0).
+    pub biases: Option<Vec<Tensor>>,
     /// The position right after the span's last token: where what follows
     /// starts, however few entries stand for the span.
     pub next_position: f32,
@@ -58,7 +61,7 @@ impl CompressedSpan {
     /// Entries that stand for `span` under `method`.
     pub fn new(method: String, span: &SpanTargets, keys: Vec<Tensor>, values: Vec<Tensor>, positions: Vec<f32>) -> Self {
         let report = CompressionReport::new(method, span.len(), positions.len());
-        Self { keys, values, positions, next_position: span.next_position(), report }
+        Self { keys, values, positions, biases: None, next_position: span.next_position(), report }
     }
 
     /// The span's own KV entries, all of them, under `method`: what
@@ -74,7 +77,7 @@ impl CompressedSpan {
 
     /// Appends the entries to `cache`, which then continues after the span.
     pub fn append_to(&self, cache: &mut KvCache) -> Result<()> {
-        cache.append(&self.keys, &self.values, &self.positions)?;
+        cache.append_biased(&self.keys, &self.values, self.biases.as_deref(), &self.positions)?;
         cache.advance_to(self.next_position);
         Ok(())
     }
@@ -101,6 +104,7 @@ impl CompressedSpan {
             keys: select_entries(&self.keys, indices)?,
             values: select_entries(&self.values, indices)?,
             positions: indices.iter().map(|&i| self.positions[i]).collect(),
+            biases: self.biases.as_deref().map(|biases| select_entries(biases, indices)).transpose()?,
             next_position: self.next_position,
             report,
         })
@@ -112,7 +116,19 @@ impl CompressedSpan {
         let join = |a: &[Tensor], b: &[Tensor]| a.iter().zip(b).map(|(a, b)| Ok(Tensor::cat(&[a, b], 2)?)).collect::<Result<Vec<_>>>();
         let mut report = self.report.clone();
         report.n_kept += other.report.n_kept;
+        let zeros = |span: &Self| -> Result<Vec<Tensor>> {
+            span.keys.iter().map(|k| Ok(Tensor::zeros(&k.dims()[..3], candle_core::DType::F32, k.device())?)).collect()
+        };
+        let biases = match (&self.biases, &other.biases) {
+            (None, None) => None,
+            (mine, theirs) => {
+                let mine = mine.clone().map_or_else(|| zeros(self), Ok)?;
+                let theirs = theirs.clone().map_or_else(|| zeros(other), Ok)?;
+                Some(mine.iter().zip(&theirs).map(|(a, b)| Ok(Tensor::cat(&[a, b], 2)?)).collect::<Result<Vec<_>>>()?)
+            }
+        };
         Ok(Self {
+            biases,
             keys: join(&self.keys, &other.keys)?,
             values: join(&self.values, &other.values)?,
             positions: self.positions.iter().chain(&other.positions).copied().collect(),
@@ -136,12 +152,16 @@ pub struct CompressionReport {
     /// The text that replaced the span, for text-level methods (the summary).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub text: Option<String>,
+    /// For fitted methods (attention matching): the mean relative error of
+    /// the compacted block's attention output on the reference queries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fit_error: Option<f64>,
 }
 
 impl CompressionReport {
     /// The report of a method that neither optimizes nor writes text.
     pub fn new(method: String, n_tokens: usize, n_kept: usize) -> Self {
-        Self { method, n_tokens, n_kept, optimization: None, text: None }
+        Self { method, n_tokens, n_kept, optimization: None, text: None, fit_error: None }
     }
 }
 

@@ -11,7 +11,8 @@
 //! [`compressor`] (the trait every method implements, and the budget) ->
 //! [`recipe`] (the published method, its steps in order) or [`methods`]
 //! (baselines, eviction by a [`scoring`] policy through [`select`], the
-//! hybrid, compress-then-evict, the summary), all built by name from
+//! hybrid, compress-then-evict, the summary, and [`matching`]'s fitted
+//! compaction and KVzip), all built by name from
 //! [`registry`] -> [`cache`] -> [`generate`]. [`session`] runs the whole
 //! flow turn by turn, as an agent's history ages.
 //!
@@ -53,6 +54,7 @@ pub mod span;
 pub mod compressor;
 pub mod scoring;
 pub mod select;
+pub mod matching;
 pub mod recipe;
 pub mod methods;
 pub mod registry;
@@ -68,10 +70,12 @@ pub mod testing;
 pub use cache::KvCache;
 pub use compressor::{budget, CompressedSpan, CompressionReport, Compressor, OptimizationReport};
 pub use error::{Error, Result};
+pub use methods::attention_matching::{AttentionMatching, MatchingSettings};
 pub use methods::baselines::{RawSpan, Truncate};
 pub use methods::compress_evict::{CompressEvictSettings, CompressThenEvict};
 pub use methods::evict::Evict;
 pub use methods::hybrid::{Hybrid, HybridSettings};
+pub use methods::kvzip::{KvZip, KvZipSettings};
 pub use methods::summary::Summarize;
 pub use model::{ForwardOutput, Logits, Model, ModelSource, Placement, Qwen2, Qwen2Config};
 pub use recipe::init::Init;

@@ -11,9 +11,11 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use crate::compressor::Compressor;
+use crate::methods::attention_matching::AttentionMatching;
 use crate::methods::compress_evict::{CompressEvictSettings, CompressThenEvict};
 use crate::methods::evict::Evict;
 use crate::methods::hybrid::{Hybrid, HybridSettings};
+use crate::methods::kvzip::KvZip;
 use crate::methods::summary::Summarize;
 use crate::recipe::init::Init;
 use crate::recipe::pooling::Pooling;
@@ -31,6 +33,8 @@ pub const METHODS: &[Method] = &[
     Method { name: "key-norm", kind: Kind::Eviction(scorer::<KeyNorm>) },
     Method { name: "streaming", kind: Kind::Eviction(scorer::<Streaming>) },
     Method { name: "summary", kind: Kind::Other(summary) },
+    Method { name: "attention-matching", kind: Kind::Other(attention_matching) },
+    Method { name: "kvzip", kind: Kind::Other(kvzip) },
 ];
 
 /// One line of the registry.
@@ -168,6 +172,14 @@ fn scorer<S: Scorer + DeserializeOwned + 'static>(knobs: &serde_json::Value) -> 
     let scorer: S = serde_json::from_value(knobs.clone()).map_err(|e| Error::Invalid(e.to_string()))?;
     scorer.validate()?;
     Ok(Rc::new(scorer))
+}
+
+fn attention_matching(options: &MethodOptions) -> Result<Box<dyn Compressor>> {
+    Ok(Box::new(AttentionMatching { settings: options.knobs()?, ratio: options.ratio }))
+}
+
+fn kvzip(options: &MethodOptions) -> Result<Box<dyn Compressor>> {
+    Ok(Box::new(KvZip { settings: options.knobs()?, ratio: options.ratio }))
 }
 
 fn summary(options: &MethodOptions) -> Result<Box<dyn Compressor>> {

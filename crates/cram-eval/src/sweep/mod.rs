@@ -54,7 +54,7 @@ pub fn run_sweep(
     std::fs::write(out_dir.join("config.toml"), as_run).map_err(|e| EvalError::io(out_dir, e))?;
     let results_path = out_dir.join("results.jsonl");
     let finished: HashSet<String> = read_results(&results_path)?.iter().map(|r| r.cell.key()).collect();
-    let cells = config.cells(&cases)?;
+    let cells = plan::cells(config, &cases)?;
     let pending: Vec<&(Cell, CellKind)> = cells.iter().filter(|(c, _)| !finished.contains(&c.key())).collect();
     let skipped = cells.len() - pending.len();
     on_event(&SweepEvent::Planned { total: cells.len(), done: skipped })?;
@@ -63,7 +63,7 @@ pub fn run_sweep(
         let checkpoints = out_dir.join("checkpoints");
         let config = &config.checkpointing_to(&checkpoints);
         let model = load_model(config)?;
-        for unit in config.work_units(&model, &cases, &pending)? {
+        for unit in plan::work_units(config, &model, &cases, &pending)? {
             let results = run::run_unit(&model, config, &unit, on_event)?;
             for result in &results {
                 append_result(&results_path, result)?;

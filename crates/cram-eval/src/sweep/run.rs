@@ -8,7 +8,7 @@ use cram::compressor::OptimizationReport;
 use cram::Model;
 
 use super::config::SweepConfig;
-use super::plan::WorkUnit;
+use super::plan::{self, WorkUnit};
 use crate::evaluate::{facts_score, run_case, CaseRun};
 use crate::memory;
 use crate::results::{Cell, CellResult};
@@ -31,8 +31,8 @@ pub enum SweepEvent<'a> {
 pub fn run_unit(model: &Model, config: &SweepConfig, unit: &WorkUnit, on_event: &mut dyn FnMut(&SweepEvent) -> Result<()>) -> Result<Vec<CellResult>> {
     let started = Instant::now();
     memory::reset_peak_rss();
-    let compression = config.compression(unit)?;
-    let steps = compression.optimizes(config, unit).then(|| config.total_steps(model, unit.case));
+    let compression = plan::compression(config, unit)?;
+    let steps = compression.optimizes(config, unit).then(|| plan::total_steps(config, model, unit.case));
     on_event(&SweepEvent::UnitStarted { cells: unit.cells.iter().map(|(cell, _)| cell).collect(), steps })?;
     let mut step_error = None;
     let mut on_step = step_reporter(on_event, &mut step_error);
@@ -53,6 +53,12 @@ pub fn run_unit(model: &Model, config: &SweepConfig, unit: &WorkUnit, on_event: 
             CellResult { batch_cells, ..cell_result(model, cell, run, seconds) }
         })
         .collect())
+}
+
+/// The mean of `values`, if there are any.
+fn mean(values: impl Iterator<Item = f64>) -> Option<f64> {
+    let (sum, count) = values.fold((0.0, 0usize), |(sum, count), x| (sum + x, count + 1));
+    (count > 0).then(|| sum / count as f64)
 }
 
 /// An optimizer callback that passes each step on as a [`SweepEvent::Step`];
@@ -93,6 +99,7 @@ fn cell_result(model: &Model, cell: &Cell, run: CaseRun, seconds: f64) -> CellRe
         answer,
         loss_curve: optimizations.iter().flat_map(|o| o.loss_curve.iter().copied()).collect(),
         turn_losses,
+        fit_error: mean(run.compressions.iter().filter_map(|c| c.fit_error)),
         peak_rss_mib: memory::peak_rss_bytes().map(|b| b as f64 / (1024.0 * 1024.0)),
         replacement_text: run.compressions.iter().filter_map(|c| c.text.clone()).collect(),
         answers: run.answers,

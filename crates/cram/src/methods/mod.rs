@@ -3,8 +3,10 @@
 //! eviction by any [`crate::scoring::Scorer`], the hybrid (verbatim tokens
 //! plus the recipe), compress-then-evict, and the model's own summary.
 
+pub mod attention_matching;
 pub mod baselines;
 pub mod compress_evict;
 pub mod evict;
 pub mod hybrid;
+pub mod kvzip;
 pub mod summary;

@@ -149,6 +149,8 @@ struct DecoderLayer {
 
 /// What one block computed for the new tokens.
 struct LayerOutput {
+    /// (b, heads, n, d), RoPE applied.
+    query: Tensor,
     /// (b, kv_heads, n, d), RoPE applied.
     key: Tensor,
     /// (b, kv_heads, n, d)
@@ -157,6 +159,16 @@ struct LayerOutput {
     probabilities: Option<Tensor>,
     /// (b, n, hidden), when the whole block ran.
     hidden_states: Option<Tensor>,
+}
+
+/// What a forward keeps besides its keys and values, per layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Keep {
+    Nothing,
+    /// Attention probabilities.
+    Attention,
+    /// Post-RoPE queries.
+    Queries,
 }
 
 /// How far a block runs: the last layer of a forward often needs less.
@@ -183,19 +195,21 @@ impl DecoderLayer {
     }
 
     /// hidden_states (b, n, hidden) after the `cached` (K, V) of this layer
-    /// ((1, kv, L, d) each, shared by the batch), up to `depth`.
+    /// ((1, kv, L, d) each, shared by the batch) and their logit biases
+    /// ((1, kv, L) f32), up to `depth`.
     fn forward(
         &self,
         hidden_states: &Tensor,
         placement: &Placement,
         cached: Option<(&Tensor, &Tensor)>,
+        cached_bias: Option<&Tensor>,
         depth: Depth,
         exec: Exec,
     ) -> Result<LayerOutput> {
         let batch = hidden_states.dim(0)?;
         let normed = rms_norm(hidden_states, &self.input_norm, self.rms_norm_eps)?;
         let (query, key, value) = self.attention.project(&normed, &placement.rotation, exec.weight_grad)?;
-        let mut output = LayerOutput { key: key.clone(), value: value.clone(), probabilities: None, hidden_states: None };
+        let mut output = LayerOutput { query: query.clone(), key: key.clone(), value: value.clone(), probabilities: None, hidden_states: None };
         if depth == Depth::KeysAndValues {
             return Ok(output);
         }
@@ -206,7 +220,11 @@ impl DecoderLayer {
             ),
             None => (key, value),
         };
-        let probabilities = self.attention.probabilities(&query, &all_keys, placement.mask.as_ref(), exec.softmax_dtype)?;
+        let mask = match cached_bias {
+            Some(bias) => Some(biased_mask(placement, bias, exec.softmax_dtype)?),
+            None => placement.mask.clone(),
+        };
+        let probabilities = self.attention.probabilities(&query, &all_keys, mask.as_ref(), exec.softmax_dtype)?;
         if depth == Depth::Attention {
             output.probabilities = Some(probabilities);
             return Ok(output);
@@ -218,6 +236,19 @@ impl DecoderLayer {
         output.hidden_states = Some((&hidden_states + self.mlp.forward(&normed, exec.weight_grad)?)?);
         Ok(output)
     }
+}
+
+/// The placement's mask with the cached entries' logit biases added:
+/// bias (1, kv, L) -> (1, kv, 1, n_new or 1, L + n_new), broadcast over the
+/// query heads of each KV head's group (the new tokens' columns get 0).
+fn biased_mask(placement: &Placement, bias: &Tensor, dtype: DType) -> Result<Tensor> {
+    let (_, kv_heads, cached) = bias.dims3()?;
+    let new_columns = Tensor::zeros((1, kv_heads, placement.n_new), bias.dtype(), bias.device())?;
+    let bias = Tensor::cat(&[bias, &new_columns], 2)?.reshape((1, kv_heads, 1, 1, cached + placement.n_new))?.to_dtype(dtype)?;
+    Ok(match &placement.mask {
+        Some(mask) => bias.broadcast_add(mask)?,
+        None => bias,
+    })
 }
 
 /// How a forward executes, the same for every block.
@@ -369,7 +400,7 @@ impl Qwen2 {
         cache: Option<&KvCache>,
         logits: Logits,
     ) -> Result<ForwardOutput> {
-        Ok(self.run(embeddings, placement, cache, logits, false)?.0)
+        Ok(self.run(embeddings, placement, cache, logits, Keep::Nothing)?.0)
     }
 
     /// Every layer's attention probabilities of the new tokens over the
@@ -382,7 +413,14 @@ impl Qwen2 {
         cache: Option<&KvCache>,
     ) -> Result<Vec<Tensor>> {
         let placement = self.placement(positions, &[positions.len()], cache.map_or(0, KvCache::len))?;
-        Ok(self.run(embeddings, &placement, cache, Logits::None, true)?.1)
+        Ok(self.run(embeddings, &placement, cache, Logits::None, Keep::Attention)?.1)
+    }
+
+    /// Every layer's post-RoPE queries of the new tokens, (batch, heads, n,
+    /// head_dim): what attention matching fits a compacted cache to.
+    pub fn queries(&self, embeddings: &Tensor, positions: &[f32], cache: Option<&KvCache>) -> Result<Vec<Tensor>> {
+        let placement = self.placement(positions, &[positions.len()], cache.map_or(0, KvCache::len))?;
+        Ok(self.run(embeddings, &placement, cache, Logits::None, Keep::Queries)?.1)
     }
 
     /// Softmax in at least f32 whatever the weights' dtype: bf16 rows of
@@ -391,16 +429,10 @@ impl Qwen2 {
         if self.dtype == DType::F64 { DType::F64 } else { DType::F32 }
     }
 
-    /// The forward; with `keep_attention`, also each layer's attention
-    /// probabilities (batch, heads, n, cached + n) in f32.
-    fn run(
-        &self,
-        embeddings: &Tensor,
-        placement: &Placement,
-        cache: Option<&KvCache>,
-        logits: Logits,
-        keep_attention: bool,
-    ) -> Result<(ForwardOutput, Vec<Tensor>)> {
+    /// The forward; with `keep`, also each layer's attention probabilities
+    /// (batch, heads, n, cached + n) in f32, or its post-RoPE queries
+    /// (batch, heads, n, d).
+    fn run(&self, embeddings: &Tensor, placement: &Placement, cache: Option<&KvCache>, logits: Logits, keep: Keep) -> Result<(ForwardOutput, Vec<Tensor>)> {
         let (_, n_new, hidden) = embeddings.dims3()?;
         if n_new != placement.n_new || hidden != self.config.hidden_size {
             return Err(Error::Invalid(format!(
@@ -421,25 +453,29 @@ impl Qwen2 {
         }
         // Without logits the last layer stops early: at its K/V, or at its
         // attention when that is what the caller wants.
-        let last_depth = match (logits, keep_attention) {
-            (Logits::None, false) => Depth::KeysAndValues,
-            (Logits::None, true) => Depth::Attention,
+        let last_depth = match (logits, keep) {
+            (Logits::None, Keep::Attention) => Depth::Attention,
+            (Logits::None, _) => Depth::KeysAndValues,
             _ => Depth::Full,
         };
         let exec = Exec { weight_grad: self.weight_grad, softmax_dtype: self.softmax_dtype() };
         let mut hidden_states = embeddings.to_dtype(self.dtype)?;
         let mut keys = Vec::with_capacity(self.layers.len());
         let mut values = Vec::with_capacity(self.layers.len());
-        let mut attention = Vec::new();
+        let mut kept = Vec::new();
         for (index, layer) in self.layers.iter().enumerate() {
             let depth = if index + 1 == self.layers.len() { last_depth } else { Depth::Full };
-            let output = layer.forward(&hidden_states, placement, cache.and_then(|c| c.layer(index)), depth, exec)?;
+            let bias = cache.and_then(KvCache::biases).map(|biases| &biases[index]);
+            let output = layer.forward(&hidden_states, placement, cache.and_then(|c| c.layer(index)), bias, depth, exec)?;
             keys.push(output.key);
             values.push(output.value);
-            if let Some(probabilities) = output.probabilities.filter(|_| keep_attention) {
+            if keep == Keep::Queries {
+                kept.push(output.query.detach());
+            }
+            if let Some(probabilities) = output.probabilities.filter(|_| keep == Keep::Attention) {
                 // Query head h shares KV head h / groups: kv-major order is head order.
                 let (batch, kv_heads, groups, n, total) = probabilities.dims5()?;
-                attention.push(probabilities.reshape((batch, kv_heads * groups, n, total))?.detach());
+                kept.push(probabilities.reshape((batch, kv_heads * groups, n, total))?.detach());
             }
             if let Some(next) = output.hidden_states {
                 hidden_states = next;
@@ -450,7 +486,7 @@ impl Qwen2 {
             Logits::Last => Some(self.logits(&hidden_states.narrow(1, n_new - 1, 1)?)?),
             Logits::All => Some(self.logits(&hidden_states)?),
         };
-        Ok((ForwardOutput { keys, values, logits }, attention))
+        Ok((ForwardOutput { keys, values, logits }, kept))
     }
 
     /// hidden (b, n, hidden) -> logits (b, n, vocab) in f32

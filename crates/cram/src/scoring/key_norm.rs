@@ -3,7 +3,7 @@
 use candle_core::DType;
 use serde::{Deserialize, Serialize};
 
-use super::Scorer;
+use super::scorer::Scorer;
 use crate::cache::KvCache;
 use crate::model::Qwen2;
 use crate::span::SpanTargets;

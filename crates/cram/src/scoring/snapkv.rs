@@ -3,7 +3,7 @@
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use super::{attention_received, Scorer};
+use super::scorer::{attention_received, Scorer};
 use crate::cache::KvCache;
 use crate::model::Qwen2;
 use crate::select::max_pool;

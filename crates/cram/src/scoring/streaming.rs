@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::Scorer;
+use super::scorer::Scorer;
 use crate::cache::KvCache;
 use crate::model::Qwen2;
 use crate::span::SpanTargets;

@@ -1,0 +1,76 @@
+//! Compaction by attention matching: per layer and KV head, keep some of
+//! the span's entries, and fit their biases and values so that reference
+//! queries ([`queries`]) see the same attention as over the whole span
+//! ([`fit`]). KVzip's eviction shares the queries and the per-head
+//! selection. This module turns per-head choices into cache entries.
+
+pub mod fit;
+pub mod queries;
+
+use candle_core::{DType, Tensor};
+use nalgebra::DMatrix;
+
+use crate::compressor::CompressedSpan;
+use crate::error::{Error, Result};
+use crate::span::SpanTargets;
+
+/// What one KV head of one layer keeps of the span.
+#[derive(Debug, Clone)]
+pub struct HeadChoice {
+    /// Indices of the kept span entries, ascending.
+    pub kept: Vec<usize>,
+    /// (t, d): values that replace the kept entries' own; `None` keeps them.
+    pub values: Option<DMatrix<f64>>,
+    /// (t): the kept entries' logit biases; `None` is 0.
+    pub biases: Option<Vec<f64>>,
+}
+
+/// One head's slice of per-layer (1, kv_heads, n, d) span tensors, as an
+/// (n, d) f64 matrix.
+pub fn head_matrix(per_layer: &Tensor, head: usize) -> Result<DMatrix<f64>> {
+    let head = per_layer.narrow(1, head, 1)?.squeeze(0)?.squeeze(0)?.to_dtype(DType::F64)?;
+    let (rows, cols) = head.dims2()?;
+    Ok(DMatrix::from_row_slice(rows, cols, &head.flatten_all()?.to_vec1::<f64>()?))
+}
+
+/// The cache entries of per-layer, per-head choices (`choices[layer][head]`,
+/// every head keeping the same number of entries). Keys keep their original
+/// RoPE. Heads may keep different tokens, so the entries' positions are
+/// those of layer 0's first head: a label, since RoPE is already applied.
+pub fn compacted(method: String, span: &SpanTargets, choices: &[Vec<HeadChoice>]) -> Result<CompressedSpan> {
+    let t = choices[0][0].kept.len();
+    if choices.iter().flatten().any(|choice| choice.kept.len() != t) {
+        return Err(Error::Invalid("every head must keep the same number of entries".into()));
+    }
+    let mut keys = Vec::with_capacity(choices.len());
+    let mut values = Vec::with_capacity(choices.len());
+    let mut biases = Vec::with_capacity(choices.len());
+    for (layer, heads) in choices.iter().enumerate() {
+        let (span_keys, span_values) = (&span.keys[layer], &span.values[layer]);
+        let device = span_keys.device();
+        let mut layer_keys = Vec::with_capacity(heads.len());
+        let mut layer_values = Vec::with_capacity(heads.len());
+        let mut layer_biases = Vec::with_capacity(heads.len() * t);
+        for (head, choice) in heads.iter().enumerate() {
+            let ids = Tensor::new(choice.kept.iter().map(|&i| i as u32).collect::<Vec<_>>(), device)?;
+            layer_keys.push(span_keys.narrow(1, head, 1)?.index_select(&ids, 2)?);
+            layer_values.push(match &choice.values {
+                Some(fitted) => {
+                    let rows: Vec<f32> = fitted.transpose().iter().map(|&x| x as f32).collect(); // row-major
+                    Tensor::from_vec(rows, (1, 1, t, fitted.ncols()), device)?.to_dtype(span_values.dtype())?
+                }
+                None => span_values.narrow(1, head, 1)?.index_select(&ids, 2)?,
+            });
+            layer_biases.extend(choice.biases.as_ref().map_or(vec![0.0f32; t], |b| b.iter().map(|&x| x as f32).collect()));
+        }
+        keys.push(Tensor::cat(&layer_keys, 1)?);
+        values.push(Tensor::cat(&layer_values, 1)?);
+        biases.push(Tensor::from_vec(layer_biases, (1, heads.len(), t), device)?);
+    }
+    let positions = choices[0][0].kept.iter().map(|&i| span.positions[i]).collect();
+    let mut compressed = CompressedSpan::new(method, span, keys, values, positions);
+    if choices.iter().flatten().any(|choice| choice.biases.is_some()) {
+        compressed.biases = Some(biases);
+    }
+    Ok(compressed)
+}

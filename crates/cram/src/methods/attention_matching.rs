@@ -1,0 +1,102 @@
+//! Attention matching (Zweiger et al., 2026): a compacted KV cache in
+//! closed form. Per layer and KV head, the span's `n / ratio` entries that
+//! reference queries attend to most keep their keys, get a logit bias that
+//! restores the span's attention mass, and get values fitted by least
+//! squares to the span's attention output ([`crate::matching::fit`]).
+
+use serde::{Deserialize, Serialize};
+
+use crate::cache::KvCache;
+use crate::compressor::{budget, CompressedSpan, Compressor};
+use crate::error::Result;
+use crate::matching::fit::{FitSettings, HeadProblem, KeySelection};
+use crate::matching::queries::{reference_queries, QuerySource};
+use crate::matching::{compacted, head_matrix, HeadChoice};
+use crate::model::Model;
+use crate::span::SpanTargets;
+
+/// Attention matching at `ratio`.
+#[derive(Debug, Clone)]
+pub struct AttentionMatching {
+    /// The fit's knobs.
+    pub settings: MatchingSettings,
+    /// Span tokens / entries kept per head.
+    pub ratio: f64,
+}
+
+/// Attention matching's own knobs.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MatchingSettings {
+    /// The reference queries.
+    pub queries: QuerySource,
+    /// How the kept keys are chosen.
+    pub keys: KeySelection,
+    /// Reference queries per KV head at most (sampled, the same tokens at every layer).
+    pub query_cap: usize,
+    /// Seed of that sample.
+    pub seed: u64,
+    /// Lowest and highest bias (log of the weight).
+    pub bias_bounds: (f64, f64),
+    /// Ridge of the least-squares solves, relative to their mean diagonal.
+    pub ridge: f64,
+}
+
+impl Default for MatchingSettings {
+    /// Repeat queries, highest-attention keys, 2,048 queries per KV head,
+    /// biases within [-3, 3] (weights e^-3..e^3), a 1e-6 ridge.
+    fn default() -> Self {
+        Self { queries: QuerySource::Repeat, keys: KeySelection::HighestAttention, query_cap: 2048, seed: 0, bias_bounds: (-3.0, 3.0), ridge: 1e-6 }
+    }
+}
+
+impl AttentionMatching {
+    /// The per-head fits of a span, and their mean output error.
+    pub fn choices(&self, model: &Model, prefix: &KvCache, span: &SpanTargets, t: usize) -> Result<(Vec<Vec<HeadChoice>>, f64)> {
+        let settings = &self.settings;
+        let queries = reference_queries(model, prefix, span, settings.queries, settings.query_cap, settings.seed)?;
+        let fit_settings = FitSettings { keys: settings.keys, bias_bounds: settings.bias_bounds, ridge: settings.ridge };
+        let scale = 1.0 / (model.qwen2.config().head_dim() as f64).sqrt();
+        let (mut choices, mut errors) = (Vec::with_capacity(queries.len()), Vec::new());
+        for (layer, layer_queries) in queries.iter().enumerate() {
+            let mut heads = Vec::new();
+            for head in 0..layer_queries.dim(0)? {
+                let problem = HeadProblem {
+                    queries: head_matrix(&layer_queries.unsqueeze(0)?, head)?,
+                    keys: head_matrix(&span.keys[layer], head)?,
+                    values: head_matrix(&span.values[layer], head)?,
+                    scale,
+                };
+                let fit = problem.fit(t, &fit_settings)?;
+                errors.push(fit.output_error);
+                heads.push(HeadChoice { kept: fit.kept, values: Some(fit.values), biases: Some(fit.biases) });
+            }
+            choices.push(heads);
+        }
+        Ok((choices, errors.iter().sum::<f64>() / errors.len().max(1) as f64))
+    }
+}
+
+impl Compressor for AttentionMatching {
+    /// `attention-matching`, then what departs from the default sources:
+    /// `-context` or `-both` queries, `-omp` keys.
+    fn name(&self) -> String {
+        let mut name = String::from("attention-matching");
+        match self.settings.queries {
+            QuerySource::Repeat => {}
+            QuerySource::Context => name.push_str("-context"),
+            QuerySource::Both => name.push_str("-both"),
+        }
+        if self.settings.keys == KeySelection::Omp {
+            name.push_str("-omp");
+        }
+        name
+    }
+
+    fn compress(&self, model: &Model, prefix: &KvCache, span: &SpanTargets, _on_step: &mut dyn FnMut(usize, f32)) -> Result<CompressedSpan> {
+        let (choices, fit_error) = self.choices(model, prefix, span, budget(span.len(), self.ratio)?)?;
+        let mut compressed = compacted(self.name(), span, &choices)?;
+        compressed.report.fit_error = Some(fit_error);
+        Ok(compressed)
+    }
+}

@@ -1,0 +1,216 @@
+//! Attention matching and KVzip on a small random model: logit biases
+//! through the forward, the session and the cache file, each checked
+//! against what the test computes itself.
+
+mod common;
+
+use candle_core::{DType, Tensor};
+use common::{cpu, max_abs_diff, positions};
+use cram::matching::{compacted, head_matrix, HeadChoice};
+use cram::{testing, AttentionMatching, Compressor, KvCache, KvZip, Logits, MatchingSettings, Model, Session, SpanTargets};
+
+const SYSTEM: &str = "t5 t9 t14 t2";
+const TURN: &str = "t30 t31 t8 t8 t44 t17 t63 t1 t12 t40 t41 t7 t22 t23 t50 t3 t36 t36 t11 t60";
+const QUESTION: &str = "t6 t7 t61 t33";
+
+fn model(seed: u64) -> Model {
+    testing::full_model(&testing::tiny_config(), seed, &cpu()).unwrap()
+}
+
+/// The span of TURN after the system prompt (4 tokens).
+fn span_after_system(model: &Model) -> (KvCache, SpanTargets) {
+    let session = Session::new(model, SYSTEM).unwrap();
+    let span_ids = model.tokenizer.encode(TURN).unwrap();
+    let span = SpanTargets::compute(&model.qwen2, session.cache(), &span_ids, &positions(4, span_ids.len())).unwrap();
+    (session.cache().clone(), span)
+}
+
+/// The question's forward (K, V and logits) after `cache`.
+fn question_after(model: &Model, cache: &KvCache) -> cram::ForwardOutput {
+    let ids = model.tokenizer.encode(QUESTION).unwrap();
+    let at = positions(cache.next_position() as usize, ids.len());
+    model.qwen2.forward(&model.qwen2.embed(&ids).unwrap(), &at, Some(cache), Logits::All).unwrap()
+}
+
+/// Zero biases are no biases: the same numbers, bit for bit.
+#[test]
+fn zero_biases_change_nothing() {
+    let model = model(71);
+    let (prefix, span) = span_after_system(&model);
+    let mut plain = prefix.clone();
+    plain.append(&span.keys, &span.values, &span.positions).unwrap();
+    let zeros: Vec<Tensor> = span.keys.iter().map(|k| Tensor::zeros(&k.dims()[..3], DType::F32, &cpu()).unwrap()).collect();
+    let mut biased = prefix.clone();
+    biased.append_biased(&span.keys, &span.values, Some(&zeros), &span.positions).unwrap();
+    assert!(biased.biases().is_some() && plain.biases().is_none());
+    let (a, b) = (question_after(&model, &plain), question_after(&model, &biased));
+    assert_eq!(a.logits.unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(), b.logits.unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    for (x, y) in a.values.iter().zip(&b.values) {
+        assert!(max_abs_diff(x, y) == 0.0);
+    }
+}
+
+/// A bias on one entry of one KV head reweights that entry for every query
+/// head of the group, and for no other head: p' = p e^b / sum(p e^b),
+/// computed here from the unbiased probabilities.
+#[test]
+fn a_bias_is_shared_by_the_query_heads_of_its_kv_head() {
+    let model = model(73);
+    let (prefix, span) = span_after_system(&model);
+    let mut plain = prefix.clone();
+    plain.append(&span.keys, &span.values, &span.positions).unwrap();
+    let n_cached = plain.len();
+    let (entry, bias) = (6, 1.7f32);
+    let mut biased = KvCache::new();
+    let layers = plain.keys().len();
+    let biases: Vec<Tensor> = (0..layers)
+        .map(|_| {
+            let mut b = vec![0.0f32; 2 * n_cached];
+            b[entry] = bias; // KV head 0 only
+            Tensor::from_vec(b, (1, 2, n_cached), &cpu()).unwrap()
+        })
+        .collect();
+    biased.append_biased(plain.keys(), plain.values(), Some(&biases), plain.positions()).unwrap();
+    let ids = model.tokenizer.encode(QUESTION).unwrap();
+    let at = positions(n_cached, ids.len());
+    let embeddings = model.qwen2.embed(&ids).unwrap();
+    let before = model.qwen2.attention_probabilities(&embeddings, &at, Some(&plain)).unwrap();
+    let after = model.qwen2.attention_probabilities(&embeddings, &at, Some(&biased)).unwrap();
+    let groups = model.qwen2.config().num_attention_heads / model.qwen2.config().num_key_value_heads;
+    // Layer 0 sees the same hidden states either way: compare there.
+    let (p, q) = (before[0].squeeze(0).unwrap().to_vec3::<f32>().unwrap(), after[0].squeeze(0).unwrap().to_vec3::<f32>().unwrap());
+    for head in 0..p.len() {
+        for (row_p, row_q) in p[head].iter().zip(&q[head]) {
+            let weight = |j: usize| if head / groups == 0 && j == entry { bias.exp() } else { 1.0 };
+            let total: f32 = row_p.iter().enumerate().map(|(j, x)| x * weight(j)).sum();
+            for (j, (x, y)) in row_p.iter().zip(row_q).enumerate() {
+                assert!((x * weight(j) / total - y).abs() < 1e-6, "head {head} entry {j}: {} vs {y}", x * weight(j) / total);
+            }
+        }
+    }
+}
+
+/// Keeping every entry with the fit reproduces the span: the question after
+/// it computes what it computes after the span itself (the fitted values
+/// and biases of a full selection are the span's own, to rounding).
+#[test]
+fn keeping_every_entry_reproduces_the_span() {
+    let model = model(79);
+    let (prefix, span) = span_after_system(&model);
+    let method = AttentionMatching { settings: MatchingSettings { ridge: 0.0, ..MatchingSettings::default() }, ratio: 2.0 };
+    let (choices, error) = method.choices(&model, &prefix, &span, span.len()).unwrap();
+    assert!(error < 1e-4, "output error {error}");
+    let full = compacted("attention-matching".into(), &span, &choices).unwrap();
+    let (mut compacted_cache, mut original) = (prefix.clone(), prefix.clone());
+    full.append_to(&mut compacted_cache).unwrap();
+    original.append(&span.keys, &span.values, &span.positions).unwrap();
+    let (a, b) = (question_after(&model, &compacted_cache), question_after(&model, &original));
+    for (x, y) in a.values.iter().zip(&b.values) {
+        assert!(max_abs_diff(x, y) < 1e-4, "{}", max_abs_diff(x, y));
+    }
+    let (la, lb) = (a.logits.unwrap(), b.logits.unwrap());
+    assert!(max_abs_diff(&la, &lb) < 1e-3);
+    assert_eq!(la.argmax(2).unwrap().to_vec2::<u32>().unwrap(), lb.argmax(2).unwrap().to_vec2::<u32>().unwrap(), "the same next tokens");
+}
+
+/// At a real ratio: n / ratio entries per head, the span's own keys (with
+/// their RoPE), finite biases in bounds, and the prefix untouched.
+#[test]
+fn attention_matching_keeps_the_budget_with_the_spans_keys() {
+    let model = model(83);
+    let (prefix, span) = span_after_system(&model);
+    let compressed = AttentionMatching { settings: MatchingSettings::default(), ratio: 4.0 }.compress(&model, &prefix, &span, &mut |_, _| {}).unwrap();
+    assert_eq!(compressed.len(), 5);
+    assert!(compressed.report.fit_error.is_some_and(|e| e.is_finite()));
+    let biases = compressed.biases.as_ref().unwrap();
+    for (layer, keys) in compressed.keys.iter().enumerate() {
+        let bias: Vec<f32> = biases[layer].flatten_all().unwrap().to_vec1().unwrap();
+        assert!(bias.iter().all(|b| (-3.0..=3.0).contains(b)), "{bias:?}");
+        for head in 0..keys.dim(1).unwrap() {
+            let span_keys = head_matrix(&span.keys[layer], head).unwrap();
+            let kept = head_matrix(keys, head).unwrap();
+            for row in kept.row_iter() {
+                assert!(span_keys.row_iter().any(|original| (original - row).norm() == 0.0), "a kept key is a span key");
+            }
+        }
+    }
+    let mut cache = prefix.clone();
+    compressed.append_to(&mut cache).unwrap();
+    assert_eq!(cache.len(), prefix.len() + 5);
+    assert_eq!(cache.next_position(), span.next_position());
+    assert!(max_abs_diff(&cache.keys()[1].narrow(2, 0, prefix.len()).unwrap(), &prefix.keys()[1]) == 0.0);
+    let prefix_biases: Vec<f32> = cache.biases().unwrap()[0].narrow(2, 0, prefix.len()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    assert!(prefix_biases.iter().all(|&b| b == 0.0), "the prefix keeps bias 0");
+}
+
+/// KVzip keeps n / ratio entries per head, each the one the repeat queries
+/// attend to most, with their own values and no bias; the prefix stays.
+#[test]
+fn kvzip_keeps_the_budget_per_head_and_never_the_prefix() {
+    let model = model(89);
+    let (prefix, span) = span_after_system(&model);
+    for ratio in [2.0, 3.2, 6.4] {
+        let compressed = KvZip { settings: Default::default(), ratio }.compress(&model, &prefix, &span, &mut |_, _| {}).unwrap();
+        let t = cram::budget(span.len(), ratio).unwrap();
+        assert_eq!(compressed.len(), t);
+        assert!(compressed.biases.is_none());
+        for (layer, (keys, values)) in compressed.keys.iter().zip(&compressed.values).enumerate() {
+            assert_eq!(keys.dim(2).unwrap(), t);
+            for head in 0..keys.dim(1).unwrap() {
+                let (span_keys, span_values) = (head_matrix(&span.keys[layer], head).unwrap(), head_matrix(&span.values[layer], head).unwrap());
+                let (kept_keys, kept_values) = (head_matrix(keys, head).unwrap(), head_matrix(values, head).unwrap());
+                for (key, value) in kept_keys.row_iter().zip(kept_values.row_iter()) {
+                    let at = span_keys.row_iter().position(|original| (original - key).norm() == 0.0).expect("a span key");
+                    assert!((span_values.row(at) - value).norm() == 0.0, "with its own value");
+                }
+            }
+        }
+        let mut cache = prefix.clone();
+        compressed.append_to(&mut cache).unwrap();
+        assert!(max_abs_diff(&cache.values()[0].narrow(2, 0, prefix.len()).unwrap(), &prefix.values()[0]) == 0.0);
+    }
+}
+
+/// A session with a compacted turn, saved and loaded, answers the same bit
+/// for bit, biases included; a file without biases loads with none.
+#[test]
+fn a_saved_session_keeps_its_biases() {
+    let model = model(97);
+    let mut session = Session::new(&model, SYSTEM).unwrap();
+    session.push_compressed(TURN, &AttentionMatching { settings: MatchingSettings::default(), ratio: 3.0 }, &mut |_, _| {}).unwrap();
+    session.push_verbatim("t4 t5").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("session.safetensors");
+    session.save(&path).unwrap();
+    let loaded = Session::load(&model, &path).unwrap();
+    let (saved, restored) = (session.cache().biases().unwrap(), loaded.cache().biases().unwrap());
+    for (a, b) in saved.iter().zip(restored) {
+        assert!(max_abs_diff(a, b) == 0.0);
+    }
+    assert_eq!(session.ask(QUESTION, 6).unwrap(), loaded.ask(QUESTION, 6).unwrap());
+    let biased_logits = question_after(&model, session.cache()).logits.unwrap();
+    let restored_logits = question_after(&model, loaded.cache()).logits.unwrap();
+    assert!(max_abs_diff(&biased_logits, &restored_logits) == 0.0);
+
+    let plain = Session::new(&model, SYSTEM).unwrap();
+    plain.save(&path).unwrap();
+    assert!(Session::load(&model, &path).unwrap().cache().biases().is_none());
+}
+
+/// The per-head selection is what each head chose: a head's kept keys are
+/// the span keys at its indices.
+#[test]
+fn compacted_entries_follow_each_heads_choice() {
+    let model = model(101);
+    let (_, span) = span_after_system(&model);
+    let choices: Vec<Vec<HeadChoice>> = (0..span.keys.len())
+        .map(|layer| (0..2).map(|head| HeadChoice { kept: vec![layer + head, 10 + head], values: None, biases: None }).collect())
+        .collect();
+    let entries = compacted("test".into(), &span, &choices).unwrap();
+    for (layer, keys) in entries.keys.iter().enumerate() {
+        for head in 0..2 {
+            let expected = span.keys[layer].narrow(1, head, 1).unwrap().index_select(&Tensor::new(&[(layer + head) as u32, (10 + head) as u32], &cpu()).unwrap(), 2).unwrap();
+            assert!(max_abs_diff(&keys.narrow(1, head, 1).unwrap(), &expected) == 0.0);
+        }
+    }
+}
