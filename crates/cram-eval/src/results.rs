@@ -48,6 +48,11 @@ pub struct CellResult {
     pub seconds: f64,
     /// Seconds spent optimizing.
     pub optimize_seconds: f64,
+    /// Seconds compressing (the span's forward, scoring, fitting or
+    /// optimizing), summed over compressed turns; 0 in a batch, whose
+    /// optimization is `optimize_seconds`.
+    #[serde(default)]
+    pub compress_seconds: f64,
     /// Every answer, joined (the full records are in `answers`).
     pub answer: String,
     pub answers: Vec<Answered>,

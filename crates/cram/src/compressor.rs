@@ -152,6 +152,10 @@ pub struct CompressionReport {
     /// The text that replaced the span, for text-level methods (the summary).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub text: Option<String>,
+    /// Wall time of the compression, the span's own forward included
+    /// (measured by [`crate::session::Session::push_compressed`]; 0 where not measured).
+    #[serde(default)]
+    pub seconds: f64,
     /// For fitted methods (attention matching): the mean relative error of
     /// the compacted block's attention output on the reference queries.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -161,7 +165,7 @@ pub struct CompressionReport {
 impl CompressionReport {
     /// The report of a method that neither optimizes nor writes text.
     pub fn new(method: String, n_tokens: usize, n_kept: usize) -> Self {
-        Self { method, n_tokens, n_kept, optimization: None, text: None, fit_error: None }
+        Self { method, n_tokens, n_kept, optimization: None, text: None, seconds: 0.0, fit_error: None }
     }
 }
 

@@ -74,6 +74,7 @@ pub use methods::attention_matching::{AttentionMatching, MatchingSettings};
 pub use methods::baselines::{RawSpan, Truncate};
 pub use methods::compress_evict::{CompressEvictSettings, CompressThenEvict};
 pub use methods::evict::Evict;
+pub use methods::fitted_recipe::FittedRecipe;
 pub use methods::hybrid::{Hybrid, HybridSettings};
 pub use methods::kvzip::{KvZip, KvZipSettings};
 pub use methods::summary::Summarize;

@@ -14,6 +14,7 @@ use crate::compressor::Compressor;
 use crate::methods::attention_matching::AttentionMatching;
 use crate::methods::compress_evict::{CompressEvictSettings, CompressThenEvict};
 use crate::methods::evict::Evict;
+use crate::methods::fitted_recipe::FittedRecipe;
 use crate::methods::hybrid::{Hybrid, HybridSettings};
 use crate::methods::kvzip::KvZip;
 use crate::methods::summary::Summarize;
@@ -35,6 +36,7 @@ pub const METHODS: &[Method] = &[
     Method { name: "summary", kind: Kind::Other(summary) },
     Method { name: "attention-matching", kind: Kind::Other(attention_matching) },
     Method { name: "kvzip", kind: Kind::Other(kvzip) },
+    Method { name: "fitted-recipe", kind: Kind::WithRecipe(fitted_recipe) },
 ];
 
 /// One line of the registry.
@@ -176,6 +178,10 @@ fn scorer<S: Scorer + DeserializeOwned + 'static>(knobs: &serde_json::Value) -> 
 
 fn attention_matching(options: &MethodOptions) -> Result<Box<dyn Compressor>> {
     Ok(Box::new(AttentionMatching { settings: options.knobs()?, ratio: options.ratio }))
+}
+
+fn fitted_recipe(options: &MethodOptions) -> Result<Box<dyn Compressor>> {
+    Ok(Box::new(FittedRecipe { settings: options.knobs()?, recipe: options.recipe.clone() }))
 }
 
 fn kvzip(options: &MethodOptions) -> Result<Box<dyn Compressor>> {

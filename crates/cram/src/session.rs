@@ -83,8 +83,10 @@ impl<'m> Session<'m> {
         compressor: &dyn Compressor,
         on_step: &mut dyn FnMut(usize, f32),
     ) -> Result<CompressionReport> {
+        let started = std::time::Instant::now();
         let span = self.span_targets(text)?;
-        let compressed = compressor.compress(self.model, &self.cache, &span, on_step)?;
+        let mut compressed = compressor.compress(self.model, &self.cache, &span, on_step)?;
+        compressed.report.seconds = started.elapsed().as_secs_f64();
         self.push_compressed_span(span.len(), compressed)
     }
 

@@ -214,3 +214,24 @@ fn compacted_entries_follow_each_heads_choice() {
         }
     }
 }
+
+/// The recipe with fitted values keeps the recipe's keys and positions bit
+/// for bit (the same optimisation) and replaces its values and biases.
+#[test]
+fn the_fitted_recipe_keeps_the_recipes_keys_and_refits_the_values() {
+    let model = model(103);
+    let (prefix, span) = span_after_system(&model);
+    let recipe = cram::Recipe { optimizer: cram::OptimizerConfig { lr: 0.05, steps: Some(3), ..Default::default() }, ..cram::Recipe::published(4.0) };
+    let plain = recipe.compress(&model, &prefix, &span, &mut |_, _| {}).unwrap();
+    let fitted = cram::FittedRecipe { settings: MatchingSettings::default(), recipe }.compress(&model, &prefix, &span, &mut |_, _| {}).unwrap();
+    assert_eq!(fitted.report.method, "fitted-recipe");
+    assert_eq!(fitted.positions, plain.positions);
+    for (a, b) in fitted.keys.iter().zip(&plain.keys) {
+        assert!(max_abs_diff(a, b) == 0.0, "the recipe's keys");
+    }
+    assert!(fitted.values.iter().zip(&plain.values).any(|(a, b)| max_abs_diff(a, b) > 1e-3), "refitted values");
+    assert!(fitted.biases.is_some() && fitted.report.fit_error.is_some_and(|e| e.is_finite() && e < 1.0));
+    let mut cache = prefix.clone();
+    fitted.append_to(&mut cache).unwrap();
+    assert!(question_after(&model, &cache).logits.unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|x| x.is_finite()));
+}

@@ -96,6 +96,7 @@ fn cell_result(model: &Model, cell: &Cell, run: CaseRun, seconds: f64) -> CellRe
         // A fold from 0.0, not `sum`: an empty f64 sum is -0.0, which the
         // lines of cells that do not optimize would then print.
         optimize_seconds: optimizations.iter().fold(0.0, |total, o| total + o.seconds),
+        compress_seconds: run.compressions.iter().fold(0.0, |total, c| total + c.seconds),
         answer,
         loss_curve: optimizations.iter().flat_map(|o| o.loss_curve.iter().copied()).collect(),
         turn_losses,

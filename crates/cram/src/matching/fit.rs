@@ -42,7 +42,8 @@ pub struct FitSettings {
 /// What the fit gives one head: the kept keys, their biases and new values.
 #[derive(Debug, Clone)]
 pub struct HeadFit {
-    /// Indices of the kept span entries, ascending.
+    /// Indices of the kept span entries, ascending (empty when the keys
+    /// were given: [`HeadProblem::fit_to_keys`]).
     pub kept: Vec<usize>,
     /// (t): each kept entry's logit bias.
     pub biases: Vec<f64>,
@@ -76,7 +77,8 @@ impl HeadProblem {
         (mass, output)
     }
 
-    /// Fits `t` entries (1 <= t <= n).
+    /// Fits `t` entries (1 <= t <= n): keeps `t` of the span's keys, fits
+    /// their biases and values.
     pub fn fit(&self, t: usize, settings: &FitSettings) -> Result<HeadFit> {
         let n = self.keys.nrows();
         if t == 0 || t > n || self.queries.nrows() == 0 {
@@ -88,15 +90,44 @@ impl HeadProblem {
             KeySelection::HighestAttention => highest_attention(&mass, t),
             KeySelection::Omp => omp(&mass, &row_mass, t, settings)?,
         };
-        let kept_mass = columns(&mass, &kept);
-        let weights = fit_weights(&kept_mass, &row_mass, settings)?;
-        let biases: Vec<f64> = weights.iter().map(|w| w.ln()).collect();
-        // X: the compacted block's attention, its mass reweighted and normalised.
-        let block = normalise_rows(&(kept_mass * DMatrix::from_diagonal(&weights)));
-        let values = least_squares(&block, &output, settings.ridge)?;
-        let output_error = (&block * &values - &output).norm() / output.norm().max(f64::MIN_POSITIVE);
+        let (biases, values, output_error) = fit_block(&columns(&mass, &kept), &row_mass, &output, settings)?;
         Ok(HeadFit { kept, biases, values, output_error })
     }
+
+    /// Biases and values for keys chosen elsewhere (t, d), post-RoPE (the
+    /// recipe's virtual tokens): `kept` is then empty.
+    pub fn fit_to_keys(&self, keys: &DMatrix<f64>, settings: &FitSettings) -> Result<HeadFit> {
+        let span_scores = &self.queries * self.keys.transpose() * self.scale;
+        let block_scores = &self.queries * keys.transpose() * self.scale;
+        // One shift per query for both, so their masses compare: the larger row maximum.
+        let shifts: Vec<f64> = (0..span_scores.nrows()).map(|i| span_scores.row(i).max().max(block_scores.row(i).max())).collect();
+        let (mass, block_mass) = (exp_shifted_by(&span_scores, &shifts), exp_shifted_by(&block_scores, &shifts));
+        let output = normalise_rows(&mass) * &self.values;
+        let (biases, values, output_error) = fit_block(&block_mass, &mass.column_sum(), &output, settings)?;
+        Ok(HeadFit { kept: Vec::new(), biases, values, output_error })
+    }
+}
+
+/// For a block whose unweighted mass is `block_mass` (m, t): the weights
+/// that restore each query's `row_mass` (as biases, their logs), the values
+/// that restore the span's `output` (m, d), and the relative output error.
+fn fit_block(block_mass: &DMatrix<f64>, row_mass: &DVector<f64>, output: &DMatrix<f64>, settings: &FitSettings) -> Result<(Vec<f64>, DMatrix<f64>, f64)> {
+    let weights = fit_weights(block_mass, row_mass, settings)?;
+    let biases: Vec<f64> = weights.iter().map(|w| w.ln()).collect();
+    // X: the compacted block's attention, its mass reweighted and normalised.
+    let block = normalise_rows(&(block_mass * DMatrix::from_diagonal(&weights)));
+    let values = least_squares(&block, output, settings.ridge)?;
+    let output_error = (&block * &values - output).norm() / output.norm().max(f64::MIN_POSITIVE);
+    Ok((biases, values, output_error))
+}
+
+/// exp(s - shift of its row), row by row.
+fn exp_shifted_by(scores: &DMatrix<f64>, shifts: &[f64]) -> DMatrix<f64> {
+    let mut shifted = scores.clone();
+    for (mut row, shift) in shifted.row_iter_mut().zip(shifts) {
+        row.apply(|x| *x = (*x - shift).exp());
+    }
+    shifted
 }
 
 /// exp(s - max of its row), row by row.
@@ -214,6 +245,19 @@ mod tests {
         assert!(fit.biases.iter().all(|b| b.abs() < 1e-8), "{:?}", fit.biases);
         assert!((&fit.values - &head.values).norm() < 1e-8 * head.values.norm());
         assert!(fit.output_error < 1e-10);
+    }
+
+    /// Given the span's own keys, the fit to keys keeps the span.
+    #[test]
+    fn fitting_to_the_spans_own_keys_reproduces_the_span() {
+        let head = problem(40, 10, 8, 6);
+        let fit = head.fit_to_keys(&head.keys, &settings(KeySelection::HighestAttention)).unwrap();
+        assert!(fit.biases.iter().all(|b| b.abs() < 1e-8) && fit.output_error < 1e-10);
+        assert!((&fit.values - &head.values).norm() < 1e-8 * head.values.norm());
+        // Other keys: a real fit, better than those keys with the span's first values.
+        let other = problem(40, 4, 8, 7).keys;
+        let fit = head.fit_to_keys(&other, &settings(KeySelection::HighestAttention)).unwrap();
+        assert!(fit.output_error < 1.0 && fit.values.nrows() == 4);
     }
 
     /// The weights solve the small system an independent Gaussian
