@@ -1,8 +1,10 @@
 //! Loading a frozen Qwen2 model: hyperparameters, weights and tokenizer from a
 //! GGUF file (dequantised), a local safetensors directory, or an hf-hub repo.
 
+mod blocks;
 mod config;
 pub mod ops;
+mod placement;
 mod qwen2;
 pub mod rope;
 

@@ -8,9 +8,11 @@
 
 use candle_core::{DType, Device, Tensor, D};
 
+use super::blocks::{DecoderLayer, Depth, Exec};
+pub use super::placement::Placement;
 use super::config::Qwen2Config;
 use crate::cache::KvCache;
-use super::ops::{masked_softmax_last_dim, rms_norm, Linear, WeightGrad};
+use super::ops::{rms_norm, Linear, WeightGrad};
 use super::rope::Rotation;
 use crate::error::{Error, Result};
 
@@ -35,227 +37,6 @@ pub struct ForwardOutput {
     pub values: Vec<Tensor>,
     /// (batch, n, vocab) for [`Logits::All`], (batch, 1, vocab) for [`Logits::Last`].
     pub logits: Option<Tensor>,
-}
-
-/// Where a forward's new tokens sit: made by [`Qwen2::placement`].
-#[derive(Debug, Clone)]
-pub struct Placement {
-    rotation: Rotation,
-    /// (n_new, cached + n_new) in the softmax dtype; None for one token.
-    mask: Option<Tensor>,
-    n_new: usize,
-    cached: usize,
-}
-
-/// Grouped-query self-attention's frozen projections.
-#[derive(Debug, Clone)]
-struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
-    heads: usize,
-    kv_heads: usize,
-    head_dim: usize,
-}
-
-impl Attention {
-    /// The projections of layer `prefix` (`model.layers.N`); Q, K and V carry biases.
-    fn new(config: &Qwen2Config, prefix: &str, require: &mut impl FnMut(&str) -> Result<Tensor>) -> Result<Self> {
-        let mut linear = |name: &str, bias: bool| -> Result<Linear> {
-            let weight = require(&format!("{prefix}.self_attn.{name}.weight"))?;
-            let bias = if bias { Some(require(&format!("{prefix}.self_attn.{name}.bias"))?) } else { None };
-            Ok(Linear::new(weight, bias))
-        };
-        Ok(Self {
-            q_proj: linear("q_proj", true)?,
-            k_proj: linear("k_proj", true)?,
-            v_proj: linear("v_proj", true)?,
-            o_proj: linear("o_proj", false)?,
-            heads: config.num_attention_heads,
-            kv_heads: config.num_key_value_heads,
-            head_dim: config.head_dim(),
-        })
-    }
-
-    /// normed (b, n, hidden) -> Q (b, heads, n, d), K and V (b, kv_heads, n, d), RoPE on Q and K.
-    fn project(&self, normed: &Tensor, rotation: &Rotation, weight_grad: WeightGrad) -> Result<(Tensor, Tensor, Tensor)> {
-        let (batch, n_new, _) = normed.dims3()?;
-        let split_heads = |projected: Tensor, heads: usize| -> Result<Tensor> {
-            Ok(projected.reshape((batch, n_new, heads, self.head_dim))?.transpose(1, 2)?.contiguous()?)
-        };
-        let query = split_heads(self.q_proj.forward(normed, weight_grad)?, self.heads)?;
-        let key = split_heads(self.k_proj.forward(normed, weight_grad)?, self.kv_heads)?;
-        let value = split_heads(self.v_proj.forward(normed, weight_grad)?, self.kv_heads)?;
-        Ok((rotation.apply(&query)?, rotation.apply(&key)?, value))
-    }
-
-    /// Attention probabilities without copying K/V per query head: the
-    /// query heads that share a KV head are stacked along the sequence axis.
-    /// query (b, heads, n, d); keys (b, kv, L, d) -> (b, kv, groups, n, L) in `softmax_dtype`.
-    fn probabilities(&self, query: &Tensor, keys: &Tensor, mask: Option<&Tensor>, softmax_dtype: DType) -> Result<Tensor> {
-        let (batch, _, n_new, _) = query.dims4()?;
-        let groups = self.heads / self.kv_heads;
-        let total = keys.dim(2)?;
-        // Scaling the (small) query rather than the (large) scores.
-        let grouped_query = (query / (self.head_dim as f64).sqrt())?.reshape((batch, self.kv_heads, groups * n_new, self.head_dim))?;
-        let scores = grouped_query.matmul(&keys.t()?)?;
-        let scores = scores.to_dtype(softmax_dtype)?.reshape((batch, self.kv_heads, groups, n_new, total))?;
-        masked_softmax_last_dim(&scores, mask)
-    }
-
-    /// probabilities (b, kv, groups, n, L); values (b, kv, L, d) -> the
-    /// output projection of what was attended, (b, n, hidden).
-    fn forward(&self, probabilities: &Tensor, values: &Tensor, weight_grad: WeightGrad) -> Result<Tensor> {
-        let (batch, kv_heads, groups, n_new, total) = probabilities.dims5()?;
-        let grouped = probabilities.to_dtype(values.dtype())?.reshape((batch, kv_heads, groups * n_new, total))?;
-        let attended = grouped.matmul(values)?; // (b, kv, groups * n, d)
-        let attended = attended.reshape((batch, self.heads, n_new, self.head_dim))?.transpose(1, 2)?;
-        self.o_proj.forward(&attended.reshape((batch, n_new, self.heads * self.head_dim))?, weight_grad)
-    }
-}
-
-/// The SwiGLU feed-forward block's frozen weights.
-#[derive(Debug, Clone)]
-struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
-}
-
-impl Mlp {
-    fn new(prefix: &str, require: &mut impl FnMut(&str) -> Result<Tensor>) -> Result<Self> {
-        let mut linear = |name: &str| -> Result<Linear> { Ok(Linear::new(require(&format!("{prefix}.mlp.{name}.weight"))?, None)) };
-        Ok(Self { gate_proj: linear("gate_proj")?, up_proj: linear("up_proj")?, down_proj: linear("down_proj")? })
-    }
-
-    /// normed (b, n, hidden) -> (b, n, hidden)
-    fn forward(&self, normed: &Tensor, weight_grad: WeightGrad) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(normed, weight_grad)?.silu()?;
-        let up = self.up_proj.forward(normed, weight_grad)?;
-        self.down_proj.forward(&(gate * up)?, weight_grad)
-    }
-}
-
-/// One decoder block: RMS norm, attention, residual, RMS norm, MLP, residual.
-#[derive(Debug, Clone)]
-struct DecoderLayer {
-    input_norm: Tensor,
-    attention: Attention,
-    post_attention_norm: Tensor,
-    mlp: Mlp,
-    rms_norm_eps: f64,
-}
-
-/// What one block computed for the new tokens.
-struct LayerOutput {
-    /// (b, heads, n, d), RoPE applied.
-    query: Tensor,
-    /// (b, kv_heads, n, d), RoPE applied.
-    key: Tensor,
-    /// (b, kv_heads, n, d)
-    value: Tensor,
-    /// (b, kv, groups, n, cached + n), when attention ran.
-    probabilities: Option<Tensor>,
-    /// (b, n, hidden), when the whole block ran.
-    hidden_states: Option<Tensor>,
-}
-
-/// What a forward keeps besides its keys and values, per layer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Keep {
-    Nothing,
-    /// Attention probabilities.
-    Attention,
-    /// Post-RoPE queries.
-    Queries,
-}
-
-/// How far a block runs: the last layer of a forward often needs less.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Depth {
-    /// Up to the K/V projections.
-    KeysAndValues,
-    /// Up to the attention probabilities.
-    Attention,
-    /// The whole block.
-    Full,
-}
-
-impl DecoderLayer {
-    fn new(config: &Qwen2Config, index: usize, require: &mut impl FnMut(&str) -> Result<Tensor>) -> Result<Self> {
-        let prefix = format!("model.layers.{index}");
-        Ok(Self {
-            input_norm: require(&format!("{prefix}.input_layernorm.weight"))?,
-            attention: Attention::new(config, &prefix, require)?,
-            post_attention_norm: require(&format!("{prefix}.post_attention_layernorm.weight"))?,
-            mlp: Mlp::new(&prefix, require)?,
-            rms_norm_eps: config.rms_norm_eps,
-        })
-    }
-
-    /// hidden_states (b, n, hidden) after the `cached` (K, V) of this layer
-    /// ((1, kv, L, d) each, shared by the batch) and their logit biases
-    /// ((1, kv, L) f32), up to `depth`.
-    fn forward(
-        &self,
-        hidden_states: &Tensor,
-        placement: &Placement,
-        cached: Option<(&Tensor, &Tensor)>,
-        cached_bias: Option<&Tensor>,
-        depth: Depth,
-        exec: Exec,
-    ) -> Result<LayerOutput> {
-        let batch = hidden_states.dim(0)?;
-        let normed = rms_norm(hidden_states, &self.input_norm, self.rms_norm_eps)?;
-        let (query, key, value) = self.attention.project(&normed, &placement.rotation, exec.weight_grad)?;
-        let mut output = LayerOutput { query: query.clone(), key: key.clone(), value: value.clone(), probabilities: None, hidden_states: None };
-        if depth == Depth::KeysAndValues {
-            return Ok(output);
-        }
-        let (all_keys, all_values) = match cached {
-            Some((cached_keys, cached_values)) => (
-                Tensor::cat(&[&expand_batch(cached_keys, batch)?, &key], 2)?,
-                Tensor::cat(&[&expand_batch(cached_values, batch)?, &value], 2)?,
-            ),
-            None => (key, value),
-        };
-        let mask = match cached_bias {
-            Some(bias) => Some(biased_mask(placement, bias, exec.softmax_dtype)?),
-            None => placement.mask.clone(),
-        };
-        let probabilities = self.attention.probabilities(&query, &all_keys, mask.as_ref(), exec.softmax_dtype)?;
-        if depth == Depth::Attention {
-            output.probabilities = Some(probabilities);
-            return Ok(output);
-        }
-        let attended = self.attention.forward(&probabilities, &all_values, exec.weight_grad)?;
-        output.probabilities = Some(probabilities);
-        let hidden_states = (hidden_states + attended)?;
-        let normed = rms_norm(&hidden_states, &self.post_attention_norm, self.rms_norm_eps)?;
-        output.hidden_states = Some((&hidden_states + self.mlp.forward(&normed, exec.weight_grad)?)?);
-        Ok(output)
-    }
-}
-
-/// The placement's mask with the cached entries' logit biases added:
-/// bias (1, kv, L) -> (1, kv, 1, n_new or 1, L + n_new), broadcast over the
-/// query heads of each KV head's group (the new tokens' columns get 0).
-fn biased_mask(placement: &Placement, bias: &Tensor, dtype: DType) -> Result<Tensor> {
-    let (_, kv_heads, cached) = bias.dims3()?;
-    let new_columns = Tensor::zeros((1, kv_heads, placement.n_new), bias.dtype(), bias.device())?;
-    let bias = Tensor::cat(&[bias, &new_columns], 2)?.reshape((1, kv_heads, 1, 1, cached + placement.n_new))?.to_dtype(dtype)?;
-    Ok(match &placement.mask {
-        Some(mask) => bias.broadcast_add(mask)?,
-        None => bias,
-    })
-}
-
-/// How a forward executes, the same for every block.
-#[derive(Debug, Clone, Copy)]
-struct Exec {
-    weight_grad: WeightGrad,
-    softmax_dtype: DType,
 }
 
 /// The frozen Qwen2 weights and the differentiable forward over them.
@@ -519,11 +300,12 @@ fn attention_mask(groups: &[usize], cached: usize, device: &Device) -> Result<Op
     Ok(Some(Tensor::from_vec(mask, (n_new, total), device)?))
 }
 
-/// A batch-1 cache tensor (1, kv, L, d) seen by a batch of `batch` sequences.
-fn expand_batch(cached: &Tensor, batch: usize) -> Result<Tensor> {
-    if batch == 1 {
-        return Ok(cached.clone());
-    }
-    let (_, kv_heads, len, head_dim) = cached.dims4()?;
-    Ok(cached.broadcast_as((batch, kv_heads, len, head_dim))?.contiguous()?)
+/// What a forward keeps besides its keys and values, per layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Keep {
+    Nothing,
+    /// Attention probabilities.
+    Attention,
+    /// Post-RoPE queries.
+    Queries,
 }

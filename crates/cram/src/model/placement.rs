@@ -1,0 +1,16 @@
+//! Where a forward's new tokens sit: their RoPE tables and their attention
+//! mask, prepared once for many forwards.
+
+use candle_core::Tensor;
+
+use super::rope::Rotation;
+
+/// Where a forward's new tokens sit: made by [`super::Qwen2::placement`].
+#[derive(Debug, Clone)]
+pub struct Placement {
+    pub(super) rotation: Rotation,
+    /// (n_new, cached + n_new) in the softmax dtype; None for one token.
+    pub(super) mask: Option<Tensor>,
+    pub(super) n_new: usize,
+    pub(super) cached: usize,
+}
