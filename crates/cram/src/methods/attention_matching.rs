@@ -50,24 +50,37 @@ impl Default for MatchingSettings {
     }
 }
 
+impl MatchingSettings {
+    /// What the per-head fit takes of these settings.
+    pub fn fit(&self) -> FitSettings {
+        FitSettings { keys: self.keys, bias_bounds: self.bias_bounds, ridge: self.ridge }
+    }
+
+    /// Per layer, per KV head: the span against its reference queries.
+    pub fn head_problems(&self, model: &Model, prefix: &KvCache, span: &SpanTargets) -> Result<Vec<Vec<HeadProblem>>> {
+        let queries = reference_queries(model, prefix, span, self.queries, self.query_cap, self.seed)?;
+        let scale = 1.0 / (model.qwen2.config().head_dim() as f64).sqrt();
+        let problem = |layer: usize, head: usize| -> Result<HeadProblem> {
+            Ok(HeadProblem {
+                queries: head_matrix(&queries[layer].unsqueeze(0)?, head)?,
+                keys: head_matrix(&span.keys[layer], head)?,
+                values: head_matrix(&span.values[layer], head)?,
+                scale,
+            })
+        };
+        (0..queries.len()).map(|layer| (0..queries[layer].dim(0)?).map(|head| problem(layer, head)).collect()).collect()
+    }
+}
+
 impl AttentionMatching {
     /// The per-head fits of a span, and their mean output error.
     pub fn choices(&self, model: &Model, prefix: &KvCache, span: &SpanTargets, t: usize) -> Result<(Vec<Vec<HeadChoice>>, f64)> {
-        let settings = &self.settings;
-        let queries = reference_queries(model, prefix, span, settings.queries, settings.query_cap, settings.seed)?;
-        let fit_settings = FitSettings { keys: settings.keys, bias_bounds: settings.bias_bounds, ridge: settings.ridge };
-        let scale = 1.0 / (model.qwen2.config().head_dim() as f64).sqrt();
-        let (mut choices, mut errors) = (Vec::with_capacity(queries.len()), Vec::new());
-        for (layer, layer_queries) in queries.iter().enumerate() {
+        let problems = self.settings.head_problems(model, prefix, span)?;
+        let (mut choices, mut errors) = (Vec::with_capacity(problems.len()), Vec::new());
+        for layer in problems {
             let mut heads = Vec::new();
-            for head in 0..layer_queries.dim(0)? {
-                let problem = HeadProblem {
-                    queries: head_matrix(&layer_queries.unsqueeze(0)?, head)?,
-                    keys: head_matrix(&span.keys[layer], head)?,
-                    values: head_matrix(&span.values[layer], head)?,
-                    scale,
-                };
-                let fit = problem.fit(t, &fit_settings)?;
+            for problem in layer {
+                let fit = problem.fit(t, &self.settings.fit())?;
                 errors.push(fit.output_error);
                 heads.push(HeadChoice { kept: fit.kept, values: Some(fit.values), biases: Some(fit.biases) });
             }

@@ -1,7 +1,8 @@
 //! The recipe's keys with fitted values: the recipe optimises its virtual
 //! tokens as published, then their keys stay (at their interpolated
 //! positions) while their values and logit biases are refitted by
-//! attention matching against the original span ([`HeadProblem::fit_to_keys`]):
+//! attention matching against the original span
+//! ([`crate::matching::fit::HeadProblem::fit_to_keys`]):
 //! the optimisation places the keys, the closed form makes the block read
 //! like the span.
 
@@ -10,9 +11,7 @@ use candle_core::Tensor;
 use crate::cache::KvCache;
 use crate::compressor::{budget, CompressedSpan, Compressor};
 use crate::error::Result;
-use crate::matching::fit::{FitSettings, HeadProblem};
 use crate::matching::head_matrix;
-use crate::matching::queries::reference_queries;
 use crate::methods::attention_matching::MatchingSettings;
 use crate::model::Model;
 use crate::recipe::Recipe;
@@ -35,22 +34,13 @@ impl Compressor for FittedRecipe {
 
     fn compress(&self, model: &Model, prefix: &KvCache, span: &SpanTargets, on_step: &mut dyn FnMut(usize, f32)) -> Result<CompressedSpan> {
         let mut compressed = self.recipe.compress_sized(self.name(), model, prefix, span, budget(span.len(), self.recipe.ratio)?, on_step)?;
-        let settings = &self.settings;
-        let queries = reference_queries(model, prefix, span, settings.queries, settings.query_cap, settings.seed)?;
-        let fit_settings = FitSettings { keys: settings.keys, bias_bounds: settings.bias_bounds, ridge: settings.ridge };
-        let scale = 1.0 / (model.qwen2.config().head_dim() as f64).sqrt();
-        let (mut biases, mut errors) = (Vec::with_capacity(queries.len()), Vec::new());
-        for (layer, layer_queries) in queries.iter().enumerate() {
+        let problems = self.settings.head_problems(model, prefix, span)?;
+        let (mut biases, mut errors) = (Vec::with_capacity(problems.len()), Vec::new());
+        for (layer, heads) in problems.iter().enumerate() {
             let (virtual_keys, device) = (&compressed.keys[layer], span.keys[layer].device());
             let (mut values, mut layer_biases) = (Vec::new(), Vec::new());
-            for head in 0..layer_queries.dim(0)? {
-                let problem = HeadProblem {
-                    queries: head_matrix(&layer_queries.unsqueeze(0)?, head)?,
-                    keys: head_matrix(&span.keys[layer], head)?,
-                    values: head_matrix(&span.values[layer], head)?,
-                    scale,
-                };
-                let fit = problem.fit_to_keys(&head_matrix(virtual_keys, head)?, &fit_settings)?;
+            for (head, problem) in heads.iter().enumerate() {
+                let fit = problem.fit_to_keys(&head_matrix(virtual_keys, head)?, &self.settings.fit())?;
                 errors.push(fit.output_error);
                 let rows: Vec<f32> = fit.values.transpose().iter().map(|&x| x as f32).collect(); // row-major
                 values.push(Tensor::from_vec(rows, (1, 1, fit.values.nrows(), fit.values.ncols()), device)?.to_dtype(span.values[layer].dtype())?);
