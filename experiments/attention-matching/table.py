@@ -60,3 +60,40 @@ for r in here:
         err = r.get("fit_error")
         print(f"- {r['case']} {r['method']} {r['ratio']}x: {r['compress_seconds']:.2f} s for {r['n_tokens']} tokens"
               + (f", output error {err:.3f}" if err is not None else "") + f", {r['facts_correct']}/{r['facts_total']}")
+
+
+def verdicts(rows, cases):
+    """(method, ratio) -> {(case, fact id): recalled}"""
+    out = defaultdict(dict)
+    for r in rows:
+        if r["case"] in cases and r["ratio"] in RATIOS:
+            for answer in r["answers"]:
+                for fact, ok in answer["facts"]:
+                    out[(r["method"], r["ratio"])][(r["case"], answer["question_id"], fact)] = ok
+    return out
+
+
+def mcnemar(b, c):
+    """Exact two-sided McNemar p-value: b and c discordant pairs."""
+    from math import comb
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(comb(n, k) for k in range(0, min(b, c) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+print("\nPaired on the same facts (six short cases): attention-matching against each method;")
+print("wins = facts only attention matching recalled, losses = facts only the other did; exact McNemar p.\n")
+v = verdicts(unique, own)
+print("| against | " + " | ".join(f"{r}x" for r in RATIOS) + " |")
+print("|---|" + "---|" * len(RATIOS))
+for other in ["kvzip", "streaming", "key-norm", "snapkv", "summary", "surprisal", "attention-matching-both"]:
+    cells = []
+    for ratio in RATIOS:
+        mine, theirs = v.get(("attention-matching", ratio), {}), v.get((other, ratio), {})
+        shared = mine.keys() & theirs.keys()
+        wins = sum(mine[k] and not theirs[k] for k in shared)
+        losses = sum(theirs[k] and not mine[k] for k in shared)
+        cells.append(f"+{wins}/-{losses} p={mcnemar(wins, losses):.2g}" if shared else "")
+    print(f"| {other} | " + " | ".join(cells) + " |")
