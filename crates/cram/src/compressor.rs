@@ -35,6 +35,13 @@ pub trait Compressor {
         span: &SpanTargets,
         on_step: &mut dyn FnMut(usize, f32),
     ) -> Result<CompressedSpan>;
+
+    /// Whether the method reads the span's surprisal (the recipe's pooling):
+    /// those that do not get targets without it, which saves the forward's
+    /// logits.
+    fn needs_surprisal(&self) -> bool {
+        true
+    }
 }
 
 /// KV entries that stand for a span, ready to append to the cache that

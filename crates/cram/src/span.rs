@@ -28,6 +28,17 @@ pub struct SpanTargets {
 impl SpanTargets {
     /// Runs `span_ids` at `positions` after `prefix`.
     pub fn compute(model: &Qwen2, prefix: &KvCache, span_ids: &[u32], positions: &[f32]) -> Result<Self> {
+        Self::run(model, prefix, span_ids, positions, true)
+    }
+
+    /// [`SpanTargets::compute`] without the surprisal, which is then all 0:
+    /// no logits (over a 150k vocabulary, most of the forward's cost), for
+    /// methods that do not pool by surprisal ([`crate::compressor::Compressor::needs_surprisal`]).
+    pub fn compute_without_surprisal(model: &Qwen2, prefix: &KvCache, span_ids: &[u32], positions: &[f32]) -> Result<Self> {
+        Self::run(model, prefix, span_ids, positions, false)
+    }
+
+    fn run(model: &Qwen2, prefix: &KvCache, span_ids: &[u32], positions: &[f32], with_surprisal: bool) -> Result<Self> {
         if span_ids.is_empty() || span_ids.len() != positions.len() {
             return Err(Error::Invalid(format!(
                 "a span needs tokens and one position per token (got {} and {})",
@@ -36,15 +47,19 @@ impl SpanTargets {
             )));
         }
         let embeddings = model.embed(span_ids)?;
-        let output = model.forward(&embeddings, positions, Some(prefix), Logits::All)?;
-        let logits = output.logits.ok_or_else(|| Error::Invalid("forward returned no logits".into()))?;
+        let output = model.forward(&embeddings, positions, Some(prefix), if with_surprisal { Logits::All } else { Logits::None })?;
+        let surprisal = match output.logits {
+            Some(logits) => surprisal(&logits, span_ids)?,
+            None if !with_surprisal => vec![0.0; span_ids.len()],
+            None => return Err(Error::Invalid("forward returned no logits".into())),
+        };
         Ok(Self {
             ids: span_ids.to_vec(),
             embeddings,
             positions: positions.to_vec(),
             keys: output.keys,
             values: output.values,
-            surprisal: surprisal(&logits, span_ids)?,
+            surprisal,
         })
     }
 

@@ -235,3 +235,18 @@ fn the_fitted_recipe_keeps_the_recipes_keys_and_refits_the_values() {
     fitted.append_to(&mut cache).unwrap();
     assert!(question_after(&model, &cache).logits.unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|x| x.is_finite()));
 }
+
+/// Targets without the surprisal (no logits) have the span's K and V bit
+/// for bit; only the recipe reads the surprisal, so only it asks for it.
+#[test]
+fn targets_without_surprisal_keep_the_keys_and_values() {
+    let model = model(107);
+    let (prefix, span) = span_after_system(&model);
+    let ids = model.tokenizer.encode(TURN).unwrap();
+    let bare = SpanTargets::compute_without_surprisal(&model.qwen2, &prefix, &ids, &span.positions).unwrap();
+    assert!(bare.surprisal.iter().all(|&s| s == 0.0) && span.surprisal.iter().any(|&s| s > 0.0));
+    for (a, b) in bare.keys.iter().zip(&span.keys).chain(bare.values.iter().zip(&span.values)) {
+        assert!(max_abs_diff(a, b) == 0.0);
+    }
+    assert!(!AttentionMatching { settings: MatchingSettings::default(), ratio: 2.0 }.needs_surprisal() && cram::Recipe::published(2.0).needs_surprisal());
+}

@@ -106,6 +106,10 @@ impl Compressor for AttentionMatching {
         name
     }
 
+    fn needs_surprisal(&self) -> bool {
+        false
+    }
+
     fn compress(&self, model: &Model, prefix: &KvCache, span: &SpanTargets, _on_step: &mut dyn FnMut(usize, f32)) -> Result<CompressedSpan> {
         let (choices, fit_error) = self.choices(model, prefix, span, budget(span.len(), self.ratio)?)?;
         let mut compressed = compacted(self.name(), span, &choices)?;

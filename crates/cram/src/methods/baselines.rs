@@ -18,6 +18,10 @@ impl Compressor for RawSpan {
         "raw".into()
     }
 
+    fn needs_surprisal(&self) -> bool {
+        false
+    }
+
     fn compress(&self, model: &Model, prefix: &KvCache, span: &SpanTargets, _on_step: &mut dyn FnMut(usize, f32)) -> Result<CompressedSpan> {
         let output = model.qwen2.forward(&span.embeddings, &span.positions, Some(prefix), Logits::None)?;
         Ok(CompressedSpan::new(self.name(), span, output.keys, output.values, span.positions.clone()))
@@ -32,6 +36,10 @@ pub struct Truncate;
 impl Compressor for Truncate {
     fn name(&self) -> String {
         "truncated".into()
+    }
+
+    fn needs_surprisal(&self) -> bool {
+        false
     }
 
     fn compress(&self, _model: &Model, _prefix: &KvCache, span: &SpanTargets, _on_step: &mut dyn FnMut(usize, f32)) -> Result<CompressedSpan> {

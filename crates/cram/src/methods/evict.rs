@@ -32,6 +32,10 @@ impl Compressor for Evict {
         self.scorer.name()
     }
 
+    fn needs_surprisal(&self) -> bool {
+        false
+    }
+
     fn compress(&self, model: &Model, prefix: &KvCache, span: &SpanTargets, _on_step: &mut dyn FnMut(usize, f32)) -> Result<CompressedSpan> {
         let kept = self.scorer.keep(&model.qwen2, prefix, span, budget(span.len(), self.ratio)?)?;
         CompressedSpan::real_entries(self.name(), span).select(&kept)

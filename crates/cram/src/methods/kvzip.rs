@@ -49,6 +49,10 @@ impl Compressor for KvZip {
         "kvzip".into()
     }
 
+    fn needs_surprisal(&self) -> bool {
+        false
+    }
+
     fn compress(&self, model: &Model, prefix: &KvCache, span: &SpanTargets, _on_step: &mut dyn FnMut(usize, f32)) -> Result<CompressedSpan> {
         let t = budget(span.len(), self.ratio)?;
         let queries = reference_queries(model, prefix, span, QuerySource::Repeat, self.settings.query_cap, self.settings.seed)?;

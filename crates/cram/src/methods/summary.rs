@@ -48,6 +48,10 @@ impl Compressor for Summarize {
         "summary".into()
     }
 
+    fn needs_surprisal(&self) -> bool {
+        false
+    }
+
     fn compress(&self, model: &Model, prefix: &KvCache, span: &SpanTargets, _on_step: &mut dyn FnMut(usize, f32)) -> Result<CompressedSpan> {
         let summary = self.summary_ids(model, span, budget(span.len(), self.ratio)?)?;
         let text = model.tokenizer.decode(&summary)?;
