@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use crate::compressor::Compressor;
-use crate::methods::attention_matching::AttentionMatching;
+use crate::methods::attention_matching::{AttentionMatching, MatchingSettings};
 use crate::methods::compress_evict::{CompressEvictSettings, CompressThenEvict};
 use crate::methods::evict::Evict;
 use crate::methods::fitted_recipe::FittedRecipe;
@@ -177,11 +177,15 @@ fn scorer<S: Scorer + DeserializeOwned + 'static>(knobs: &serde_json::Value) -> 
 }
 
 fn attention_matching(options: &MethodOptions) -> Result<Box<dyn Compressor>> {
-    Ok(Box::new(AttentionMatching { settings: options.knobs()?, ratio: options.ratio }))
+    let settings: MatchingSettings = options.knobs()?;
+    settings.validate()?;
+    Ok(Box::new(AttentionMatching { settings, ratio: options.ratio }))
 }
 
 fn fitted_recipe(options: &MethodOptions) -> Result<Box<dyn Compressor>> {
-    Ok(Box::new(FittedRecipe { settings: options.knobs()?, recipe: options.recipe.clone() }))
+    let settings: MatchingSettings = options.knobs()?;
+    settings.validate()?;
+    Ok(Box::new(FittedRecipe { settings, recipe: options.recipe.clone() }))
 }
 
 fn kvzip(options: &MethodOptions) -> Result<Box<dyn Compressor>> {

@@ -250,3 +250,25 @@ fn targets_without_surprisal_keep_the_keys_and_values() {
     }
     assert!(!AttentionMatching { settings: MatchingSettings::default(), ratio: 2.0 }.needs_surprisal() && cram::Recipe::published(2.0).needs_surprisal());
 }
+
+/// Settings the fit cannot run with are errors naming the method, not
+/// panics (a reversed clamp range would panic deep in the fit).
+#[test]
+fn impossible_matching_settings_are_clear_errors() {
+    let build = |method: &str, knobs: serde_json::Value| {
+        let options = cram::registry::MethodOptions { knobs, ..cram::registry::MethodOptions::new(3.2) };
+        cram::registry::method(method).unwrap().build(&options).err().map(|e| e.to_string()).unwrap_or_default()
+    };
+    for method in ["attention-matching", "fitted-recipe"] {
+        let err = build(method, serde_json::json!({ "bias_bounds": [3.0, -3.0] }));
+        assert!(err.contains(&format!("method {method}")) && err.contains("lower bound first"), "{err}");
+    }
+    assert!(build("attention-matching", serde_json::json!({ "query_cap": 0 })).contains("query_cap must be >= 1"));
+    assert!(build("attention-matching", serde_json::json!({ "ridge": -1.0 })).contains("ridge -1"));
+    // Built directly, the library refuses them too.
+    let model = model(109);
+    let (prefix, span) = span_after_system(&model);
+    let bad = MatchingSettings { bias_bounds: (1.0, 0.0), ..MatchingSettings::default() };
+    let err = AttentionMatching { settings: bad, ratio: 2.0 }.compress(&model, &prefix, &span, &mut |_, _| {}).unwrap_err();
+    assert!(err.to_string().contains("lower bound first"), "{err}");
+}

@@ -33,6 +33,12 @@ pub fn head_matrix(per_layer: &Tensor, head: usize) -> Result<DMatrix<f64>> {
     Ok(DMatrix::from_row_slice(rows, cols, &head.flatten_all()?.to_vec1::<f64>()?))
 }
 
+/// An (rows, d) f64 matrix as one head's (1, 1, rows, d) tensor in `dtype`.
+pub fn head_tensor(matrix: &DMatrix<f64>, dtype: DType, device: &candle_core::Device) -> Result<Tensor> {
+    let row_major: Vec<f32> = matrix.transpose().iter().map(|&x| x as f32).collect();
+    Ok(Tensor::from_vec(row_major, (1, 1, matrix.nrows(), matrix.ncols()), device)?.to_dtype(dtype)?)
+}
+
 /// The cache entries of per-layer, per-head choices (`choices[layer][head]`,
 /// every head keeping the same number of entries). Keys keep their original
 /// RoPE. Heads may keep different tokens, so the entries' positions are
@@ -55,10 +61,7 @@ pub fn compacted(method: String, span: &SpanTargets, choices: &[Vec<HeadChoice>]
             let ids = Tensor::new(choice.kept.iter().map(|&i| i as u32).collect::<Vec<_>>(), device)?;
             layer_keys.push(span_keys.narrow(1, head, 1)?.index_select(&ids, 2)?);
             layer_values.push(match &choice.values {
-                Some(fitted) => {
-                    let rows: Vec<f32> = fitted.transpose().iter().map(|&x| x as f32).collect(); // row-major
-                    Tensor::from_vec(rows, (1, 1, t, fitted.ncols()), device)?.to_dtype(span_values.dtype())?
-                }
+                Some(fitted) => head_tensor(fitted, span_values.dtype(), device)?,
                 None => span_values.narrow(1, head, 1)?.index_select(&ids, 2)?,
             });
             layer_biases.extend(choice.biases.as_ref().map_or(vec![0.0f32; t], |b| b.iter().map(|&x| x as f32).collect()));

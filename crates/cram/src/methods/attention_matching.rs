@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cache::KvCache;
 use crate::compressor::{budget, CompressedSpan, Compressor};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::matching::fit::{FitSettings, HeadProblem, KeySelection};
 use crate::matching::queries::{reference_queries, QuerySource};
 use crate::matching::{compacted, head_matrix, HeadChoice};
@@ -51,6 +51,21 @@ impl Default for MatchingSettings {
 }
 
 impl MatchingSettings {
+    /// Refuses settings the fit cannot run with.
+    pub fn validate(&self) -> Result<()> {
+        let (low, high) = self.bias_bounds;
+        if !(low.is_finite() && high.is_finite() && low <= high) {
+            return Err(Error::Invalid(format!("bias_bounds [{low}, {high}] must be finite with the lower bound first")));
+        }
+        if !(self.ridge.is_finite() && self.ridge >= 0.0) {
+            return Err(Error::Invalid(format!("ridge {} must be a finite number >= 0", self.ridge)));
+        }
+        if self.query_cap == 0 {
+            return Err(Error::Invalid("query_cap must be >= 1".into()));
+        }
+        Ok(())
+    }
+
     /// What the per-head fit takes of these settings.
     pub fn fit(&self) -> FitSettings {
         FitSettings { keys: self.keys, bias_bounds: self.bias_bounds, ridge: self.ridge }
@@ -75,6 +90,7 @@ impl MatchingSettings {
 impl AttentionMatching {
     /// The per-head fits of a span, and their mean output error.
     pub fn choices(&self, model: &Model, prefix: &KvCache, span: &SpanTargets, t: usize) -> Result<(Vec<Vec<HeadChoice>>, f64)> {
+        self.settings.validate()?;
         let problems = self.settings.head_problems(model, prefix, span)?;
         let (mut choices, mut errors) = (Vec::with_capacity(problems.len()), Vec::new());
         for layer in problems {

@@ -11,7 +11,7 @@ use candle_core::Tensor;
 use crate::cache::KvCache;
 use crate::compressor::{budget, CompressedSpan, Compressor};
 use crate::error::Result;
-use crate::matching::head_matrix;
+use crate::matching::{head_matrix, head_tensor};
 use crate::methods::attention_matching::MatchingSettings;
 use crate::model::Model;
 use crate::recipe::Recipe;
@@ -33,6 +33,7 @@ impl Compressor for FittedRecipe {
     }
 
     fn compress(&self, model: &Model, prefix: &KvCache, span: &SpanTargets, on_step: &mut dyn FnMut(usize, f32)) -> Result<CompressedSpan> {
+        self.settings.validate()?;
         let mut compressed = self.recipe.compress_sized(self.name(), model, prefix, span, budget(span.len(), self.recipe.ratio)?, on_step)?;
         let problems = self.settings.head_problems(model, prefix, span)?;
         let (mut biases, mut errors) = (Vec::with_capacity(problems.len()), Vec::new());
@@ -42,8 +43,7 @@ impl Compressor for FittedRecipe {
             for (head, problem) in heads.iter().enumerate() {
                 let fit = problem.fit_to_keys(&head_matrix(virtual_keys, head)?, &self.settings.fit())?;
                 errors.push(fit.output_error);
-                let rows: Vec<f32> = fit.values.transpose().iter().map(|&x| x as f32).collect(); // row-major
-                values.push(Tensor::from_vec(rows, (1, 1, fit.values.nrows(), fit.values.ncols()), device)?.to_dtype(span.values[layer].dtype())?);
+                values.push(head_tensor(&fit.values, span.values[layer].dtype(), device)?);
                 layer_biases.extend(fit.biases.iter().map(|&b| b as f32));
             }
             compressed.values[layer] = Tensor::cat(&values, 1)?;
