@@ -108,12 +108,35 @@ enum Command {
     },
     /// Rewrite summary.csv and the plots of a sweep directory from its results.
     Report { dir: PathBuf },
+    /// Check a device with no download: random-weight models (a tiny one and
+    /// one of the 0.5B's shapes) on the device in f32 and bf16 against the
+    /// CPU in f32: forwards, caches, gradients, optimization, sessions, every
+    /// method, decoding. One JSON line per check; fails if any check does.
+    SelfTest {
+        /// `cpu`, or `cuda` / `cuda:N` in a build with the `cuda` feature.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Also append the JSON lines here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Time the parts of one compression (target forward, optimization step,
     /// spans optimized together, answer generation) at several sizes, with
     /// FLOP/s and peak memory.
     Bench {
         #[command(flatten)]
         model: ModelArgs,
+        /// Random weights with a released model's shape instead of `--model`
+        /// (no download; speed does not depend on weight values):
+        /// qwen2.5-coder-0.5b, -1.5b or -7b.
+        #[arg(long)]
+        synthetic: Option<String>,
+        /// `f32` or `bf16` (default: bf16 on CUDA, f32 on CPU).
+        #[arg(long)]
+        dtype: Option<String>,
+        /// Also time a whole compression of each size with this many steps.
+        #[arg(long)]
+        compress_steps: Option<usize>,
         /// Virtual token counts to time.
         #[arg(long = "virtual", value_delimiter = ',', default_values_t = [64, 128, 256, 512, 1024])]
         virtual_tokens: Vec<usize>,
@@ -175,13 +198,25 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Reproduce { full, overrides, out } => reproduce::run(full, overrides, out),
-        Command::Bench { model, virtual_tokens, prefix, ratio, steps, together, no_together, threads, transcript, out } => {
+        Command::SelfTest { device, out } => self_test(&device, out.as_deref()),
+        Command::Bench { model, synthetic, dtype, compress_steps, virtual_tokens, prefix, ratio, steps, together, no_together, threads, transcript, out } => {
             if let Some(threads) = threads {
                 // Read by candle's CPU kernels and rayon; set before either starts.
                 std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
             }
-            let settings = BenchSettings { prefix_tokens: prefix, ratio, steps, answer_tokens: 32, together_ratios: if no_together { Vec::new() } else { together } };
-            bench(&model, &virtual_tokens, &settings, &transcript, out.as_deref())
+            let settings = BenchSettings {
+                prefix_tokens: prefix,
+                ratio,
+                steps,
+                answer_tokens: 32,
+                together_ratios: if no_together { Vec::new() } else { together },
+                compression_steps: compress_steps,
+            };
+            let weights = match synthetic {
+                Some(shape) => BenchWeights::Synthetic(shape),
+                None => BenchWeights::Model(transcript),
+            };
+            bench(&model, &weights, dtype.as_deref(), &virtual_tokens, &settings, out.as_deref())
         }
     }
 }
@@ -230,28 +265,60 @@ fn warn_of_mixed_builds(report: &cram_eval::plot::Report) {
     }
 }
 
+/// What a bench runs on.
+enum BenchWeights {
+    /// `--model`, on the tokens of this transcript.
+    Model(PathBuf),
+    /// Random weights of this released model's shape.
+    Synthetic(String),
+}
+
 /// Times each size in turn, printing a row as each finishes.
-fn bench(model_args: &ModelArgs, sizes: &[usize], settings: &BenchSettings, transcript: &Path, out: Option<&Path>) -> Result<()> {
+fn bench(model_args: &ModelArgs, weights: &BenchWeights, dtype: Option<&str>, sizes: &[usize], settings: &BenchSettings, out: Option<&Path>) -> Result<()> {
     settings.check(sizes)?;
-    let model = load_model(model_args)?;
-    let ids = transcript_ids(&model, transcript)?;
+    let device = models::parse_device(&model_args.device)?;
+    let dtype = match dtype {
+        Some(name) => models::parse_dtype(name)?,
+        None => cram::model::default_dtype(&device),
+    };
+    let (model, ids) = match weights {
+        BenchWeights::Model(transcript) => {
+            let model = load_model_as(model_args, dtype)?;
+            let ids = transcript_ids(&model, transcript)?;
+            (model, ids)
+        }
+        BenchWeights::Synthetic(shape) => {
+            let config = cram::synthetic::real_shape(shape)?;
+            eprintln!("[load] random weights, {shape} shapes, {dtype:?} on {}", model_args.device);
+            let qwen2 = cram::synthetic::device_model(&config, &device, dtype)?;
+            let ids = cram_eval::bench::synthetic_ids(config.vocab_size, 4096);
+            (cram::synthetic::with_word_tokenizer(qwen2, &format!("random weights, {shape} shapes"))?, ids)
+        }
+    };
+    if !device.is_cpu() {
+        let smallest = *sizes.iter().min().expect("checked: not empty");
+        eprintln!("[bench] warming up at {smallest} virtual tokens (kernel loading is not timed)");
+        cram_eval::bench::warm_up(&model, &ids, smallest, settings)?;
+    }
     println!(
-        "{:>9} {:>6} {:>10} {:>9} {:>8} {:>9} {:>10} {:>12} {:>9} {:>8}",
-        "n_virtual", "span", "targets_s", "step_s", "GFLOP/s", "peak_MiB", "together_s", "together/one", "answer/s", "threads"
+        "{:>9} {:>6} {:>10} {:>9} {:>8} {:>9} {:>9} {:>10} {:>12} {:>10} {:>9} {:>8}",
+        "n_virtual", "span", "targets_s", "step_s", "GFLOP/s", "peak_MiB", "gpu_MiB", "together_s", "together/one", "compress_s", "answer/s", "threads"
     );
     for &n_virtual in sizes {
         let record = cram_eval::bench::measure(&model, &ids, n_virtual, settings)?;
         let optional = |value: Option<f64>, precision: usize| value.map_or("-".into(), |v| format!("{v:.precision$}"));
         println!(
-            "{:>9} {:>6} {:>10.3} {:>9.3} {:>8.1} {:>9} {:>10} {:>12} {:>9.1} {:>8}",
+            "{:>9} {:>6} {:>10.3} {:>9.3} {:>8.1} {:>9} {:>9} {:>10} {:>12} {:>10} {:>9.1} {:>8}",
             record.n_virtual,
             record.span_tokens,
             record.target_forward_seconds,
             record.step_seconds,
             record.step_gflops_per_second,
             optional(record.step_peak_rss_mib, 0),
+            optional(record.step_peak_device_mib, 0),
             optional(record.together_step_seconds, 3),
             optional(record.together_over_single, 2),
+            optional(record.compression_seconds, 2),
             record.answer_tokens_per_second,
             record.threads,
         );
@@ -259,6 +326,38 @@ fn bench(model_args: &ModelArgs, sizes: &[usize], settings: &BenchSettings, tran
             let mut file = std::fs::OpenOptions::new().create(true).append(true).open(out).with_context(|| format!("opening {}", out.display()))?;
             writeln!(file, "{}", serde_json::to_string(&record)?)?;
         }
+    }
+    Ok(())
+}
+
+/// Runs the self-test, printing each check's JSON line as it completes
+/// (and appending it to `out`), then a summary; an error if any check failed.
+fn self_test(device_name: &str, out: Option<&Path>) -> Result<()> {
+    let device = models::parse_device(device_name)?;
+    let mut file = out
+        .map(|path| std::fs::OpenOptions::new().create(true).append(true).open(path).with_context(|| format!("opening {}", path.display())))
+        .transpose()?;
+    let mut write_error = None;
+    let summary = cram_eval::self_test::run(&device, &mut |record| {
+        let line = serde_json::to_string(record).expect("a check record is plain data");
+        println!("{line}");
+        let verdict = format!("{:?}", record.outcome).to_lowercase();
+        eprintln!("[self-test] {:<24} {:<12} {:<5} {verdict} ({:.1}s)", record.check, record.model, record.dtype, record.seconds);
+        if let Some(file) = &mut file {
+            if let Err(error) = writeln!(file, "{line}") {
+                write_error.get_or_insert(error);
+            }
+        }
+    })?;
+    if let Some(error) = write_error {
+        bail!("writing the self-test's lines: {error}");
+    }
+    eprintln!(
+        "[self-test] {device_name}: {} passed, {} failed, {} errors, {} skipped",
+        summary.passed, summary.failed, summary.errors, summary.skipped
+    );
+    if !summary.ok() {
+        bail!("the self-test failed on {device_name}");
     }
     Ok(())
 }
@@ -304,10 +403,15 @@ fn check(model_args: &ModelArgs, spec: &CheckSpec, out: Option<PathBuf>) -> Resu
 
 fn load_model(args: &ModelArgs) -> Result<Model> {
     let device = models::parse_device(&args.device)?;
+    load_model_as(args, cram::model::default_dtype(&device))
+}
+
+fn load_model_as(args: &ModelArgs, dtype: candle_core::DType) -> Result<Model> {
+    let device = models::parse_device(&args.device)?;
     let source = models::resolve(&args.model)?;
-    eprintln!("[load] {} on {}", source.name(), args.device);
+    eprintln!("[load] {} on {} in {dtype:?}", source.name(), args.device);
     let started = std::time::Instant::now();
-    let model = Model::load(&source, &device)?;
+    let model = Model::load_with_dtype(&source, &device, dtype)?;
     eprintln!("[load] done in {:.1}s", started.elapsed().as_secs_f64());
     Ok(model)
 }

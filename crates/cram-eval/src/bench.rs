@@ -1,10 +1,15 @@
-//! Timing the parts of one compression on a real model: the target
-//! forward, one optimization step, the whole optimization (projected from
-//! the step), several spans optimized together, and answer generation; with
-//! the FLOPs each step does, the rate achieved, and peak memory.
+//! Timing the parts of one compression: the target forward, one
+//! optimization step, the whole optimization (projected from the step, and
+//! optionally run), several spans optimized together, and answer
+//! generation; with the FLOPs each step does, the rate achieved, and peak
+//! memory (host, and on a GPU the driver's count).
 //!
-//! The tokens are the published transcript's (cycled when a size needs more),
-//! so timings do not depend on a case's length.
+//! On a real model the tokens are the published transcript's (cycled when
+//! a size needs more), so timings do not depend on a case's length; on a
+//! random-weight model of a real shape ([`cram::synthetic`]) they are
+//! [`synthetic_ids`]. Every timed part ends with a device synchronization,
+//! and [`warm_up`] first runs each part once, so that loading GPU kernels
+//! is not timed.
 
 use std::path::Path;
 use std::time::Instant;
@@ -13,11 +18,11 @@ use candle_core::Tensor;
 use cram::recipe::objective::Objective;
 use cram::recipe::optimize::optimize_together;
 use cram::recipe::settings::default_steps;
-use cram::{generate, KvCache, Logits, Model, Qwen2, Qwen2Config, Recipe, SpanTargets, VirtualStart};
+use cram::{generate, Compressor, KvCache, Logits, Model, Qwen2, Qwen2Config, Recipe, SpanTargets, VirtualStart};
 use serde::Serialize;
 
 use crate::cases::load_case_file;
-use crate::memory::{peak_rss_bytes, reset_peak_rss};
+use crate::memory::{device_memory, peak_rss_bytes, reset_device_peak, reset_peak_rss, DeviceMemory};
 use crate::render::Rendering;
 use crate::{EvalError, Result};
 
@@ -34,11 +39,21 @@ pub struct BenchSettings {
     pub answer_tokens: usize,
     /// Ratios optimized together in the batched timing (empty: skipped).
     pub together_ratios: Vec<f64>,
+    /// Also run a whole compression of this many steps (targets, start,
+    /// optimization) and time it; `None` skips it.
+    pub compression_steps: Option<usize>,
 }
 
 impl Default for BenchSettings {
     fn default() -> Self {
-        Self { prefix_tokens: 140, ratio: 3.2, steps: 8, answer_tokens: 32, together_ratios: vec![1.6, 2.4, 3.2, 4.8, 6.4] }
+        Self {
+            prefix_tokens: 140,
+            ratio: 3.2,
+            steps: 8,
+            answer_tokens: 32,
+            together_ratios: vec![1.6, 2.4, 3.2, 4.8, 6.4],
+            compression_steps: None,
+        }
     }
 }
 
@@ -64,6 +79,8 @@ impl BenchSettings {
 pub struct BenchRecord {
     pub model: String,
     pub device: String,
+    /// The weights' and activations' dtype.
+    pub dtype: String,
     pub threads: usize,
     /// The build measured ([`crate::BUILD`]).
     pub build: &'static str,
@@ -78,8 +95,14 @@ pub struct BenchRecord {
     /// Matmul FLOPs of one step ([`step_flops`]) over its time.
     pub step_flops: f64,
     pub step_gflops_per_second: f64,
-    /// Peak resident memory while stepping, MiB (CPU; the process's RSS).
+    /// Peak resident memory while stepping, MiB (the process's RSS).
     pub step_peak_rss_mib: Option<f64>,
+    /// GPU memory before the target forward (weights and prefix), from the driver.
+    pub device_memory_at_rest: Option<DeviceMemory>,
+    /// Peak GPU memory held by tensors during the target forward, MiB.
+    pub target_peak_device_mib: Option<f64>,
+    /// Peak GPU memory held by tensors while stepping, MiB.
+    pub step_peak_device_mib: Option<f64>,
     /// The recipe's default step budget for this span.
     pub default_steps: usize,
     /// default_steps × step_seconds: projected, not measured.
@@ -90,6 +113,12 @@ pub struct BenchRecord {
     pub together_step_seconds: Option<f64>,
     /// together_step_seconds / step_seconds.
     pub together_over_single: Option<f64>,
+    /// Peak GPU memory held by tensors while stepping the ratios together, MiB.
+    pub together_peak_device_mib: Option<f64>,
+    /// Steps of the timed whole compression ([`BenchSettings::compression_steps`]).
+    pub compression_steps: Option<usize>,
+    /// Wall time of that compression: target forward, start, optimization.
+    pub compression_seconds: Option<f64>,
     pub answer_tokens: usize,
     pub answer_tokens_per_second: f64,
 }
@@ -123,6 +152,21 @@ pub fn step_flops(config: &Qwen2Config, n_virtual: usize, cached: usize) -> f64 
     2.0 * linear_forward + 3.0 * attention_forward
 }
 
+/// Token ids for a random-weight model: `count` ids spread over its
+/// vocabulary by a fixed stride (the timings do not depend on which).
+pub fn synthetic_ids(vocab_size: usize, count: usize) -> Vec<u32> {
+    const STRIDE: usize = 7_919; // a prime: successive ids differ
+    (0..count).map(|i| ((i * STRIDE + 1) % vocab_size) as u32).collect()
+}
+
+/// Runs every part once at `n_virtual` with two steps, untimed: the first
+/// use of each GPU kernel loads (and JIT-compiles) its module, which would
+/// otherwise land in whichever timing comes first.
+pub fn warm_up(model: &Model, ids: &[u32], n_virtual: usize, settings: &BenchSettings) -> Result<()> {
+    let quick = BenchSettings { steps: 2, compression_steps: None, together_ratios: settings.together_ratios.iter().copied().take(2).collect(), ..settings.clone() };
+    measure(model, ids, n_virtual, &quick).map(|_| ())
+}
+
 /// Times every part for `n_virtual` virtual tokens, on tokens drawn from `ids`.
 pub fn measure(model: &Model, ids: &[u32], n_virtual: usize, settings: &BenchSettings) -> Result<BenchRecord> {
     settings.check(&[n_virtual])?;
@@ -130,37 +174,50 @@ pub fn measure(model: &Model, ids: &[u32], n_virtual: usize, settings: &BenchSet
         return Err(EvalError::Model(cram::Error::Invalid("bench: the transcript has no tokens".into())));
     }
     let qwen = &model.qwen2;
+    let device = qwen.device();
     let span_tokens = (n_virtual as f64 * settings.ratio).round() as usize;
     let tokens: Vec<u32> = ids.iter().copied().cycle().take(settings.prefix_tokens + span_tokens).collect();
     let positions: Vec<f32> = (0..tokens.len()).map(|p| p as f32).collect();
     let (prefix_ids, span_ids) = tokens.split_at(settings.prefix_tokens);
     let prefix = prefix_cache(qwen, prefix_ids, &positions[..settings.prefix_tokens])?;
+    let span_positions = &positions[settings.prefix_tokens..];
 
+    let device_memory_at_rest = device_memory(device);
+    reset_device_peak(device);
     let started = Instant::now();
-    let span = SpanTargets::compute(qwen, &prefix, span_ids, &positions[settings.prefix_tokens..])?;
+    let span = SpanTargets::compute(qwen, &prefix, span_ids, span_positions)?;
+    device.synchronize()?;
     let target_forward_seconds = started.elapsed().as_secs_f64();
+    let target_peak_device_mib = device_memory(device).map(|memory| memory.peak_mib);
 
     let single = Recipe::published(settings.ratio).virtual_start_sized(qwen, &prefix, &span, n_virtual)?;
     reset_peak_rss();
+    reset_device_peak(device);
     let (step_seconds, compressed) = time_steps(qwen, &prefix, std::slice::from_ref(&single), settings.steps)?;
     let step_peak_rss_mib = peak_rss_bytes().map(|bytes| bytes as f64 / (1024.0 * 1024.0));
+    let step_peak_device_mib = device_memory(device).map(|memory| memory.peak_mib);
 
-    let together_step_seconds = if settings.together_ratios.is_empty() {
-        None
+    let (together_step_seconds, together_peak_device_mib) = if settings.together_ratios.is_empty() {
+        (None, None)
     } else {
         let starts = settings
             .together_ratios
             .iter()
             .map(|&ratio| Recipe::published(ratio).virtual_start(qwen, &prefix, &span))
             .collect::<cram::Result<Vec<_>>>()?;
-        Some(time_steps(qwen, &prefix, &starts, settings.steps)?.0)
+        reset_device_peak(device);
+        let seconds = time_steps(qwen, &prefix, &starts, settings.steps)?.0;
+        (Some(seconds), device_memory(device).map(|memory| memory.peak_mib))
     };
 
+    let compression_seconds =
+        settings.compression_steps.map(|steps| time_compression(model, &prefix, span_ids, span_positions, n_virtual, settings.ratio, steps)).transpose()?;
     let (answer_seconds, answer_tokens) = time_answer(qwen, compressed, &tokens[..8.min(tokens.len())], settings.answer_tokens)?;
     let flops = step_flops(qwen.config(), n_virtual, prefix.len());
     Ok(BenchRecord {
         model: model.name.clone(),
-        device: format!("{:?}", qwen.device()),
+        device: format!("{device:?}"),
+        dtype: format!("{:?}", qwen.dtype()),
         threads: candle_core::utils::get_num_threads(),
         build: crate::BUILD,
         prefix_tokens: settings.prefix_tokens,
@@ -172,14 +229,33 @@ pub fn measure(model: &Model, ids: &[u32], n_virtual: usize, settings: &BenchSet
         step_flops: flops,
         step_gflops_per_second: flops / step_seconds / 1e9,
         step_peak_rss_mib,
+        device_memory_at_rest,
+        target_peak_device_mib,
+        step_peak_device_mib,
         default_steps: default_steps(span_tokens),
         projected_optimization_seconds: default_steps(span_tokens) as f64 * step_seconds,
         together_ratios: settings.together_ratios.clone(),
         together_step_seconds,
         together_over_single: together_step_seconds.map(|together| together / step_seconds),
+        together_peak_device_mib,
+        compression_steps: settings.compression_steps,
+        compression_seconds,
         answer_tokens,
         answer_tokens_per_second: answer_tokens as f64 / answer_seconds,
     })
+}
+
+/// One whole compression of the span to `n_virtual` tokens with `steps`
+/// steps, as a user runs it: the span's targets, the recipe's start, the
+/// optimization and the final entries. Returns its wall time.
+fn time_compression(model: &Model, prefix: &KvCache, span_ids: &[u32], span_positions: &[f32], n_virtual: usize, ratio: f64, steps: usize) -> Result<f64> {
+    let mut recipe = Recipe::published(ratio);
+    recipe.optimizer.steps = Some(steps);
+    let started = Instant::now();
+    let span = SpanTargets::compute(&model.qwen2, prefix, span_ids, span_positions)?;
+    let compressed = recipe.compress_sized(recipe.name(), model, prefix, &span, n_virtual, &mut |_, _| {})?;
+    compressed.values[0].device().synchronize()?;
+    Ok(started.elapsed().as_secs_f64())
 }
 
 /// The prefix's K/V, kept verbatim.
@@ -219,6 +295,7 @@ fn time_answer(model: &Qwen2, mut cache: KvCache, prompt: &[u32], max_tokens: us
     let first_position = cache.next_position();
     let started = Instant::now();
     let answer = generate::greedy(model, &mut cache, prompt, first_position, max_tokens, &[])?;
+    model.device().synchronize()?;
     Ok((started.elapsed().as_secs_f64(), answer.len()))
 }
 

@@ -11,6 +11,7 @@ pub mod plot;
 pub mod questions;
 pub mod render;
 pub mod results;
+pub mod self_test;
 pub mod sweep;
 pub mod transcript;
 

@@ -198,6 +198,15 @@ pub fn resolve(spec: &str) -> Result<cram::ModelSource> {
 }
 
 /// `cpu`, `cuda` or `cuda:N` as a device (CUDA needs the `cuda` feature).
+/// `f32` or `bf16`: the dtypes cram runs in.
+pub fn parse_dtype(name: &str) -> Result<candle_core::DType> {
+    match name {
+        "f32" => Ok(candle_core::DType::F32),
+        "bf16" => Ok(candle_core::DType::BF16),
+        _ => Err(EvalError::Model(cram::Error::Invalid(format!("unknown dtype `{name}` (f32, bf16)")))),
+    }
+}
+
 pub fn parse_device(spec: &str) -> Result<candle_core::Device> {
     let unknown = || EvalError::Device(spec.into());
     match spec.split_once(':') {

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use cram::testing as random;
+use cram::synthetic as random;
 use cram_eval::results::read_results;
 use cram_eval::sweep::{run_sweep, SweepConfig, SweepEvent};
 use cram_eval::render::Rendering;

@@ -64,8 +64,7 @@ pub mod generate;
 
 pub mod error;
 mod rng;
-#[cfg(feature = "test-support")]
-pub mod testing;
+pub mod synthetic;
 
 pub use cache::KvCache;
 pub use compressor::{budget, CompressedSpan, CompressionReport, Compressor, OptimizationReport};

@@ -13,7 +13,7 @@ use cram::recipe::objective::normalised_loss;
 use cram::recipe::optimize::optimize;
 use cram::recipe::pooling::chunk_bounds;
 use cram::{
-    budget, testing, Compressor, EarlyStop, Evict, Init, KeyNorm, KvCache, Logits, Model, OptimizerConfig, Qwen2, Recipe, Scorer, SnapKv,
+    budget, synthetic, Compressor, EarlyStop, Evict, Init, KeyNorm, KvCache, Logits, Model, OptimizerConfig, Qwen2, Recipe, Scorer, SnapKv,
     SpanTargets, Streaming, Summarize,
 };
 
@@ -45,7 +45,7 @@ fn rope_then_inverse_rope_is_the_identity() -> anyhow::Result<()> {
 fn unrotated_keys_do_not_depend_on_position() -> anyhow::Result<()> {
     // Layer 0's key is a projection of the token's embedding alone: with
     // RoPE undone it must be the same wherever the span sits.
-    let model = testing::model(&testing::tiny_config(), 41, &cpu())?;
+    let model = synthetic::model(&synthetic::tiny_config(), 41, &cpu())?;
     let prefix = prefix_cache(&model, &PREFIX);
     let here = span_after_prefix(&model, &prefix);
     let elsewhere = SpanTargets::compute(&model, &prefix, &SPAN, &positions(PREFIX.len() + 37, SPAN.len()))?;
@@ -61,7 +61,7 @@ fn quick(recipe: Recipe, steps: usize) -> Recipe {
 
 #[test]
 fn the_key_value_objective_fits_keys_and_values() -> anyhow::Result<()> {
-    let full = testing::full_model(&testing::tiny_config(), 43, &cpu())?;
+    let full = synthetic::full_model(&synthetic::tiny_config(), 43, &cpu())?;
     let model = &full.qwen2;
     let prefix = prefix_cache(model, &PREFIX);
     let span = span_after_prefix(model, &prefix);
@@ -94,7 +94,7 @@ fn evicted(model: &Model, prefix: &KvCache, span: &SpanTargets, scorer: Rc<dyn S
 
 #[test]
 fn eviction_keeps_n_over_ratio_of_the_span_and_never_the_prefix() -> anyhow::Result<()> {
-    let model = testing::full_model(&testing::tiny_config(), 47, &cpu())?;
+    let model = synthetic::full_model(&synthetic::tiny_config(), 47, &cpu())?;
     let prefix = prefix_cache(&model.qwen2, &PREFIX);
     let span = span_after_prefix(&model.qwen2, &prefix);
     let scorers: [Rc<dyn Scorer>; 3] = [Rc::new(SnapKv { window: 6, kernel: 3 }), Rc::new(KeyNorm {}), Rc::new(Streaming { sinks: 2 })];
@@ -130,7 +130,7 @@ fn eviction_keeps_n_over_ratio_of_the_span_and_never_the_prefix() -> anyhow::Res
 
 #[test]
 fn eviction_policies_choose_as_they_say() -> anyhow::Result<()> {
-    let model = testing::model(&testing::tiny_config(), 53, &cpu())?;
+    let model = synthetic::model(&synthetic::tiny_config(), 53, &cpu())?;
     let prefix = prefix_cache(&model, &PREFIX);
     let span = span_after_prefix(&model, &prefix);
     let streaming = Streaming { sinks: 2 }.keep(&model, &prefix, &span, 6)?;
@@ -180,7 +180,7 @@ fn eviction_policies_choose_as_they_say() -> anyhow::Result<()> {
 /// entries as one forward of prefix + summary from position 0.
 #[test]
 fn the_summary_is_the_models_greedy_summary_within_the_token_budget() -> anyhow::Result<()> {
-    let model = testing::full_model(&testing::tiny_config(), 59, &cpu())?;
+    let model = synthetic::full_model(&synthetic::tiny_config(), 59, &cpu())?;
     let qwen = &model.qwen2;
     let prefix = prefix_cache(qwen, &PREFIX);
     let span = span_after_prefix(qwen, &prefix);
@@ -216,7 +216,7 @@ fn the_summary_is_the_models_greedy_summary_within_the_token_budget() -> anyhow:
 
 #[test]
 fn initial_embeddings_follow_the_chosen_start() -> anyhow::Result<()> {
-    let model = testing::model(&testing::tiny_config(), 61, &cpu())?;
+    let model = synthetic::model(&synthetic::tiny_config(), 61, &cpu())?;
     let prefix = prefix_cache(&model, &PREFIX);
     let span = span_after_prefix(&model, &prefix);
     let bounds = chunk_bounds(SPAN.len(), 5)?;
@@ -248,7 +248,7 @@ fn early_stopping_stops_on_a_plateau_only() -> anyhow::Result<()> {
     assert!(rule.plateaued(&[5.0, 1.0, 1.0, 0.999, 1.0]), "less than 1% in the last 3");
     assert!(rule.plateaued(&[5.0, 1.0, 2.0, 2.0, 2.0]), "worse");
 
-    let model = testing::model(&testing::tiny_config(), 67, &cpu())?;
+    let model = synthetic::model(&synthetic::tiny_config(), 67, &cpu())?;
     let prefix = prefix_cache(&model, &PREFIX);
     let span = span_after_prefix(&model, &prefix);
     let start = Recipe::published(4.0).virtual_start(&model, &prefix, &span)?;

@@ -8,7 +8,7 @@ mod common;
 use candle_core::{Tensor, Var, D};
 use common::reference::{heads_of, max_diff_3, Reference};
 use common::{candle_transformers_logits, cpu, max_abs_diff, write_safetensors_dir};
-use cram::{generate, testing, KvCache, Logits, Model, ModelSource};
+use cram::{generate, synthetic, KvCache, Logits, Model, ModelSource};
 
 const TOKENS: [u32; 9] = [3, 17, 42, 8, 8, 60, 1, 33, 21];
 
@@ -18,8 +18,8 @@ fn positions(start: f32, n: usize) -> Vec<f32> {
 
 #[test]
 fn logits_match_candle_transformers_qwen2() -> anyhow::Result<()> {
-    let config = testing::tiny_config();
-    let weights = testing::named_weights(&config, 7, &cpu())?;
+    let config = synthetic::tiny_config();
+    let weights = synthetic::named_weights(&config, 7, &cpu())?;
 
     // Ours, loaded through the safetensors-directory path.
     let dir = tempfile::tempdir()?;
@@ -38,9 +38,9 @@ fn logits_match_candle_transformers_qwen2() -> anyhow::Result<()> {
 /// logits too. Fractional positions with gaps, as virtual tokens have.
 #[test]
 fn every_layer_matches_a_naive_reference() -> anyhow::Result<()> {
-    let config = testing::tiny_config();
-    let weights = testing::named_weights(&config, 9, &cpu())?;
-    let model = testing::model(&config, 9, &cpu())?;
+    let config = synthetic::tiny_config();
+    let weights = synthetic::named_weights(&config, 9, &cpu())?;
+    let model = synthetic::model(&config, 9, &cpu())?;
     let reference = Reference::new(&config, &weights);
     let at = [0.0f32, 1.0, 2.5, 4.0, 4.5, 9.0, 10.0, 11.25, 30.0];
     let expected = reference.forward(&TOKENS, &at);
@@ -66,9 +66,9 @@ fn every_layer_matches_a_naive_reference() -> anyhow::Result<()> {
 /// the next tokens' logits are candle-transformers' over the whole sequence.
 #[test]
 fn a_cache_filled_without_logits_continues_as_candle_transformers_does() -> anyhow::Result<()> {
-    let config = testing::tiny_config();
-    let weights = testing::named_weights(&config, 11, &cpu())?;
-    let model = testing::model(&config, 11, &cpu())?;
+    let config = synthetic::tiny_config();
+    let weights = synthetic::named_weights(&config, 11, &cpu())?;
+    let model = synthetic::model(&config, 11, &cpu())?;
     let split = 5;
     let prefix = model.forward(&model.embed(&TOKENS[..split])?, &positions(0.0, split), None, Logits::None)?;
     assert!(prefix.logits.is_none());
@@ -87,9 +87,9 @@ fn a_cache_filled_without_logits_continues_as_candle_transformers_does() -> anyh
 /// distributions, causal, and the right ones.
 #[test]
 fn attention_probabilities_are_the_reference_softmax_rows() -> anyhow::Result<()> {
-    let config = testing::tiny_config();
-    let weights = testing::named_weights(&config, 13, &cpu())?;
-    let model = testing::model(&config, 13, &cpu())?;
+    let config = synthetic::tiny_config();
+    let weights = synthetic::named_weights(&config, 13, &cpu())?;
+    let model = synthetic::model(&config, 13, &cpu())?;
     let at = [0.0f32, 1.0, 2.0, 3.0, 4.0, 5.5, 7.0, 9.25, 10.0];
     let split = 4;
     let prefix = model.forward(&model.embed(&TOKENS[..split])?, &at[..split], None, Logits::None)?;
@@ -115,7 +115,7 @@ fn attention_probabilities_are_the_reference_softmax_rows() -> anyhow::Result<()
 
 #[test]
 fn shifting_positions_keeps_values_and_moves_keys() -> anyhow::Result<()> {
-    let model = testing::model(&testing::tiny_config(), 3, &cpu())?;
+    let model = synthetic::model(&synthetic::tiny_config(), 3, &cpu())?;
     let embeddings = model.embed(&TOKENS)?;
     let at_zero = model.forward(&embeddings, &positions(0.0, TOKENS.len()), None, Logits::None)?;
     let shifted = model.forward(&embeddings, &positions(37.5, TOKENS.len()), None, Logits::None)?;
@@ -130,7 +130,7 @@ fn shifting_positions_keeps_values_and_moves_keys() -> anyhow::Result<()> {
 
 #[test]
 fn forward_over_a_prefix_cache_equals_one_forward_over_the_whole() -> anyhow::Result<()> {
-    let model = testing::model(&testing::tiny_config(), 5, &cpu())?;
+    let model = synthetic::model(&synthetic::tiny_config(), 5, &cpu())?;
     let split = 4;
     let whole = model.forward(&model.embed(&TOKENS)?, &positions(0.0, TOKENS.len()), None, Logits::All)?;
 
@@ -168,7 +168,7 @@ fn stock_candle_softmax_drops_the_gradient_that_ours_keeps() -> anyhow::Result<(
 
 #[test]
 fn greedy_decoding_over_the_cache_matches_recomputing_from_scratch() -> anyhow::Result<()> {
-    let model = testing::model(&testing::tiny_config(), 13, &cpu())?;
+    let model = synthetic::model(&synthetic::tiny_config(), 13, &cpu())?;
     let mut cache = KvCache::new();
     let answer = generate::greedy(&model, &mut cache, &TOKENS, 0.0, 6, &[])?;
     assert_eq!(answer.len(), 6);

@@ -13,7 +13,7 @@ use common::cpu;
 use cram::model::ops::WeightGrad;
 use cram::model::rope::Rotation;
 use cram::recipe::objective::objective_loss;
-use cram::{testing, KvCache, Logits, Qwen2};
+use cram::{synthetic, KvCache, Logits, Qwen2};
 
 const SEED: u64 = 11;
 const PREFIX: [u32; 3] = [3, 17, 42];
@@ -28,8 +28,8 @@ const KEY_WEIGHT: f64 = 0.5;
 /// The tiny model's weights in `dtype`; `round_to_bf16` first rounds them
 /// to bf16, so an f64 model can be the exact-arithmetic twin of a bf16 one.
 fn model_in(dtype: DType, round_to_bf16: bool) -> Qwen2 {
-    let config = testing::tiny_config();
-    let weights: HashMap<String, Tensor> = testing::named_weights(&config, SEED, &cpu()).unwrap();
+    let config = synthetic::tiny_config();
+    let weights: HashMap<String, Tensor> = synthetic::named_weights(&config, SEED, &cpu()).unwrap();
     let mut weights: HashMap<String, Tensor> = weights
         .into_iter()
         .map(|(name, t)| {

@@ -3,7 +3,7 @@
 mod common;
 
 use common::{cpu, max_abs_diff, write_gguf, write_safetensors_dir};
-use cram::{testing, Error, Logits, Model, ModelSource};
+use cram::{synthetic, Error, Logits, Model, ModelSource};
 
 const TOKENS: [u32; 5] = [2, 9, 31, 4, 50];
 
@@ -15,8 +15,8 @@ fn logits(model: &Model) -> candle_core::Tensor {
 
 #[test]
 fn gguf_and_safetensors_give_the_same_model() -> anyhow::Result<()> {
-    let config = testing::tiny_config();
-    let weights = testing::named_weights(&config, 21, &cpu())?;
+    let config = synthetic::tiny_config();
+    let weights = synthetic::named_weights(&config, 21, &cpu())?;
     let dir = tempfile::tempdir()?;
     let gguf_path = dir.path().join("tiny.gguf");
     write_gguf(&gguf_path, &config, &weights, "qwen2");
@@ -42,8 +42,8 @@ fn a_missing_gguf_is_a_clear_error() {
 
 #[test]
 fn a_truncated_gguf_is_refused_before_loading() -> anyhow::Result<()> {
-    let config = testing::tiny_config();
-    let weights = testing::named_weights(&config, 1, &cpu())?;
+    let config = synthetic::tiny_config();
+    let weights = synthetic::named_weights(&config, 1, &cpu())?;
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("cut.gguf");
     write_gguf(&path, &config, &weights, "qwen2");
@@ -61,8 +61,8 @@ fn a_truncated_gguf_is_refused_before_loading() -> anyhow::Result<()> {
 
 #[test]
 fn a_gguf_of_another_architecture_is_refused() -> anyhow::Result<()> {
-    let config = testing::tiny_config();
-    let weights = testing::named_weights(&config, 1, &cpu())?;
+    let config = synthetic::tiny_config();
+    let weights = synthetic::named_weights(&config, 1, &cpu())?;
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("llama.gguf");
     write_gguf(&path, &config, &weights, "llama");
@@ -76,8 +76,8 @@ fn a_gguf_of_another_architecture_is_refused() -> anyhow::Result<()> {
 
 #[test]
 fn a_safetensors_dir_missing_a_weight_names_it() -> anyhow::Result<()> {
-    let config = testing::tiny_config();
-    let mut weights = testing::named_weights(&config, 1, &cpu())?;
+    let config = synthetic::tiny_config();
+    let mut weights = synthetic::named_weights(&config, 1, &cpu())?;
     weights.remove("model.layers.1.mlp.up_proj.weight");
     let dir = tempfile::tempdir()?;
     write_safetensors_dir(dir.path(), &config, &weights);
@@ -88,9 +88,9 @@ fn a_safetensors_dir_missing_a_weight_names_it() -> anyhow::Result<()> {
 
 #[test]
 fn tied_embeddings_reuse_the_embedding_matrix() -> anyhow::Result<()> {
-    let mut config = testing::tiny_config();
+    let mut config = synthetic::tiny_config();
     config.tie_word_embeddings = true;
-    let weights = testing::named_weights(&config, 4, &cpu())?;
+    let weights = synthetic::named_weights(&config, 4, &cpu())?;
     assert!(!weights.contains_key("lm_head.weight"));
     let dir = tempfile::tempdir()?;
     write_safetensors_dir(dir.path(), &config, &weights);

@@ -7,14 +7,14 @@ mod common;
 use candle_core::{DType, Tensor};
 use common::{cpu, max_abs_diff, positions};
 use cram::matching::{compacted, head_matrix, HeadChoice};
-use cram::{testing, AttentionMatching, Compressor, KvCache, KvZip, Logits, MatchingSettings, Model, Session, SpanTargets};
+use cram::{synthetic, AttentionMatching, Compressor, KvCache, KvZip, Logits, MatchingSettings, Model, Session, SpanTargets};
 
 const SYSTEM: &str = "t5 t9 t14 t2";
 const TURN: &str = "t30 t31 t8 t8 t44 t17 t63 t1 t12 t40 t41 t7 t22 t23 t50 t3 t36 t36 t11 t60";
 const QUESTION: &str = "t6 t7 t61 t33";
 
 fn model(seed: u64) -> Model {
-    testing::full_model(&testing::tiny_config(), seed, &cpu()).unwrap()
+    synthetic::full_model(&synthetic::tiny_config(), seed, &cpu()).unwrap()
 }
 
 /// The span of TURN after the system prompt (4 tokens).

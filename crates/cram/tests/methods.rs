@@ -11,7 +11,7 @@ use common::{cpu, max_abs_diff, positions};
 use cram::recipe::optimize::optimize;
 use cram::registry::{MethodOptions, METHODS};
 use cram::{
-    budget, testing, CompressEvictSettings, CompressThenEvict, CompressedSpan, Compressor, Hybrid, HybridSettings, KvCache, Logits,
+    budget, synthetic, CompressEvictSettings, CompressThenEvict, CompressedSpan, Compressor, Hybrid, HybridSettings, KvCache, Logits,
     Model, OptimizerConfig, Recipe, Scorer, Session, SpanTargets, ValueUniqueness,
 };
 
@@ -19,7 +19,7 @@ const SYSTEM: &str = "t5 t9 t14 t2";
 const TURN: &str = "t30 t31 t8 t8 t44 t17 t63 t1 t12 t40 t41 t7";
 
 fn model(seed: u64) -> Model {
-    testing::full_model(&testing::tiny_config(), seed, &cpu()).unwrap()
+    synthetic::full_model(&synthetic::tiny_config(), seed, &cpu()).unwrap()
 }
 
 fn quick_recipe(ratio: f64) -> Recipe {

@@ -13,7 +13,7 @@ use cram::recipe::pooling::{chunk_bounds, pool, pooling_matrix, token_weights};
 use cram::recipe::positions::virtual_positions;
 use cram::recipe::settings::default_steps;
 use cram::{
-    budget, compress_together, testing, Checkpointing, Compressor, EarlyStop, Logits, OptimizerConfig, Pooling, PositionMode, RawSpan,
+    budget, compress_together, synthetic, Checkpointing, Compressor, EarlyStop, Logits, OptimizerConfig, Pooling, PositionMode, RawSpan,
     Recipe, SpanTargets,
 };
 
@@ -99,14 +99,14 @@ fn default_steps_scale_with_the_span() {
 /// prefix + span from scratch (not over the prefix cache).
 #[test]
 fn targets_hold_the_span_kv_and_its_surprisal() -> anyhow::Result<()> {
-    let config = testing::tiny_config();
-    let model = testing::model(&config, 17, &cpu())?;
+    let config = synthetic::tiny_config();
+    let model = synthetic::model(&config, 17, &cpu())?;
     let prefix = prefix_cache(&model, &PREFIX);
     let targets = span_after_prefix(&model, &prefix)?;
     assert_eq!(targets.surprisal[0], 0.0, "the first token's prediction lies outside the span");
 
     let whole: Vec<u32> = PREFIX.iter().chain(&SPAN).copied().collect();
-    let logits = candle_transformers_logits(&config, &testing::named_weights(&config, 17, &cpu())?, &whole);
+    let logits = candle_transformers_logits(&config, &synthetic::named_weights(&config, 17, &cpu())?, &whole);
     let log_probs = candle_nn::ops::log_softmax(&logits.squeeze(0)?, D::Minus1)?.to_vec2::<f32>()?;
     for i in 1..SPAN.len() {
         let expected = -log_probs[PREFIX.len() + i - 1][SPAN[i] as usize];
@@ -130,7 +130,7 @@ fn assert_span_kv(model: &cram::Qwen2, keys: &[Tensor], values: &[Tensor]) {
 
 #[test]
 fn the_raw_span_compressor_gives_the_span_kv_at_its_own_positions() -> anyhow::Result<()> {
-    let model = testing::full_model(&testing::tiny_config(), 19, &cpu())?;
+    let model = synthetic::full_model(&synthetic::tiny_config(), 19, &cpu())?;
     let prefix = prefix_cache(&model.qwen2, &PREFIX);
     let targets = span_after_prefix(&model.qwen2, &prefix)?;
     let raw = RawSpan.compress(&model, &prefix, &targets, &mut |_, _| {})?;
@@ -142,7 +142,7 @@ fn the_raw_span_compressor_gives_the_span_kv_at_its_own_positions() -> anyhow::R
 
 #[test]
 fn optimization_lowers_the_value_loss() -> anyhow::Result<()> {
-    let model = testing::full_model(&testing::tiny_config(), 23, &cpu())?;
+    let model = synthetic::full_model(&synthetic::tiny_config(), 23, &cpu())?;
     let prefix = prefix_cache(&model.qwen2, &PREFIX);
     let targets = span_after_prefix(&model.qwen2, &prefix)?;
     for pooling in [Pooling::Surprisal, Pooling::Uniform] {
@@ -169,7 +169,7 @@ fn optimization_lowers_the_value_loss() -> anyhow::Result<()> {
 fn spans_optimized_together_match_each_optimized_alone() -> anyhow::Result<()> {
     // Three ratios of one span side by side in one forward: the mask keeps
     // them apart, so each gets the gradients and Adam steps it would alone.
-    let model = testing::model(&testing::tiny_config(), 29, &cpu())?;
+    let model = synthetic::model(&synthetic::tiny_config(), 29, &cpu())?;
     let prefix = prefix_cache(&model, &PREFIX);
     let span = span_after_prefix(&model, &prefix)?;
     let config = OptimizerConfig { lr: 0.05, ..Default::default() };
@@ -199,7 +199,7 @@ fn spans_optimized_together_match_each_optimized_alone() -> anyhow::Result<()> {
 
 #[test]
 fn a_killed_optimization_resumes_from_its_checkpoint_to_the_same_result() -> anyhow::Result<()> {
-    let model = testing::model(&testing::tiny_config(), 37, &cpu())?;
+    let model = synthetic::model(&synthetic::tiny_config(), 37, &cpu())?;
     let prefix = prefix_cache(&model, &PREFIX);
     let span = span_after_prefix(&model, &prefix)?;
     let start = Recipe::published(3.0).virtual_start(&model, &prefix, &span)?;
@@ -242,7 +242,7 @@ fn a_killed_optimization_resumes_from_its_checkpoint_to_the_same_result() -> any
 
 #[test]
 fn settings_adam_cannot_use_and_a_diverging_loss_are_errors() -> anyhow::Result<()> {
-    let model = testing::model(&testing::tiny_config(), 41, &cpu())?;
+    let model = synthetic::model(&synthetic::tiny_config(), 41, &cpu())?;
     let prefix = prefix_cache(&model, &PREFIX);
     let span = span_after_prefix(&model, &prefix)?;
     let start = Recipe::published(3.0).virtual_start(&model, &prefix, &span)?;
@@ -266,7 +266,7 @@ fn settings_adam_cannot_use_and_a_diverging_loss_are_errors() -> anyhow::Result<
 
 #[test]
 fn optimizing_together_refuses_different_prefixes() -> anyhow::Result<()> {
-    let model = testing::model(&testing::tiny_config(), 31, &cpu())?;
+    let model = synthetic::model(&synthetic::tiny_config(), 31, &cpu())?;
     let (prefix, other_prefix) = (prefix_cache(&model, &PREFIX), prefix_cache(&model, &PREFIX));
     let span = span_after_prefix(&model, &prefix)?;
     let start = Recipe::published(3.0).virtual_start(&model, &prefix, &span)?;
@@ -282,7 +282,7 @@ fn optimizing_together_refuses_different_prefixes() -> anyhow::Result<()> {
 
 #[test]
 fn compressing_together_refuses_what_would_change_a_recipe() -> anyhow::Result<()> {
-    let model = testing::full_model(&testing::tiny_config(), 37, &cpu())?;
+    let model = synthetic::full_model(&synthetic::tiny_config(), 37, &cpu())?;
     let prefix = prefix_cache(&model.qwen2, &PREFIX);
     let span = span_after_prefix(&model.qwen2, &prefix)?;
     let compress = |recipes: &[Recipe]| compress_together(recipes, &model, &prefix, &span, &mut |_, _| {});

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 
 use common::{cpu, max_abs_diff, positions};
 use cram::{
-    testing, Compressor, Error, Evict, KvCache, Logits, Model, OptimizerConfig, Qwen2, Recipe, Scorer, Session, SpanTargets,
+    synthetic, Compressor, Error, Evict, KvCache, Logits, Model, OptimizerConfig, Qwen2, Recipe, Scorer, Session, SpanTargets,
     Truncate,
 };
 
@@ -18,7 +18,7 @@ const TURN_2: &str = "t22 t3 t50 t51 t52 t9";
 const QUESTION: &str = "t60 t61 t62";
 
 fn model(seed: u64) -> Model {
-    testing::full_model(&testing::tiny_config(), seed, &cpu()).unwrap()
+    synthetic::full_model(&synthetic::tiny_config(), seed, &cpu()).unwrap()
 }
 
 fn quick_recipe(ratio: f64) -> Recipe {

@@ -21,7 +21,7 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 
 /// Writes `weights` as an HF-style model directory.
 pub fn write_safetensors_dir(dir: &Path, config: &Qwen2Config, weights: &HashMap<String, Tensor>) {
-    cram::testing::write_model_dir(dir, config, weights).unwrap();
+    cram::synthetic::write_model_dir(dir, config, weights).unwrap();
 }
 
 /// Writes `weights` as a llama.cpp-style GGUF (f32 tensors) with a tiny
