@@ -13,7 +13,10 @@
 # Needs only the binary, the NVIDIA driver and the CUDA 13 libraries that
 # ship with PyTorch (python3 -c 'import torch' must work); no Rust, no network.
 # GPU_RUN_SECONDS (default 450) bounds the whole run: each step gets what
-# is left, and the steps run most important first.
+# is left, and the steps run most important first. GPU_RUN_STEPS (names of
+# steps, space-separated; default all) runs only those.
+# With MODEL_GGUF: `cram check` on the GPU (check.json) and a short recall
+# sweep in bf16 (recall/, experiments/gpu/configs/recall-gpu.toml).
 set -uo pipefail
 BINARY=${1:?usage: scripts/gpu-run.sh BINARY OUT_DIR [MODEL_GGUF]}
 OUT_DIR=${2:?usage: scripts/gpu-run.sh BINARY OUT_DIR [MODEL_GGUF]}
@@ -30,6 +33,7 @@ log() { echo "[gpu-run $(date -u +%H:%M:%S)] $*" | tee -a "$LOG"; }
 # (less if the deadline is nearer), its output appended to run.log.
 step() {
   local name=$1 budget=$2; shift 2
+  if [[ -n "${GPU_RUN_STEPS:-}" && " $GPU_RUN_STEPS " != *" $name "* ]]; then return; fi
   local left=$(( DEADLINE - $(date +%s) ))
   if (( left < 10 )); then log "$name: skipped, the run's time is spent"; return; fi
   (( budget > left )) && budget=$left
@@ -76,5 +80,6 @@ step bench-7b-sizes 60 $BENCH --synthetic qwen2.5-coder-7b --virtual 64,128,256,
 step pytorch-1.5b 40 $PYTORCH --synthetic qwen2.5-coder-1.5b --virtual 76,1024
 if [[ -n "$MODEL" && -f "$MODEL" ]]; then
   step check-0.5b 90 "$CRAM" check --model "$MODEL" --device cuda --out "$OUT_DIR/check.json"
+  step recall-sweep 240 "$CRAM" sweep "$REPO/experiments/gpu/configs/recall-gpu.toml" --model "$MODEL" --device cuda --out "$OUT_DIR/recall"
 fi
 log "done"

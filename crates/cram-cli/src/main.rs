@@ -322,6 +322,9 @@ fn bench(model_args: &ModelArgs, weights: &BenchWeights, dtype: Option<&str>, si
             record.answer_tokens_per_second,
             record.threads,
         );
+        if let Some(error) = &record.together_error {
+            eprintln!("[bench] {n_virtual} virtual tokens: the ratios together failed: {error}");
+        }
         if let Some(out) = out {
             let mut file = std::fs::OpenOptions::new().create(true).append(true).open(out).with_context(|| format!("opening {}", out.display()))?;
             writeln!(file, "{}", serde_json::to_string(&record)?)?;

@@ -115,6 +115,8 @@ pub struct BenchRecord {
     pub together_over_single: Option<f64>,
     /// Peak GPU memory held by tensors while stepping the ratios together, MiB.
     pub together_peak_device_mib: Option<f64>,
+    /// Why the ratios could not be stepped together (out of memory, say).
+    pub together_error: Option<String>,
     /// Steps of the timed whole compression ([`BenchSettings::compression_steps`]).
     pub compression_steps: Option<usize>,
     /// Wall time of that compression: target forward, start, optimization.
@@ -197,6 +199,7 @@ pub fn measure(model: &Model, ids: &[u32], n_virtual: usize, settings: &BenchSet
     let step_peak_rss_mib = peak_rss_bytes().map(|bytes| bytes as f64 / (1024.0 * 1024.0));
     let step_peak_device_mib = device_memory(device).map(|memory| memory.peak_mib);
 
+    let mut together_error = None;
     let (together_step_seconds, together_peak_device_mib) = if settings.together_ratios.is_empty() {
         (None, None)
     } else {
@@ -206,8 +209,17 @@ pub fn measure(model: &Model, ids: &[u32], n_virtual: usize, settings: &BenchSet
             .map(|&ratio| Recipe::published(ratio).virtual_start(qwen, &prefix, &span))
             .collect::<cram::Result<Vec<_>>>()?;
         reset_device_peak(device);
-        let seconds = time_steps(qwen, &prefix, &starts, settings.steps)?.0;
-        (Some(seconds), device_memory(device).map(|memory| memory.peak_mib))
+        // All the ratios' tokens attend to each other before the mask
+        // removes it, so memory grows with the square of their sum: a span
+        // the device holds alone may not fit batched. That is a finding to
+        // record, not a reason to lose the other figures.
+        match time_steps(qwen, &prefix, &starts, settings.steps) {
+            Ok((seconds, _)) => (Some(seconds), device_memory(device).map(|memory| memory.peak_mib)),
+            Err(error) => {
+                together_error = Some(error.to_string());
+                (None, None)
+            }
+        }
     };
 
     let compression_seconds =
@@ -238,6 +250,7 @@ pub fn measure(model: &Model, ids: &[u32], n_virtual: usize, settings: &BenchSet
         together_step_seconds,
         together_over_single: together_step_seconds.map(|together| together / step_seconds),
         together_peak_device_mib,
+        together_error,
         compression_steps: settings.compression_steps,
         compression_seconds,
         answer_tokens,
