@@ -14,9 +14,10 @@ use cram::Model;
 use cram_eval::bench::{transcript_ids, BenchSettings};
 use cram_eval::cases::load_case_file;
 use cram_eval::evaluate::{facts_score, run_case, Answered, AskSettings, Condition};
+use cram_eval::generator::GeneratorSettings;
 use cram_eval::models::{self, KnownModel, DEFAULT_MODEL};
 use cram_eval::render::Rendering;
-use cram_eval::sweep::{run_sweep, SweepConfig};
+use cram_eval::sweep::{run_shard, Shard, SweepConfig};
 
 /// candle allocates a fresh buffer for every op's output. glibc's malloc
 /// maps buffers over its mmap threshold (32 MiB at most) straight from the
@@ -100,14 +101,57 @@ enum Command {
     /// Run a ratio sweep from a config; resumable (finished cells are skipped).
     Sweep {
         config: PathBuf,
-        /// Output directory (default: runs/CONFIG_NAME).
+        /// Output directory (default: runs/CONFIG_NAME, or
+        /// runs/CONFIG_NAME/shard-I-of-N for a shard).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Run only the I-th of N disjoint slices of the sweep's cells (I
+        /// from 1, as `$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT` of an
+        /// array `--array=1-N`), each shard into its own output directory;
+        /// `cram report DIR --merge SHARD_DIR...` joins them. Every shard
+        /// must run the same config and overrides. See configs/slurm-sweep.sh.
+        #[arg(long, value_name = "I/N")]
+        shard: Option<Shard>,
         #[command(flatten)]
         overrides: Overrides,
     },
-    /// Rewrite summary.csv and the plots of a sweep directory from its results.
-    Report { dir: PathBuf },
+    /// Rewrite summary.csv, comparisons.csv and the plots of a sweep
+    /// directory from its results.
+    Report {
+        dir: PathBuf,
+        /// First write DIR/results.jsonl as the union of DIR's own results
+        /// and these shard directories' (`cram sweep --shard`): a cell met
+        /// twice must be the same line, else nothing is written.
+        #[arg(long, value_name = "SHARD_DIR", num_args = 1..)]
+        merge: Vec<PathBuf>,
+    },
+    /// Generate coding-agent cases with planted facts (deterministic from
+    /// the seed) as JSON transcripts, one file per case, for `sweep` configs
+    /// (`[[cases]] file = ...`) or any other use.
+    GenerateCases {
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value_t = 10)]
+        count: usize,
+        /// About how many tokens each span has.
+        #[arg(long, default_value_t = 250)]
+        span_tokens: usize,
+        /// Facts planted per case (each needs about 110 tokens of span).
+        #[arg(long, default_value_t = 2)]
+        facts: usize,
+        /// early, middle, late, spread or mixed.
+        #[arg(long, default_value = "spread")]
+        placement: String,
+        /// Fact kinds (default all): dependency, port, env-var, path, identifier, version, hex-id, setting.
+        #[arg(long, value_delimiter = ',')]
+        kinds: Vec<String>,
+        /// Also plant near-miss distractors (rejected in answers).
+        #[arg(long)]
+        distractors: bool,
+    },
     /// Check a device with no download: random-weight models (a tiny one and
     /// one of the 0.5B's shapes) on the device in f32 and bf16 against the
     /// CPU in f32: forwards, caches, gradients, optimization, sessions, every
@@ -188,17 +232,30 @@ fn main() -> Result<()> {
         Command::Check { model, cases, case, max_new_tokens, combined, out } => {
             check(&model, &CheckSpec { cases, case_id: case, max_new_tokens, per_fact: !combined }, out)
         }
-        Command::Sweep { config, out, overrides } => {
-            let out = out.unwrap_or_else(|| Path::new("runs").join(config.file_stem().unwrap_or_default()));
-            sweep(&config, &out, overrides).map(|_| ())
+        Command::Sweep { config, out, shard, overrides } => {
+            let out = out.unwrap_or_else(|| default_sweep_out(&config, shard));
+            sweep(&config, &out, shard.unwrap_or(Shard::WHOLE), overrides).map(|_| ())
         }
-        Command::Report { dir } => {
+        Command::Report { dir, merge } => {
+            if !merge.is_empty() {
+                merge_shards(&dir, &merge)?;
+            }
             warn_of_mixed_builds(&cram_eval::plot::write_report(&dir)?);
             println!("{}", dir.join("summary.csv").display());
             Ok(())
         }
         Command::Reproduce { full, overrides, out } => reproduce::run(full, overrides, out),
         Command::SelfTest { device, out } => self_test(&device, out.as_deref()),
+        Command::GenerateCases { out, seed, count, span_tokens, facts, placement, kinds, distractors } => {
+            let mut settings = GeneratorSettings { seed, count, span_tokens, facts, distractors, placement: parse_named(&placement)?, ..Default::default() };
+            if !kinds.is_empty() {
+                settings.kinds = kinds.iter().map(|kind| parse_named(kind)).collect::<Result<_>>()?;
+            }
+            let cases = cram_eval::generator::generate(&settings)?;
+            let paths = cram_eval::generator::write_cases(&cases, &out)?;
+            eprintln!("[generate-cases] {} cases in {}", paths.len(), out.display());
+            Ok(())
+        }
         Command::Bench { model, synthetic, dtype, compress_steps, virtual_tokens, prefix, ratio, steps, together, no_together, threads, transcript, out } => {
             if let Some(threads) = threads {
                 // Read by candle's CPU kernels and rayon; set before either starts.
@@ -237,19 +294,29 @@ fn fetch_model(name: &str, verify: bool) -> Result<()> {
     Ok(())
 }
 
-/// Loads, validates and runs a sweep config, with progress bars.
-fn sweep(config_path: &Path, out: &Path, overrides: Overrides) -> Result<SweepConfig> {
+/// runs/CONFIG_NAME, and a shard's own folder in it.
+fn default_sweep_out(config: &Path, shard: Option<Shard>) -> PathBuf {
+    let sweep_dir = Path::new("runs").join(config.file_stem().unwrap_or_default());
+    match shard {
+        Some(shard) => sweep_dir.join(format!("shard-{}", shard.to_string().replace('/', "-of-"))),
+        None => sweep_dir,
+    }
+}
+
+/// Loads, validates and runs a sweep config (or one shard of it), with progress bars.
+fn sweep(config_path: &Path, out: &Path, shard: Shard, overrides: Overrides) -> Result<SweepConfig> {
     let mut config = SweepConfig::load(config_path)?;
     overrides.apply(&mut config);
     config.check(config_path)?;
     let mut bars = progress::SweepBars::default();
-    let outcome = run_sweep(&config, config_path, out, &mut |event| {
+    let outcome = run_shard(&config, config_path, out, shard, &mut |event| {
         bars.on_event(event);
         Ok(())
     })?;
     bars.finish();
+    let of_shard = if shard == Shard::WHOLE { String::new() } else { format!(" of shard {shard}") };
     eprintln!(
-        "[sweep] {} cells: {} already done, {} run; results in {}",
+        "[sweep] {} cells{of_shard}: {} already done, {} run; results in {}",
         outcome.total,
         outcome.skipped,
         outcome.ran,
@@ -259,9 +326,22 @@ fn sweep(config_path: &Path, out: &Path, overrides: Overrides) -> Result<SweepCo
     Ok(config)
 }
 
+/// Joins shards' results into `dir`'s, saying what it found.
+fn merge_shards(dir: &Path, shard_dirs: &[PathBuf]) -> Result<()> {
+    let merged = cram_eval::results::merge_results(dir, shard_dirs)?;
+    eprintln!("[report] {} cells merged from {} shard directories ({} identical lines met twice)", merged.cells, shard_dirs.len(), merged.duplicates);
+    if merged.configs_differ {
+        eprintln!("[report] warning: the shards' config.toml differ (or one is missing): shards of different configs or overrides slice the cells differently, so some cells may be missing");
+    }
+    Ok(())
+}
+
 fn warn_of_mixed_builds(report: &cram_eval::plot::Report) {
     if let Some(warning) = report.mixed_builds_warning() {
         eprintln!("[report] warning: {warning}");
+    }
+    if let Some(calibration) = &report.calibration {
+        eprintln!("[report] calibration: {calibration} (calibration.csv)");
     }
 }
 
@@ -331,6 +411,11 @@ fn bench(model_args: &ModelArgs, weights: &BenchWeights, dtype: Option<&str>, si
         }
     }
     Ok(())
+}
+
+/// A value of a kebab-case enum (a placement, a fact kind) from its name.
+fn parse_named<T: serde::de::DeserializeOwned>(name: &str) -> Result<T> {
+    serde_json::from_value(serde_json::Value::String(name.to_string())).map_err(|e| anyhow::anyhow!("`{name}`: {e}"))
 }
 
 /// Runs the self-test, printing each check's JSON line as it completes

@@ -35,7 +35,7 @@ pub fn run(full: bool, overrides: crate::Overrides, out: Option<PathBuf>) -> Res
     // A fresh run folder: a run computes, and never rewrites committed records.
     let out = out.unwrap_or_else(|| PathBuf::from(format!("runs/reproduce-{name}-{model_label}-{}", timestamp())));
     eprintln!("[reproduce] writing to {} (rerun with --out {0} to resume it)", out.display());
-    let config = crate::sweep(&config_path, &out, overrides)?;
+    let config = crate::sweep(&config_path, &out, cram_eval::sweep::Shard::WHOLE, overrides)?;
     let results = read_results(&out.join("results.jsonl"))?;
     let table = table(&results, &config.ratios);
     println!("\n{table}");

@@ -69,6 +69,19 @@ fn a_batch_of_zero_virtual_tokens_names_the_flag() {
 }
 
 #[test]
+fn a_shard_outside_one_to_n_or_a_missing_shard_folder_is_refused() {
+    let home = tempfile::tempdir().unwrap();
+    for (shard, expected) in [("0/4", "I runs from 1 to 4"), ("5/4", "I runs from 1 to 4"), ("2", "a shard is I/N")] {
+        let output = cram(&["sweep", "configs/t8-sanity.toml", "--shard", shard], home.path());
+        assert_clean_failure(&output, expected);
+    }
+    let merged = home.path().join("merged");
+    let missing = home.path().join("shard-1-of-2");
+    let output = cram(&["report", merged.to_str().unwrap(), "--merge", missing.to_str().unwrap()], home.path());
+    assert_clean_failure(&output, "not a sweep's output folder");
+}
+
+#[test]
 fn a_negative_checkpoint_interval_is_refused() {
     let home = tempfile::tempdir().unwrap();
     let config = home.path().join("sweep.toml");

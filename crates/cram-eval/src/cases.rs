@@ -67,7 +67,14 @@ pub fn load_case_file(path: &Path) -> Result<Vec<Case>> {
 /// A transcript of our JSON format as one case: its own split, or the
 /// default (system prompt kept, last user turn onward kept, the rest compressed).
 fn case_of_transcript(path: &Path) -> Result<Case> {
-    let transcript = Transcript::load(path)?;
+    let text = crate::bundled::read_to_string(path).map_err(|e| EvalError::io(path, e))?;
+    case_of_transcript_text(&text, path)
+}
+
+/// [`case_of_transcript`] of a transcript already read (or generated);
+/// `path` names it in errors.
+pub(crate) fn case_of_transcript_text(text: &str, path: &Path) -> Result<Case> {
+    let transcript = Transcript::from_text(text, path)?;
     if transcript.questions.is_empty() {
         return Err(EvalError::Transcript { path: path.into(), reason: "the transcript has no questions".into() });
     }

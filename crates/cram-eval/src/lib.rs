@@ -2,9 +2,12 @@
 //! fact scoring, and the real models the evaluation runs on.
 
 pub mod bench;
+pub mod breakdown;
 pub mod bundled;
+pub mod calibration;
 pub mod cases;
 pub mod evaluate;
+pub mod generator;
 pub mod memory;
 pub mod models;
 pub mod plot;
@@ -12,6 +15,7 @@ pub mod questions;
 pub mod render;
 pub mod results;
 pub mod self_test;
+pub mod stats;
 pub mod sweep;
 pub mod transcript;
 

@@ -20,6 +20,14 @@ pub struct Fact {
     /// What the model is expected to say without context (documentation).
     #[serde(default)]
     pub wrong_default: Option<String>,
+    /// What the fact is about (a generated case's `port`, `dependency`, ...),
+    /// for breaking results down.
+    #[serde(default)]
+    pub kind: Option<String>,
+    /// The third of the span its answer sits in (`early`, `middle`, `late`),
+    /// where a generated case records it.
+    #[serde(default)]
+    pub placement: Option<String>,
 }
 
 impl Fact {
@@ -67,6 +75,10 @@ struct QuestionEntry {
     reject_any: Vec<String>,
     #[serde(default)]
     wrong_default: Option<String>,
+    #[serde(default)]
+    kind: Option<String>,
+    #[serde(default)]
+    placement: Option<String>,
 }
 
 impl TryFrom<QuestionEntry> for Question {
@@ -74,8 +86,11 @@ impl TryFrom<QuestionEntry> for Question {
 
     fn try_from(entry: QuestionEntry) -> std::result::Result<Self, String> {
         let inline = !entry.expect.is_empty() || !entry.expect_any.is_empty();
-        if !inline && (!entry.reject_any.is_empty() || entry.wrong_default.is_some()) {
-            return Err(format!("question `{}`: `reject_any` and `wrong_default` inline need an inline `expect` or `expect_any`", entry.id));
+        if !inline && (!entry.reject_any.is_empty() || entry.wrong_default.is_some() || entry.kind.is_some() || entry.placement.is_some()) {
+            return Err(format!(
+                "question `{}`: `reject_any`, `wrong_default`, `kind` and `placement` inline need an inline `expect` or `expect_any`",
+                entry.id
+            ));
         }
         let facts = match (entry.facts, inline) {
             (Some(facts), false) => facts,
@@ -85,6 +100,8 @@ impl TryFrom<QuestionEntry> for Question {
                 expect_any: entry.expect_any,
                 reject_any: entry.reject_any,
                 wrong_default: entry.wrong_default,
+                kind: entry.kind,
+                placement: entry.placement,
             }],
             (Some(_), true) => return Err(format!("question `{}` has both `facts` and an inline fact: give one", entry.id)),
             (None, false) => return Err(format!("question `{}` has no facts: give `facts` or an inline `expect` / `expect_any`", entry.id)),

@@ -1,10 +1,12 @@
 //! A sweep's results: one JSON line per finished cell in `results.jsonl`,
 //! appended the moment the cell finishes, read back by reruns (to skip
-//! finished cells) and by the report.
+//! finished cells) and by the report, and merged from a sharded sweep's
+//! folders into one.
 
+use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -98,20 +100,33 @@ fn one() -> usize {
 /// The finished cells of a results file. A last line cut short by a crash
 /// is dropped (and removed, so the next append starts on a fresh line).
 pub fn read_results(path: &Path) -> Result<Vec<CellResult>> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(EvalError::io(path, e)),
-    };
-    let complete = match text.rfind('\n') {
-        Some(end) => &text[..=end],
-        None => "",
-    };
+    let Some(text) = read_if_present(path)? else { return Ok(Vec::new()) };
+    let complete = complete_lines(&text);
     if complete.len() != text.len() {
         std::fs::write(path, complete).map_err(|e| EvalError::io(path, e))?;
     }
-    complete
-        .lines()
+    parse_lines(complete, path)
+}
+
+/// The text of `path`; None when there is no such file.
+fn read_if_present(path: &Path) -> Result<Option<String>> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(Some(text)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(EvalError::io(path, e)),
+    }
+}
+
+/// The text up to its last newline: what was written whole.
+fn complete_lines(text: &str) -> &str {
+    match text.rfind('\n') {
+        Some(end) => &text[..=end],
+        None => "",
+    }
+}
+
+fn parse_lines(text: &str, path: &Path) -> Result<Vec<CellResult>> {
+    text.lines()
         .enumerate()
         .filter(|(_, line)| !line.trim().is_empty())
         .map(|(number, line)| {
@@ -121,6 +136,85 @@ pub fn read_results(path: &Path) -> Result<Vec<CellResult>> {
             })
         })
         .collect()
+}
+
+/// What [`merge_results`] gathered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Merged {
+    /// Cells in the merged `results.jsonl`.
+    pub cells: usize,
+    /// Lines met again, the same (a folder given twice, or a merge rerun).
+    pub duplicates: usize,
+    /// Whether the shards' `config.toml` differ: shards of different
+    /// configs or overrides slice the cells differently, so some may be
+    /// missing. When they agree, the merged folder gets a copy.
+    pub configs_differ: bool,
+}
+
+/// Writes `out_dir/results.jsonl` as the union of its own lines (if any)
+/// and every shard folder's, in the order first met. A cell in two places
+/// must be the same line in both: two different lines of one cell are an
+/// error naming both places. The shards' files are only read (a shard may
+/// still be running): a last line cut short is left out, not removed.
+pub fn merge_results(out_dir: &Path, shard_dirs: &[PathBuf]) -> Result<Merged> {
+    let out_path = out_dir.join("results.jsonl");
+    let mut merged: Vec<(CellResult, serde_json::Value, PathBuf)> = Vec::new();
+    let mut index_of: HashMap<String, usize> = HashMap::new();
+    let mut duplicates = 0;
+    let mut sources = vec![out_path.clone()];
+    sources.extend(shard_dirs.iter().map(|dir| dir.join("results.jsonl")));
+    for (source_index, path) in sources.iter().enumerate() {
+        let text = match read_if_present(path)? {
+            Some(text) => text,
+            None if source_index == 0 => continue, // a fresh merged folder
+            None => return Err(EvalError::Transcript { path: path.clone(), reason: "no such file: not a sweep's output folder".into() }),
+        };
+        for result in parse_lines(complete_lines(&text), path)? {
+            let line = serde_json::to_value(&result).map_err(|e| EvalError::io(path, e.into()))?;
+            match index_of.get(&result.cell.key()) {
+                Some(&first) if merged[first].1 == line => duplicates += 1,
+                Some(&first) => {
+                    let reason = format!("cell {} differs from its line in {}", result.cell.key(), merged[first].2.display());
+                    return Err(EvalError::Transcript { path: path.clone(), reason });
+                }
+                None => {
+                    index_of.insert(result.cell.key(), merged.len());
+                    merged.push((result, line, path.clone()));
+                }
+            }
+        }
+    }
+    std::fs::create_dir_all(out_dir).map_err(|e| EvalError::io(out_dir, e))?;
+    let results: Vec<CellResult> = merged.into_iter().map(|(result, _, _)| result).collect();
+    write_results(&out_path, &results)?;
+    let configs_differ = !copy_common_config(out_dir, shard_dirs)?;
+    Ok(Merged { cells: results.len(), duplicates, configs_differ })
+}
+
+/// Copies the shards' `config.toml` into `out_dir` when they are all the
+/// same; whether they were.
+fn copy_common_config(out_dir: &Path, shard_dirs: &[PathBuf]) -> Result<bool> {
+    let configs: Vec<Option<String>> = shard_dirs.iter().map(|dir| read_if_present(&dir.join("config.toml"))).collect::<Result<_>>()?;
+    let Some(Some(first)) = configs.first() else { return Ok(false) };
+    if configs.iter().any(|config| config.as_ref() != Some(first)) {
+        return Ok(false);
+    }
+    let path = out_dir.join("config.toml");
+    std::fs::write(&path, first).map_err(|e| EvalError::io(&path, e))?;
+    Ok(true)
+}
+
+/// Replaces `path` with these lines, whole or not at all: written beside
+/// it, then renamed over it.
+fn write_results(path: &Path, results: &[CellResult]) -> Result<()> {
+    let mut text = String::new();
+    for result in results {
+        text.push_str(&serde_json::to_string(result).map_err(|e| EvalError::io(path, e.into()))?);
+        text.push('\n');
+    }
+    let partial = path.with_extension("jsonl.partial");
+    std::fs::write(&partial, text).map_err(|e| EvalError::io(&partial, e))?;
+    std::fs::rename(&partial, path).map_err(|e| EvalError::io(path, e))
 }
 
 /// Appends one line and syncs it to disk.

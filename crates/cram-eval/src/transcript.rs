@@ -51,6 +51,12 @@ impl Transcript {
     /// Reads `.jsonl` as a Messages-API log and anything else as our JSON format.
     pub fn load(path: &Path) -> Result<Self> {
         let text = crate::bundled::read_to_string(path).map_err(|e| EvalError::io(path, e))?;
+        Self::from_text(&text, path)
+    }
+
+    /// Parses `text` as [`Transcript::load`] parses the file at `path` (whose
+    /// name gives a log's id, and errors their place).
+    pub fn from_text(text: &str, path: &Path) -> Result<Self> {
         let id = path.file_stem().map_or_else(|| "transcript".into(), |s| s.to_string_lossy().into_owned());
         let is_jsonl = path.extension().is_some_and(|e| e == "jsonl");
         let parsed = if is_jsonl { Self::from_jsonl(&text, id) } else { Self::from_json(&text) };

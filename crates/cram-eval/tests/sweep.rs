@@ -4,8 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use cram::synthetic as random;
-use cram_eval::results::read_results;
-use cram_eval::sweep::{run_sweep, SweepConfig, SweepEvent};
+use cram_eval::results::{merge_results, read_results};
+use cram_eval::sweep::{run_shard, run_sweep, CaseSource, Shard, SweepConfig, SweepEvent};
 use cram_eval::render::Rendering;
 use cram_eval::EvalError;
 
@@ -366,7 +366,9 @@ fn every_shipped_config_loads_with_its_cases() {
         }
         let mut config = SweepConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
         for source in &mut config.cases {
-            source.file = root.join(&source.file);
+            if let CaseSource::File { file, .. } = source {
+                *file = root.join(&*file);
+            }
         }
         let cases = config.load_cases(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         assert!(!cram_eval::sweep::plan::cells(&config, &cases).unwrap().is_empty(), "{}", path.display());
@@ -496,4 +498,69 @@ fn cells_optimized_together_get_what_each_gets_alone() {
     assert!(alone.iter().any(|r| r.cell.ratio == Some(2.0) && r.n_virtual > 8));
     assert!(capped_batches.len() > 1 && capped_batches.iter().sum::<usize>() == 6, "{capped_batches:?}");
     assert_eq!(capped.len(), alone.len());
+}
+
+/// summary.csv without the columns of wall time (which differ between two
+/// runs of one cell), each table's rows sorted (a merge keeps the order in
+/// which the shards are given, not the order the cells ran in).
+fn summary_without_times(dir: &Path) -> Vec<Vec<String>> {
+    let text = std::fs::read_to_string(dir.join("summary.csv")).unwrap();
+    text.split("\n\n")
+        .map(|table| {
+            let mut lines = table.lines();
+            let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+            let timeless = |line: &str| -> String {
+                let fields = line.split(',').zip(&header).filter(|(_, column)| !column.contains("seconds"));
+                fields.map(|(field, _)| field).collect::<Vec<_>>().join(",")
+            };
+            let mut rows: Vec<String> = lines.map(timeless).collect();
+            rows.sort();
+            rows.insert(0, timeless(&header.join(",")));
+            rows
+        })
+        .collect()
+}
+
+#[test]
+fn shards_merged_give_the_report_of_the_whole_sweep() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, cases) = fixture(dir.path());
+    let config_path = write_config(dir.path(), &model, &cases, "seeds = [0, 1]");
+    let text = std::fs::read_to_string(&config_path).unwrap();
+    let methods = "[\"surprisal\", { method = \"surprisal\", init = \"random\" }, \"streaming\", \"snapkv\"]";
+    std::fs::write(&config_path, text.replace("[\"surprisal\", \"uniform\"]", methods).replace("\"raw\"", "\"truncated\"")).unwrap();
+    let config = SweepConfig::load(&config_path).unwrap();
+    let whole = dir.path().join("whole");
+    let outcome = run_sweep(&config, &config_path, &whole, &mut |_| Ok(())).unwrap();
+    assert_eq!(outcome.total, 3 + 2 * 4 + 2, "three baselines, four methods at two ratios, the random start's second seed");
+
+    let shard_dirs: Vec<PathBuf> = (1..=3).map(|index| dir.path().join(format!("shard-{index}"))).collect();
+    let mut shard_totals = Vec::new();
+    for (index, shard_dir) in shard_dirs.iter().enumerate() {
+        let shard = Shard::new(index + 1, 3).unwrap();
+        shard_totals.push(run_shard(&config, &config_path, shard_dir, shard, &mut |_| Ok(())).unwrap().total);
+    }
+    assert_eq!(shard_totals.iter().sum::<usize>(), outcome.total);
+    let merged_dir = dir.path().join("merged");
+    let merged = merge_results(&merged_dir, &shard_dirs).unwrap();
+    assert_eq!((merged.cells, merged.duplicates, merged.configs_differ), (outcome.total, 0, false));
+    cram_eval::plot::write_report(&merged_dir).unwrap();
+    assert_eq!(summary_without_times(&merged_dir), summary_without_times(&whole));
+    let comparisons = |dir: &Path| std::fs::read_to_string(dir.join("comparisons.csv")).unwrap();
+    assert_eq!(comparisons(&merged_dir), comparisons(&whole));
+    assert!(comparisons(&whole).lines().count() > 10, "{}", comparisons(&whole));
+    assert_eq!(std::fs::read(merged_dir.join("config.toml")).unwrap(), std::fs::read(whole.join("config.toml")).unwrap());
+
+    // Merging again, or a shard twice, finds the same lines: nothing changes.
+    let results_before = std::fs::read_to_string(merged_dir.join("results.jsonl")).unwrap();
+    let again = merge_results(&merged_dir, &[shard_dirs.clone(), vec![shard_dirs[0].clone()]].concat()).unwrap();
+    assert_eq!((again.cells, again.duplicates), (outcome.total, outcome.total + shard_totals[0]));
+    assert_eq!(std::fs::read_to_string(merged_dir.join("results.jsonl")).unwrap(), results_before);
+
+    // A cell with two different lines (here: the whole run's own timing) is refused, and nothing is written.
+    let err = merge_results(&merged_dir, std::slice::from_ref(&whole)).unwrap_err().to_string();
+    assert!(err.contains("differs from its line in") && err.contains("whole"), "{err}");
+    assert_eq!(std::fs::read_to_string(merged_dir.join("results.jsonl")).unwrap(), results_before);
+    let err = merge_results(&merged_dir, &[dir.path().join("no-such-shard")]).unwrap_err().to_string();
+    assert!(err.contains("no-such-shard") && err.contains("not a sweep's output folder"), "{err}");
 }

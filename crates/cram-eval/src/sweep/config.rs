@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::bundled;
 use crate::cases::{load_case_file, Case};
 use crate::evaluate::AskSettings;
+use crate::generator::{self, GeneratedCase, GeneratorSettings};
 use crate::render::Rendering;
 use crate::{EvalError, Result};
 
@@ -58,6 +59,10 @@ pub struct SweepConfig {
     /// mid-cell resumes the cell from there.
     #[serde(default = "default_checkpoint_seconds")]
     pub checkpoint_seconds: f64,
+    /// Score every cell only on the facts the `full` baseline recalls and
+    /// the `none` baseline misses (`crate::calibration`); needs both.
+    #[serde(default)]
+    pub calibrate: bool,
 }
 
 /// `[ask]`: how questions are put and answered. A rendering left out is
@@ -103,13 +108,17 @@ fn default_seeds() -> Vec<u64> {
     vec![0]
 }
 
-/// A case file (any path: users bring their own transcripts) and the ids to
-/// run from it (all when absent).
+/// Where a sweep's cases come from.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CaseSource {
-    pub file: PathBuf,
-    pub ids: Option<Vec<String>>,
+#[serde(untagged, deny_unknown_fields)]
+pub enum CaseSource {
+    /// A case file (any path: users bring their own transcripts) and the ids
+    /// to run from it (all when absent): `{ file = "...", ids = [...] }`.
+    File { file: PathBuf, ids: Option<Vec<String>> },
+    /// Cases made by the generator: `{ generate = { seed = 1, count = 50,
+    /// span_tokens = 250, facts = 3, placement = "spread" } }`. The sweep
+    /// writes them under its output folder (`cases/`) to inspect or reuse.
+    Generated { generate: GeneratorSettings },
 }
 
 /// A method at the sweep's ratios, or with its own settings:
@@ -304,6 +313,9 @@ impl SweepConfig {
         if self.seeds.is_empty() {
             return Err("seeds is empty".into());
         }
+        if self.calibrate && !(self.baselines.contains(&Baseline::Full) && self.baselines.contains(&Baseline::None)) {
+            return Err("calibrate needs the `full` and `none` baselines".into());
+        }
         self.optimizer.validate().map_err(|error| match error {
             cram::Error::Invalid(reason) => reason,
             other => other.to_string(),
@@ -316,34 +328,23 @@ impl SweepConfig {
         let mut cases = Vec::new();
         // Cells are keyed by case id: a second case of the same id would
         // never run, its cells taken for the first's.
-        let mut case_files: HashMap<String, PathBuf> = HashMap::new();
+        let mut origins: HashMap<String, String> = HashMap::new();
         for source in &self.cases {
-            let beside_config = config_path.parent().unwrap_or(Path::new(".")).join(&source.file);
-            let file = if bundled::exists(&source.file) || source.file.is_absolute() { source.file.clone() } else { beside_config };
-            if !bundled::exists(&file) {
-                return Err(EvalError::Config {
-                    path: config_path.to_path_buf(),
-                    reason: format!("case file {} not found", source.file.display()),
-                });
-            }
-            let all = load_case_file(&file)?;
-            let chosen: Vec<Case> = match &source.ids {
-                None => all,
-                Some(ids) => ids
-                    .iter()
-                    .map(|id| {
-                        all.iter().find(|c| &c.id == id).cloned().ok_or_else(|| EvalError::Config {
-                            path: config_path.to_path_buf(),
-                            reason: format!("no case `{id}` in {}", file.display()),
-                        })
-                    })
-                    .collect::<Result<_>>()?,
+            let (chosen, origin) = match source {
+                CaseSource::File { file, ids } => {
+                    let file = self.case_file(config_path, file)?;
+                    (chosen_cases(&file, ids.as_deref(), config_path)?, file.display().to_string())
+                }
+                CaseSource::Generated { generate } => {
+                    let generated = generator::generate(generate)?;
+                    (generated.iter().map(GeneratedCase::to_case).collect::<Result<Vec<_>>>()?, "a generate entry".to_string())
+                }
             };
             for case in &chosen {
-                if let Some(first) = case_files.insert(case.id.clone(), file.clone()) {
+                if let Some(first) = origins.insert(case.id.clone(), origin.clone()) {
                     return Err(EvalError::Config {
                         path: config_path.to_path_buf(),
-                        reason: format!("case id `{}` is named twice ({} and {}): give each case its own id", case.id, first.display(), file.display()),
+                        reason: format!("case id `{}` is named twice ({first} and {origin}): give each case its own id", case.id),
                     });
                 }
                 let ask = self.ask.for_case(case);
@@ -352,6 +353,27 @@ impl SweepConfig {
             cases.extend(chosen);
         }
         Ok(cases)
+    }
+
+    /// Writes the generated cases of every `generate` entry to `dir`, one
+    /// JSON transcript each, so a run can be inspected and rerun from files.
+    pub fn write_generated_cases(&self, dir: &Path) -> Result<()> {
+        for source in &self.cases {
+            if let CaseSource::Generated { generate } = source {
+                generator::write_cases(&generator::generate(generate)?, dir)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Where a case file named in the config is: bundled, absolute, or beside the config.
+    fn case_file(&self, config_path: &Path, file: &Path) -> Result<PathBuf> {
+        let beside_config = config_path.parent().unwrap_or(Path::new(".")).join(file);
+        let resolved = if bundled::exists(file) || file.is_absolute() { file.to_path_buf() } else { beside_config };
+        if !bundled::exists(&resolved) {
+            return Err(EvalError::Config { path: config_path.to_path_buf(), reason: format!("case file {} not found", file.display()) });
+        }
+        Ok(resolved)
     }
 
     /// The recipe settings of an entry's cell at `ratio` (seed: for a
@@ -407,4 +429,18 @@ impl SweepConfig {
         }
         Ok(label)
     }
+}
+
+/// The cases of `file` named by `ids` (all when `None`), in that order.
+fn chosen_cases(file: &Path, ids: Option<&[String]>, config_path: &Path) -> Result<Vec<Case>> {
+    let all = load_case_file(file)?;
+    let Some(ids) = ids else { return Ok(all) };
+    ids.iter()
+        .map(|id| {
+            all.iter().find(|c| &c.id == id).cloned().ok_or_else(|| EvalError::Config {
+                path: config_path.to_path_buf(),
+                reason: format!("no case `{id}` in {}", file.display()),
+            })
+        })
+        .collect()
 }

@@ -7,15 +7,18 @@
 //! derived from the results.
 //!
 //! [`config`] reads the file, [`plan`] lays out the cells and the units
-//! they run in, [`run`] runs a unit; the lines are [`crate::results`].
+//! they run in, [`shard`] slices them for machines that run at once, [`run`]
+//! runs a unit; the lines are [`crate::results`].
 
 pub mod config;
 pub mod plan;
 pub mod run;
+pub mod shard;
 
 pub use config::{AskConfig, Baseline, CaseSource, MethodEntry, SweepConfig};
 pub use plan::CellKind;
 pub use run::SweepEvent;
+pub use shard::Shard;
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -30,6 +33,7 @@ use crate::{EvalError, Result};
 /// What a sweep did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SweepOutcome {
+    /// Cells planned: the sweep's, or its shard's.
     pub total: usize,
     pub skipped: usize,
     pub ran: usize,
@@ -47,14 +51,26 @@ pub fn run_sweep(
     out_dir: &Path,
     on_event: &mut dyn FnMut(&SweepEvent) -> Result<()>,
 ) -> Result<SweepOutcome> {
+    run_shard(config, config_path, out_dir, Shard::WHOLE, on_event)
+}
+
+/// [`run_sweep`] for the cells of one shard only, `out_dir` its own.
+pub fn run_shard(
+    config: &SweepConfig,
+    config_path: &Path,
+    out_dir: &Path,
+    shard: Shard,
+    on_event: &mut dyn FnMut(&SweepEvent) -> Result<()>,
+) -> Result<SweepOutcome> {
     let cases = config.load_cases(config_path)?;
     std::fs::create_dir_all(out_dir).map_err(|e| EvalError::io(out_dir, e))?;
+    config.write_generated_cases(&out_dir.join("cases"))?;
     // The config as run, beside its results (an unserialisable config is an error, not an empty file).
     let as_run = toml::to_string(config).map_err(|e| EvalError::io(out_dir, std::io::Error::other(e)))?;
     std::fs::write(out_dir.join("config.toml"), as_run).map_err(|e| EvalError::io(out_dir, e))?;
     let results_path = out_dir.join("results.jsonl");
     let finished: HashSet<String> = read_results(&results_path)?.iter().map(|r| r.cell.key()).collect();
-    let cells = plan::cells(config, &cases)?;
+    let cells = shard.select(config, &cases, plan::cells(config, &cases)?)?;
     let pending: Vec<&(Cell, CellKind)> = cells.iter().filter(|(c, _)| !finished.contains(&c.key())).collect();
     let skipped = cells.len() - pending.len();
     on_event(&SweepEvent::Planned { total: cells.len(), done: skipped })?;

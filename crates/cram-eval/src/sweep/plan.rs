@@ -101,7 +101,7 @@ pub fn compression(config: &SweepConfig, unit: &WorkUnit) -> Result<Compression>
 /// The recipe of a cell that may be optimised together with others of
 /// its case: a plain recipe (any pooling, start or key weight) without
 /// early stopping, on a single-turn case.
-fn batchable_recipe(config: &SweepConfig, kind: CellKind, case: &Case) -> Result<Option<Recipe>> {
+pub(super) fn batchable_recipe(config: &SweepConfig, kind: CellKind, case: &Case) -> Result<Option<Recipe>> {
     let CellKind::Compressed { entry, ratio, seed } = kind else { return Ok(None) };
     let recipe = config.plain_recipe(&config.methods[entry], ratio, seed)?;
     Ok(recipe.filter(|recipe| recipe.optimizer.early_stop.is_none() && case.turns().len() == 1))
