@@ -3,7 +3,7 @@
 //! dependency lines, a log's lines, a schema's tables), so a planted fact is
 //! one entry among filler entries of the same kind.
 
-use super::Rng;
+use super::rng::Rng;
 
 /// A kind of tool output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

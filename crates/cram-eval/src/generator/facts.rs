@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::documents::{hex, version, DocKind};
-use super::Rng;
+use super::rng::Rng;
 
 /// What a planted fact is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
