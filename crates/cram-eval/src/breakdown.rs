@@ -65,20 +65,10 @@ pub fn csv(results: &[CellResult], labels: &FactLabels) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::evaluate::Answered;
+    use crate::results::test_line;
 
     fn line(case: &str, n_tokens: usize, verdicts: &[(&str, bool)]) -> CellResult {
-        let mut result: CellResult = serde_json::from_value(serde_json::json!({
-            "case": case, "method": "snapkv", "ratio": 2.0, "seed": 0, "model": "m", "n_tokens": n_tokens, "n_virtual": 5,
-            "facts_correct": 0, "facts_total": 0, "loss_final": null, "steps": 0, "seconds": 0.0, "optimize_seconds": 0.0,
-            "answer": "", "answers": [], "loss_curve": [],
-        }))
-        .expect("a minimal line");
-        result.answers = verdicts
-            .iter()
-            .map(|(fact, recalled)| Answered { question_id: fact.to_string(), question: String::new(), answer: String::new(), facts: vec![(fact.to_string(), *recalled)] })
-            .collect();
-        result
+        test_line(case, "snapkv", Some(2.0), n_tokens, verdicts)
     }
 
     #[test]

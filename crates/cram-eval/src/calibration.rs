@@ -102,23 +102,10 @@ impl Calibration {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::evaluate::Answered;
-    use crate::results::Cell;
+    use crate::results::test_line;
 
     fn line(method: &str, ratio: Option<f64>, verdicts: &[(&str, bool)]) -> CellResult {
-        let answers = verdicts
-            .iter()
-            .map(|(fact, recalled)| Answered { question_id: fact.to_string(), question: String::new(), answer: String::new(), facts: vec![(fact.to_string(), *recalled)] })
-            .collect();
-        let mut result: CellResult = serde_json::from_value(serde_json::json!({
-            "case": "c", "method": method, "ratio": ratio, "seed": 0, "model": "m", "n_tokens": 10, "n_virtual": 5,
-            "facts_correct": 0, "facts_total": 0, "loss_final": null, "steps": 0, "seconds": 0.0, "optimize_seconds": 0.0,
-            "answer": "", "answers": [], "loss_curve": [],
-        }))
-        .expect("a minimal line");
-        result.cell = Cell { case: "c".into(), method: method.into(), ratio, seed: 0 };
-        result.answers = answers;
-        result
+        test_line("c", method, ratio, 10, verdicts)
     }
 
     #[test]

@@ -224,3 +224,19 @@ pub fn append_result(path: &Path, result: &CellResult) -> Result<()> {
     let mut file = OpenOptions::new().create(true).append(true).open(path).map_err(|e| EvalError::io(path, e))?;
     file.write_all(line.as_bytes()).and_then(|_| file.sync_data()).map_err(|e| EvalError::io(path, e))
 }
+
+/// A minimal results line for tests: `case`, `method` at `ratio` (seed 0)
+/// over a span of `n_tokens`, one question per fact with its verdict.
+#[cfg(test)]
+pub(crate) fn test_line(case: &str, method: &str, ratio: Option<f64>, n_tokens: usize, verdicts: &[(&str, bool)]) -> CellResult {
+    let answers: Vec<serde_json::Value> = verdicts
+        .iter()
+        .map(|(fact, recalled)| serde_json::json!({ "question_id": fact, "question": "", "answer": "", "facts": [[fact, recalled]] }))
+        .collect();
+    serde_json::from_value(serde_json::json!({
+        "case": case, "method": method, "ratio": ratio, "seed": 0, "model": "m", "n_tokens": n_tokens, "n_virtual": 5,
+        "facts_correct": verdicts.iter().filter(|(_, recalled)| *recalled).count(), "facts_total": verdicts.len(),
+        "loss_final": null, "steps": 0, "seconds": 0.0, "optimize_seconds": 0.0, "answer": "", "answers": answers, "loss_curve": [],
+    }))
+    .expect("a minimal results line")
+}
