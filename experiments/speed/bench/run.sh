@@ -29,3 +29,14 @@ for build in before after; do
 done
 # The 1.5B model on CPU (fetched with `cram fetch-model qwen2.5-coder-1.5b-instruct`).
 cram bench --model qwen2.5-coder-1.5b-instruct --virtual 64,128,256 --steps 4 --no-together --threads 2 --out $out/sizes-1.5b.jsonl
+
+# Session of 2026-11-30. Decoding's matrix-vector products split by weight rows
+# across the threads (model/ops.rs, Linear::row_split_product): /tmp/cram-nosplit
+# is a release build of 7ef4822, /tmp/cram-split one with the split; run in turn,
+# twice each, 2 and 6 steps.
+for steps in 2 6; do
+  for build in nosplit split nosplit split; do
+    /tmp/cram-$build bench --virtual 64 --steps $steps --no-together --threads 2 --out /tmp/ab-$build.jsonl
+  done
+done
+# then decode-split-before.jsonl = the nosplit lines, decode-split-after.jsonl = the split lines.

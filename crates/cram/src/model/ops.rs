@@ -7,6 +7,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::op::{Add, Div, Exp, ReduceOp, Sub};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor, D};
 
+use rayon::prelude::*;
+
 use crate::error::Result;
 
 /// Softmax over the last dimension, with a backward pass.
@@ -148,9 +150,11 @@ impl Linear {
         leading_dims.pop();
         let rows: usize = leading_dims.iter().product();
         let flat = xs.contiguous()?.reshape((rows, in_features))?;
-        let ys = match weight_grad {
-            WeightGrad::Skip => flat.apply_op1(FrozenMatmul { weight: self.weight.clone() })?,
-            WeightGrad::Compute => flat.matmul(&self.weight.t()?)?,
+        let threads = candle_core::utils::get_num_threads();
+        let ys = if rows == 1 && threads > 1 && flat.device().is_cpu() {
+            self.row_split_product(&flat, weight_grad, threads)?
+        } else {
+            product(&flat, &self.weight, weight_grad)?
         };
         let ys = match &self.bias {
             Some(bias) => ys.broadcast_add(bias)?,
@@ -159,6 +163,34 @@ impl Linear {
         leading_dims.push(out_features);
         Ok(ys.reshape(leading_dims)?)
     }
+}
+
+impl Linear {
+    /// One row times `W^T` on the CPU, `W`'s rows split across `threads`:
+    /// the matrix-vector product a decoding step runs is memory-bound, and
+    /// the matmul kernel runs it on one thread. Each output is the same dot
+    /// product either way (bit for bit), and the pieces are views of `W`,
+    /// so gradients flow as through one product.
+    /// flat (1, in) -> (1, out)
+    fn row_split_product(&self, flat: &Tensor, weight_grad: WeightGrad, threads: usize) -> Result<Tensor> {
+        let out_features = self.weight.dim(0)?;
+        let rows_per_piece = out_features.div_ceil(threads);
+        let pieces: Vec<Tensor> = (0..out_features)
+            .step_by(rows_per_piece)
+            .map(|first| Ok(self.weight.narrow(0, first, rows_per_piece.min(out_features - first))?))
+            .collect::<Result<_>>()?;
+        let products: Vec<Tensor> = pieces.par_iter().map(|piece| product(flat, piece, weight_grad)).collect::<Result<_>>()?;
+        Ok(Tensor::cat(&products, 1)?)
+    }
+}
+
+/// flat (m, in) @ weight^T (in, out) -> (m, out); with `WeightGrad::Skip`
+/// the weight is held outside the graph.
+fn product(flat: &Tensor, weight: &Tensor, weight_grad: WeightGrad) -> Result<Tensor> {
+    Ok(match weight_grad {
+        WeightGrad::Skip => flat.apply_op1(FrozenMatmul { weight: weight.clone() })?,
+        WeightGrad::Compute => flat.matmul(&weight.t()?)?,
+    })
 }
 
 /// `x W^T` with `W` held inside the op: candle sees a one-input op, so its
@@ -215,5 +247,38 @@ impl CustomOp1 for FrozenMatmul {
     fn bwd(&self, _xs: &Tensor, _ys: &Tensor, grad_ys: &Tensor) -> candle_core::Result<Option<Tensor>> {
         // dL/dx = dL/dy W: (m, n) @ (n, k) -> (m, k)
         Ok(Some(grad_ys.matmul(&self.weight)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor, Var};
+
+    use super::{Linear, WeightGrad};
+
+    /// The split product against one plain matmul over the whole weight:
+    /// same numbers bit for bit, and the same input gradient, for a row
+    /// count the pieces do not divide evenly.
+    #[test]
+    fn a_row_split_product_equals_one_matmul() {
+        let device = Device::Cpu;
+        let weight = Tensor::randn(0f32, 1.0, (101, 37), &device).unwrap();
+        let xs = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, 37), &device).unwrap()).unwrap();
+        let reference = xs.matmul(&weight.t().unwrap()).unwrap();
+        let reference_grad = reference.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let linear = Linear::new(weight, None);
+        for weight_grad in [WeightGrad::Skip, WeightGrad::Compute] {
+            for threads in [2, 3, 7] {
+                let split = linear.row_split_product(&xs, weight_grad, threads).unwrap();
+                let difference = (&split - &reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                assert_eq!(difference, 0.0, "{weight_grad:?}, {threads} threads");
+                let grads = split.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+                let (ours, theirs) = (grads.get(&xs).unwrap(), reference_grad.get(&xs).unwrap());
+                // The pieces' gradients are summed in another order: equal to rounding.
+                let gap = (ours - theirs).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                let scale = theirs.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(gap <= 1e-5 * scale, "{weight_grad:?}, {threads} threads: input gradients differ by {gap} (largest {scale})");
+            }
+        }
     }
 }
