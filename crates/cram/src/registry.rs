@@ -17,7 +17,7 @@ use crate::methods::evict::Evict;
 use crate::methods::fitted_recipe::FittedRecipe;
 use crate::methods::hybrid::{Hybrid, HybridSettings};
 use crate::methods::kvzip::KvZip;
-use crate::methods::summary::Summarize;
+use crate::methods::summary::{Summarize, SummarySettings};
 use crate::recipe::init::Init;
 use crate::recipe::pooling::Pooling;
 use crate::recipe::Recipe;
@@ -193,6 +193,7 @@ fn kvzip(options: &MethodOptions) -> Result<Box<dyn Compressor>> {
 }
 
 fn summary(options: &MethodOptions) -> Result<Box<dyn Compressor>> {
-    options.knobs::<NoKnobs>()?;
-    Ok(Box::new(Summarize { ratio: options.ratio }))
+    let settings: SummarySettings = options.knobs()?;
+    settings.validate()?;
+    Ok(Box::new(Summarize { ratio: options.ratio, settings }))
 }

@@ -12,9 +12,10 @@ use cram::model::rope::Rotation;
 use cram::recipe::objective::normalised_loss;
 use cram::recipe::optimize::optimize;
 use cram::recipe::pooling::chunk_bounds;
+use cram::registry::MethodOptions;
 use cram::{
     budget, synthetic, Compressor, EarlyStop, Evict, Init, KeyNorm, KvCache, Logits, Model, OptimizerConfig, Qwen2, Recipe, Scorer, SnapKv,
-    SpanTargets, Streaming, Summarize,
+    SpanTargets, Streaming, Summarize, SummarySettings,
 };
 
 const PREFIX: [u32; 4] = [5, 9, 14, 2];
@@ -175,34 +176,46 @@ fn eviction_policies_choose_as_they_say() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The summary against what the test computes itself: the fixed prompt
-/// decoded greedily with a full forward per token, and the summary's
-/// entries as one forward of prefix + summary from position 0.
+/// The summary against what the test computes itself: the span cut into
+/// `ceil(n / chunk_tokens)` near-equal chunks (no more than the budget),
+/// each chunk's prompt decoded greedily with a full forward per token for
+/// its share of the budget, the notes joined; and the summary's entries as
+/// one forward of prefix + summary from position 0. The random model never
+/// stops early, so the notes fill the budget exactly.
 #[test]
-fn the_summary_is_the_models_greedy_summary_within_the_token_budget() -> anyhow::Result<()> {
+fn the_summary_is_the_models_chunked_greedy_notes_filling_the_token_budget() -> anyhow::Result<()> {
     let model = synthetic::full_model(&synthetic::tiny_config(), 59, &cpu())?;
     let qwen = &model.qwen2;
+    let tokenizer = &model.tokenizer;
     let prefix = prefix_cache(qwen, &PREFIX);
     let span = span_after_prefix(qwen, &prefix);
-    // The word-level test tokenizer reads every number as its unknown token,
-    // so the prompt's ids do not depend on the word count it asks for.
-    let prompt = model.tokenizer.encode(&Summarize::prompt(&model.tokenizer.decode(&SPAN)?, 1))?;
-    assert_eq!(prompt, model.tokenizer.encode(&Summarize::prompt(&model.tokenizer.decode(&SPAN)?, 12))?);
-    assert!(model.tokenizer.stop_ids().is_empty(), "nothing stops the random model early");
-    for ratio in [1.6, 3.2, 6.4, 30.0] {
-        let compressed = Summarize { ratio }.compress(&model, &prefix, &span, &mut |_, _| {})?;
+    assert!(tokenizer.stop_ids().is_empty(), "nothing stops the random model early");
+    let settings = SummarySettings { chunk_tokens: 6 };
+    // ratio -> (chunks, the budget)
+    for (ratio, chunks, budget_expected) in [(1.6, 4, 12), (3.2, 4, 6), (6.4, 3, 3), (30.0, 1, 1)] {
+        let compressed = Summarize { ratio, settings }.compress(&model, &prefix, &span, &mut |_, _| {})?;
         let budget = budget(SPAN.len(), ratio)?;
-        let mut summary = prompt.clone();
-        for _ in 0..budget {
-            let logits = qwen.forward(&qwen.embed(&summary)?, &positions(0, summary.len()), None, Logits::Last)?.logits.unwrap();
-            summary.push(logits.flatten_all()?.argmax(D::Minus1)?.to_scalar::<u32>()?);
+        assert_eq!(budget, budget_expected);
+        let mut notes = Vec::new();
+        for part in 0..chunks {
+            let chunk = &SPAN[part * SPAN.len() / chunks..(part + 1) * SPAN.len() / chunks];
+            let chunk_budget = (part + 1) * budget / chunks - part * budget / chunks;
+            let words = ((chunk_budget as f64 * 0.6).floor() as usize).max(1);
+            let prompt = tokenizer.encode(&Summarize::prompt(&tokenizer.decode(chunk)?, part + 1, chunks, words))?;
+            let mut written = prompt.clone();
+            for _ in 0..chunk_budget {
+                let logits = qwen.forward(&qwen.embed(&written)?, &positions(0, written.len()), None, Logits::Last)?.logits.unwrap();
+                written.push(logits.flatten_all()?.argmax(D::Minus1)?.to_scalar::<u32>()?);
+            }
+            notes.push(tokenizer.decode(&written[prompt.len()..])?.trim().to_string());
         }
-        let summary = &summary[prompt.len()..];
-        assert_eq!(compressed.report.text.as_deref(), Some(model.tokenizer.decode(summary)?.as_str()), "{ratio}x");
+        let summary = tokenizer.encode(&notes.join("\n"))?;
+        assert_eq!(summary.len(), budget, "{ratio}x: the notes fill the budget");
+        assert_eq!(compressed.report.text.as_deref(), Some(tokenizer.decode(&summary)?.as_str()), "{ratio}x");
         assert_eq!((compressed.len(), compressed.report.n_kept), (budget, budget));
         assert_eq!(compressed.positions, positions(PREFIX.len(), budget), "from the span's first position");
         assert_eq!(compressed.next_position, (PREFIX.len() + SPAN.len()) as f32, "what follows keeps its positions");
-        let whole: Vec<u32> = PREFIX.iter().chain(summary).copied().collect();
+        let whole: Vec<u32> = PREFIX.iter().chain(&summary).copied().collect();
         let scratch = qwen.forward(&qwen.embed(&whole)?, &positions(0, whole.len()), None, Logits::None)?;
         for layer in 0..scratch.keys.len() {
             let own = |t: &Tensor| t.narrow(2, PREFIX.len(), budget).unwrap();
@@ -210,7 +223,11 @@ fn the_summary_is_the_models_greedy_summary_within_the_token_budget() -> anyhow:
             assert!(max_abs_diff(&own(&scratch.values[layer]), &compressed.values[layer]) <= 1e-5, "layer {layer} values");
         }
     }
-    assert!(Summarize::prompt("SPAN", 12).contains("at most 12 words") && Summarize::prompt("SPAN", 12).contains("SPAN"));
+    let prompt = Summarize::prompt("SPAN", 2, 3, 12);
+    for asked in ["SPAN", "part 2 of 3", "about 12 words", "file paths", "port numbers", "error messages"] {
+        assert!(prompt.contains(asked), "the prompt asks for {asked}");
+    }
+    assert!(cram::registry::method("summary")?.build(&MethodOptions { knobs: serde_json::json!({"chunk_tokens": 0}), ..MethodOptions::new(2.0) }).is_err());
     Ok(())
 }
 
