@@ -16,7 +16,9 @@
 # is left, and the steps run most important first. GPU_RUN_STEPS (names of
 # steps, space-separated; default all) runs only those.
 # With MODEL_GGUF: `cram check` on the GPU (check.json) and a short recall
-# sweep in bf16 (recall/, experiments/gpu/configs/recall-gpu.toml).
+# sweep in bf16 (recall/, experiments/gpu/configs/recall-gpu.toml); and,
+# only with GPU_RUN_STEPS=benchmark (alone: it takes the whole window, give
+# GPU_RUN_SECONDS=560), issue 27's benchmark (benchmark/, scripts/gpu-benchmark.sh).
 set -uo pipefail
 BINARY=${1:?usage: scripts/gpu-run.sh BINARY OUT_DIR [MODEL_GGUF]}
 OUT_DIR=${2:?usage: scripts/gpu-run.sh BINARY OUT_DIR [MODEL_GGUF]}
@@ -81,5 +83,9 @@ step pytorch-1.5b 40 $PYTORCH --synthetic qwen2.5-coder-1.5b --virtual 76,1024
 if [[ -n "$MODEL" && -f "$MODEL" ]]; then
   step check-0.5b 90 "$CRAM" check --model "$MODEL" --device cuda --out "$OUT_DIR/check.json"
   step recall-sweep 240 "$CRAM" sweep "$REPO/experiments/gpu/configs/recall-gpu.toml" --model "$MODEL" --device cuda --out "$OUT_DIR/recall"
+  # Only when asked for by name (GPU_RUN_STEPS=benchmark): it takes the whole window.
+  if [[ " ${GPU_RUN_STEPS:-} " == *" benchmark "* ]]; then
+    step benchmark 540 "$REPO/scripts/gpu-benchmark.sh" "$CRAM" "$MODEL" "$OUT_DIR/benchmark"
+  fi
 fi
 log "done"

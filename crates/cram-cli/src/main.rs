@@ -341,7 +341,7 @@ fn warn_of_mixed_builds(report: &cram_eval::plot::Report) {
         eprintln!("[report] warning: {warning}");
     }
     if let Some(calibration) = &report.calibration {
-        eprintln!("[report] calibration: {calibration} (calibration.csv)");
+        eprintln!("[report] calibration: {calibration}");
     }
 }
 

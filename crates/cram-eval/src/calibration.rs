@@ -95,7 +95,7 @@ impl Calibration {
     /// "kept 140 of 160 facts (12 missed with the full context, 8 recalled with no context)".
     pub fn summary(&self) -> String {
         let (kept, missed, known) = self.counts();
-        format!("kept {kept} of {} facts ({missed} missed with the full context, {known} recalled with no context)", self.baselines.len())
+        format!("kept {kept} of {} facts ({missed} missed with the full context, {known} recalled with no context; calibration.csv)", self.baselines.len())
     }
 }
 

@@ -187,11 +187,17 @@ pub fn write_report(dir: &Path) -> Result<Report> {
     let mut results = read_results(&dir.join("results.jsonl"))?;
     let mut calibration = None;
     if calibrates(dir)? {
-        let calibrated = Calibration::of(&results)?;
-        let csv = dir.join("calibration.csv");
-        std::fs::write(&csv, calibrated.csv()).map_err(|e| EvalError::io(&csv, e))?;
-        results = calibrated.apply(&results);
-        calibration = Some(calibrated.summary());
+        // The config was checked to hold both baselines: one missing here is
+        // a partial folder (a shard, a stopped run), reported uncalibrated.
+        match Calibration::of(&results) {
+            Ok(calibrated) => {
+                let csv = dir.join("calibration.csv");
+                std::fs::write(&csv, calibrated.csv()).map_err(|e| EvalError::io(&csv, e))?;
+                results = calibrated.apply(&results);
+                calibration = Some(calibrated.summary());
+            }
+            Err(error) => calibration = Some(format!("not calibrated, every fact scored ({error}: a shard or a stopped run; the merged report calibrates)")),
+        }
     }
     let points = facts_by_ratio(&results);
     let csv = dir.join("summary.csv");
@@ -563,6 +569,34 @@ mod tests {
         let (low, high) = stats::wilson_interval(6, 10, stats::Z_95);
         assert_eq!((column("share_low"), column("share_high")), (format!("{low:.4}").as_str(), format!("{high:.4}").as_str()));
         assert_eq!(header[..8], ["method", "ratio", "facts_correct_mean", "facts_correct_min", "facts_correct_max", "facts_total", "seconds_per_cell", "steps_per_cell"]);
+    }
+
+    /// A calibrating sweep's folder without `none` cells (a shard): the
+    /// report scores every fact and says so; with them it calibrates.
+    #[test]
+    fn a_partial_calibrating_folder_is_reported_uncalibrated() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("config.toml"), "calibrate = true\n").unwrap();
+        let mut results = vec![line("a", "full", None, 0, &[true, false]), line("a", "snapkv", Some(2.0), 0, &[true, true])];
+        let write = |results: &[CellResult]| {
+            let text: String = results.iter().map(|r| serde_json::to_string(r).unwrap() + "\n").collect();
+            std::fs::write(dir.path().join("results.jsonl"), text).unwrap();
+            write_report(dir.path()).unwrap()
+        };
+        let report = write(&results);
+        assert!(report.calibration.unwrap().starts_with("not calibrated"));
+        assert!(!dir.path().join("calibration.csv").exists());
+        let summary = std::fs::read_to_string(dir.path().join("summary.csv")).unwrap();
+        let table = summary.split("\n\n").nth(1).unwrap();
+        let header: Vec<&str> = table.lines().next().unwrap().split(',').collect();
+        let row: Vec<&str> = table.lines().find(|l| l.starts_with("snapkv,")).unwrap().split(',').collect();
+        let column = |name: &str| row[header.iter().position(|h| *h == name).unwrap()];
+        assert_eq!((column("facts_recalled"), column("facts_asked")), ("2", "2"), "both snapkv facts scored");
+
+        results.push(line("a", "none", None, 0, &[false, false]));
+        let report = write(&results);
+        assert!(report.calibration.unwrap().starts_with("kept 1 of 2 facts"));
+        assert!(dir.path().join("calibration.csv").exists());
     }
 
     #[test]
