@@ -205,7 +205,7 @@ pub fn write_report(dir: &Path) -> Result<Report> {
     let csv = dir.join("comparisons.csv");
     std::fs::write(&csv, comparisons_csv(&comparisons(&results))).map_err(|e| EvalError::io(&csv, e))?;
     let csv = dir.join("breakdown.csv");
-    std::fs::write(&csv, breakdown::csv(&results, &generated_labels(dir)?)).map_err(|e| EvalError::io(&csv, e))?;
+    std::fs::write(&csv, breakdown::csv(&results, &case_labels(dir)?)).map_err(|e| EvalError::io(&csv, e))?;
     let report = Report { builds: builds(&results), calibration };
     if results.is_empty() {
         return Ok(report);
@@ -215,9 +215,9 @@ pub fn write_report(dir: &Path) -> Result<Report> {
     Ok(report)
 }
 
-/// The kinds and placements of the facts of the generated cases a sweep
-/// wrote to `dir/cases/` (none for a sweep of case files).
-fn generated_labels(dir: &Path) -> Result<breakdown::FactLabels> {
+/// The kinds and placements of the facts of the cases a sweep wrote to
+/// `dir/cases/` (none where its cases carry no labels).
+fn case_labels(dir: &Path) -> Result<breakdown::FactLabels> {
     let cases_dir = dir.join("cases");
     if !cases_dir.is_dir() {
         return Ok(breakdown::FactLabels::new());

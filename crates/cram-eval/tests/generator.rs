@@ -108,9 +108,20 @@ fn a_sweep_config_generates_its_cases_and_writes_them_beside_its_results() {
     assert_eq!(cases.len(), 3);
     let expected = generate(&GeneratorSettings { seed: 4, count: 3, span_tokens: 300, facts: 2, placement: Placement::Late, ..Default::default() }).unwrap();
     assert_eq!(cases.iter().map(|c| c.id.clone()).collect::<Vec<_>>(), expected.iter().map(|c| c.id.clone()).collect::<Vec<_>>());
-    config.write_generated_cases(&dir.path().join("cases")).unwrap();
+    config.write_cases(&config_path, &dir.path().join("cases")).unwrap();
     let written = cram_eval::cases::load_case_file(&dir.path().join("cases").join(format!("{}.json", expected[0].id))).unwrap();
     assert_eq!(written[0].questions, cases[0].questions);
+
+    // A case file the config names is copied beside the generated ones, byte for byte.
+    let other = generate(&GeneratorSettings { seed: 5, count: 1, ..Default::default() }).unwrap();
+    let files = cram_eval::generator::write_cases(&other, &dir.path().join("source")).unwrap();
+    let named = format!("{text}\n[[cases]]\nfile = \"source/{}\"\n", files[0].file_name().unwrap().to_string_lossy());
+    std::fs::write(&config_path, &named).unwrap();
+    let config = SweepConfig::load(&config_path).unwrap();
+    let out = dir.path().join("run-cases");
+    config.write_cases(&config_path, &out).unwrap();
+    assert_eq!(std::fs::read(out.join(files[0].file_name().unwrap())).unwrap(), std::fs::read(&files[0]).unwrap());
+    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 4, "three generated cases and the file");
 
     // A misspelt setting is an error, not a default.
     std::fs::write(&config_path, text.replace("facts = 2", "fact = 2")).unwrap();

@@ -355,12 +355,28 @@ impl SweepConfig {
         Ok(cases)
     }
 
-    /// Writes the generated cases of every `generate` entry to `dir`, one
-    /// JSON transcript each, so a run can be inspected and rerun from files.
-    pub fn write_generated_cases(&self, dir: &Path) -> Result<()> {
-        for source in &self.cases {
-            if let CaseSource::Generated { generate } = source {
-                generator::write_cases(&generator::generate(generate)?, dir)?;
+    /// Writes every case the config names to `dir`: a `generate` entry's
+    /// cases one JSON transcript each, a case file copied whole. The run can
+    /// then be inspected and rerun from its own folder, and its report
+    /// reads the facts' kinds and placements there.
+    pub fn write_cases(&self, config_path: &Path, dir: &Path) -> Result<()> {
+        for (index, source) in self.cases.iter().enumerate() {
+            match source {
+                CaseSource::Generated { generate } => {
+                    generator::write_cases(&generator::generate(generate)?, dir)?;
+                }
+                CaseSource::File { file, .. } => {
+                    let resolved = self.case_file(config_path, file)?;
+                    let text = bundled::read_to_string(&resolved).map_err(|e| EvalError::io(&resolved, e))?;
+                    std::fs::create_dir_all(dir).map_err(|e| EvalError::io(dir, e))?;
+                    let name = resolved.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| format!("cases-{index}.json"));
+                    // Another file of the same name (from another folder) keeps both.
+                    let mut copy = dir.join(&name);
+                    if std::fs::read_to_string(&copy).is_ok_and(|there| there != text) {
+                        copy = dir.join(format!("{index}-{name}"));
+                    }
+                    std::fs::write(&copy, text).map_err(|e| EvalError::io(&copy, e))?;
+                }
             }
         }
         Ok(())

@@ -64,7 +64,7 @@ pub fn run_shard(
 ) -> Result<SweepOutcome> {
     let cases = config.load_cases(config_path)?;
     std::fs::create_dir_all(out_dir).map_err(|e| EvalError::io(out_dir, e))?;
-    config.write_generated_cases(&out_dir.join("cases"))?;
+    config.write_cases(config_path, &out_dir.join("cases"))?;
     // The config as run, beside its results (an unserialisable config is an error, not an empty file).
     let as_run = toml::to_string(config).map_err(|e| EvalError::io(out_dir, std::io::Error::other(e)))?;
     std::fs::write(out_dir.join("config.toml"), as_run).map_err(|e| EvalError::io(out_dir, e))?;
