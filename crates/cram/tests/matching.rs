@@ -272,3 +272,68 @@ fn impossible_matching_settings_are_clear_errors() {
     let err = AttentionMatching { settings: bad, ratio: 2.0 }.compress(&model, &prefix, &span, &mut |_, _| {}).unwrap_err();
     assert!(err.to_string().contains("lower bound first"), "{err}");
 }
+
+/// Heads that keep different numbers of entries are padded with slots no
+/// query sees: the question's logits do not change when the padding's keys
+/// and values are replaced by random ones, and every padded slot carries a
+/// bias of minus infinity.
+#[test]
+fn padded_slots_of_uneven_heads_are_never_attended() {
+    let model = model(107);
+    let (prefix, span) = span_after_system(&model);
+    let choices: Vec<Vec<HeadChoice>> = (0..span.keys.len())
+        .map(|layer| vec![HeadChoice { kept: vec![layer, 9], values: None, biases: None }, HeadChoice { kept: vec![1, 4, 12, 19], values: None, biases: None }])
+        .collect();
+    let entries = compacted("uneven".into(), &span, &choices).unwrap();
+    assert_eq!((entries.len(), entries.report.n_kept), (4, 3), "4 slots, 3 real entries per head on average");
+    let biases = entries.biases.as_ref().unwrap();
+    for bias in biases {
+        let bias: Vec<f32> = bias.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(bias, vec![0.0, 0.0, f32::NEG_INFINITY, f32::NEG_INFINITY, 0.0, 0.0, 0.0, 0.0]);
+    }
+    let mut garbage = entries.clone();
+    let scramble = |t: &Tensor| -> Tensor {
+        let head0 = t.narrow(1, 0, 1).unwrap();
+        let noise = Tensor::randn(0f32, 3.0, (1, 1, 2, t.dim(3).unwrap()), &cpu()).unwrap();
+        let head0 = Tensor::cat(&[&head0.narrow(2, 0, 2).unwrap(), &noise], 2).unwrap();
+        Tensor::cat(&[&head0, &t.narrow(1, 1, 1).unwrap()], 1).unwrap()
+    };
+    garbage.keys = garbage.keys.iter().map(scramble).collect();
+    garbage.values = garbage.values.iter().map(scramble).collect();
+    let logits = |entries: &cram::CompressedSpan| -> Vec<f32> {
+        let mut cache = prefix.clone();
+        entries.append_to(&mut cache).unwrap();
+        question_after(&model, &cache).logits.unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    };
+    let (clean, scrambled) = (logits(&entries), logits(&garbage));
+    assert!(clean.iter().all(|x| x.is_finite()));
+    assert_eq!(clean, scrambled);
+}
+
+/// Spread budgets keep the same total as uniform ones (n / ratio per head
+/// on average), at least one real entry a head, no more than the span.
+#[test]
+fn spread_budgets_keep_the_uniform_total() {
+    let model = model(109);
+    let (prefix, span) = span_after_system(&model);
+    let settings = MatchingSettings { budgets: cram::matching::budgets::Budgets::Spread, ..MatchingSettings::default() };
+    let method = AttentionMatching { settings, ratio: 4.0 };
+    assert_eq!(method.name(), "attention-matching-spread");
+    let compressed = method.compress(&model, &prefix, &span, &mut |_, _| {}).unwrap();
+    assert_eq!(compressed.report.n_kept, 5);
+    let heads_total: usize = compressed.keys.iter().map(|k| k.dim(1).unwrap()).sum();
+    let mut real = 0;
+    for bias in compressed.biases.as_ref().unwrap() {
+        let (_, heads, slots) = bias.dims3().unwrap();
+        assert!(slots <= span.len());
+        for head in 0..heads {
+            let row: Vec<f32> = bias.narrow(1, head, 1).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let count = row.iter().filter(|b| b.is_finite()).count();
+            assert!(count >= 1, "every head keeps an entry");
+            assert!(row[..count].iter().all(|b| b.is_finite()) && row[count..].iter().all(|b| *b == f32::NEG_INFINITY), "padding last");
+            real += count;
+        }
+    }
+    assert_eq!(real, 5 * heads_total);
+    assert!(compressed.report.fit_error.is_some_and(|e| e.is_finite()));
+}

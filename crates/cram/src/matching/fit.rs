@@ -77,6 +77,11 @@ impl HeadProblem {
         (mass, output)
     }
 
+    /// (m, n): each reference query's softmax over the span's keys.
+    pub fn attention(&self) -> DMatrix<f64> {
+        normalise_rows(&self.targets().0)
+    }
+
     /// Fits `t` entries (1 <= t <= n): keeps `t` of the span's keys, fits
     /// their biases and values.
     pub fn fit(&self, t: usize, settings: &FitSettings) -> Result<HeadFit> {

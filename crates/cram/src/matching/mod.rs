@@ -4,6 +4,7 @@
 //! ([`fit`]). KVzip's eviction shares the queries and the per-head
 //! selection. This module turns per-head choices into cache entries.
 
+pub mod budgets;
 pub mod fit;
 pub mod queries;
 
@@ -39,15 +40,17 @@ pub fn head_tensor(matrix: &DMatrix<f64>, dtype: DType, device: &candle_core::De
     Ok(Tensor::from_vec(row_major, (1, 1, matrix.nrows(), matrix.ncols()), device)?.to_dtype(dtype)?)
 }
 
-/// The cache entries of per-layer, per-head choices (`choices[layer][head]`,
-/// every head keeping the same number of entries). Keys keep their original
-/// RoPE. Heads may keep different tokens, so the entries' positions are
-/// those of layer 0's first head: a label, since RoPE is already applied.
+/// The cache entries of per-layer, per-head choices (`choices[layer][head]`).
+/// Keys keep their original RoPE. Heads may keep different numbers of
+/// entries (non-uniform budgets): every head is padded to the most any
+/// head keeps with zero keys and values under a bias of minus infinity,
+/// which no query attends to; the report's `n_kept` is then the mean
+/// number of real entries per head. Heads keep different tokens, so the
+/// entries' positions are those of the fullest head of layer 0 (padded
+/// with the span's last): labels, since RoPE is already applied.
 pub fn compacted(method: String, span: &SpanTargets, choices: &[Vec<HeadChoice>]) -> Result<CompressedSpan> {
-    let t = choices[0][0].kept.len();
-    if choices.iter().flatten().any(|choice| choice.kept.len() != t) {
-        return Err(Error::Invalid("every head must keep the same number of entries".into()));
-    }
+    let slots = choices.iter().flatten().map(|choice| choice.kept.len()).max().unwrap_or(0);
+    let uniform = choices.iter().flatten().all(|choice| choice.kept.len() == slots);
     let mut keys = Vec::with_capacity(choices.len());
     let mut values = Vec::with_capacity(choices.len());
     let mut biases = Vec::with_capacity(choices.len());
@@ -56,24 +59,41 @@ pub fn compacted(method: String, span: &SpanTargets, choices: &[Vec<HeadChoice>]
         let device = span_keys.device();
         let mut layer_keys = Vec::with_capacity(heads.len());
         let mut layer_values = Vec::with_capacity(heads.len());
-        let mut layer_biases = Vec::with_capacity(heads.len() * t);
+        let mut layer_biases = Vec::with_capacity(heads.len() * slots);
         for (head, choice) in heads.iter().enumerate() {
             let ids = Tensor::new(choice.kept.iter().map(|&i| i as u32).collect::<Vec<_>>(), device)?;
-            layer_keys.push(span_keys.narrow(1, head, 1)?.index_select(&ids, 2)?);
-            layer_values.push(match &choice.values {
+            let head_values = match &choice.values {
                 Some(fitted) => head_tensor(fitted, span_values.dtype(), device)?,
                 None => span_values.narrow(1, head, 1)?.index_select(&ids, 2)?,
-            });
-            layer_biases.extend(choice.biases.as_ref().map_or(vec![0.0f32; t], |b| b.iter().map(|&x| x as f32).collect()));
+            };
+            let padding = slots - choice.kept.len();
+            layer_keys.push(padded(span_keys.narrow(1, head, 1)?.index_select(&ids, 2)?, padding)?);
+            layer_values.push(padded(head_values, padding)?);
+            layer_biases.extend(choice.biases.as_ref().map_or(vec![0.0f32; choice.kept.len()], |b| b.iter().map(|&x| x as f32).collect()));
+            layer_biases.extend(std::iter::repeat_n(f32::NEG_INFINITY, padding));
         }
         keys.push(Tensor::cat(&layer_keys, 1)?);
         values.push(Tensor::cat(&layer_values, 1)?);
-        biases.push(Tensor::from_vec(layer_biases, (1, heads.len(), t), device)?);
+        biases.push(Tensor::from_vec(layer_biases, (1, heads.len(), slots), device)?);
     }
-    let positions = choices[0][0].kept.iter().map(|&i| span.positions[i]).collect();
+    let fullest = choices[0].iter().max_by_key(|choice| choice.kept.len()).ok_or_else(|| Error::Invalid("no head to compact".into()))?;
+    let last = *span.positions.last().ok_or_else(|| Error::Invalid("an empty span".into()))?;
+    let positions = (0..slots).map(|slot| fullest.kept.get(slot).map_or(last, |&i| span.positions[i])).collect();
     let mut compressed = CompressedSpan::new(method, span, keys, values, positions);
-    if choices.iter().flatten().any(|choice| choice.biases.is_some()) {
+    if !uniform || choices.iter().flatten().any(|choice| choice.biases.is_some()) {
         compressed.biases = Some(biases);
     }
+    let heads = choices.iter().map(Vec::len).sum::<usize>().max(1);
+    compressed.report.n_kept = choices.iter().flatten().map(|choice| choice.kept.len()).sum::<usize>() / heads;
     Ok(compressed)
+}
+
+/// (1, 1, t, d) -> (1, 1, t + padding, d), zeros after.
+fn padded(entries: Tensor, padding: usize) -> Result<Tensor> {
+    if padding == 0 {
+        return Ok(entries);
+    }
+    let (_, _, _, head_dim) = entries.dims4()?;
+    let zeros = Tensor::zeros((1, 1, padding, head_dim), entries.dtype(), entries.device())?;
+    Ok(Tensor::cat(&[&entries, &zeros], 2)?)
 }

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::cache::KvCache;
 use crate::compressor::{budget, CompressedSpan, Compressor};
 use crate::error::{Error, Result};
+use crate::matching::budgets::{self, Budgets};
 use crate::matching::fit::{FitSettings, HeadProblem, KeySelection};
 use crate::matching::queries::{reference_queries, QuerySource};
 use crate::matching::{compacted, head_matrix, HeadChoice};
@@ -40,13 +41,24 @@ pub struct MatchingSettings {
     pub bias_bounds: (f64, f64),
     /// Ridge of the least-squares solves, relative to their mean diagonal.
     pub ridge: f64,
+    /// Entries per head: `n / ratio` each, or the same total spread by
+    /// how widely each head attends.
+    pub budgets: Budgets,
 }
 
 impl Default for MatchingSettings {
     /// Repeat queries, highest-attention keys, 2,048 queries per KV head,
-    /// biases within [-3, 3] (weights e^-3..e^3), a 1e-6 ridge.
+    /// biases within [-3, 3] (weights e^-3..e^3), a 1e-6 ridge, uniform budgets.
     fn default() -> Self {
-        Self { queries: QuerySource::Repeat, keys: KeySelection::HighestAttention, query_cap: 2048, seed: 0, bias_bounds: (-3.0, 3.0), ridge: 1e-6 }
+        Self {
+            queries: QuerySource::Repeat,
+            keys: KeySelection::HighestAttention,
+            query_cap: 2048,
+            seed: 0,
+            bias_bounds: (-3.0, 3.0),
+            ridge: 1e-6,
+            budgets: Budgets::Uniform,
+        }
     }
 }
 
@@ -88,15 +100,17 @@ impl MatchingSettings {
 }
 
 impl AttentionMatching {
-    /// The per-head fits of a span, and their mean output error.
+    /// The per-head fits of a span at `t` entries per head on average, and
+    /// their mean output error.
     pub fn choices(&self, model: &Model, prefix: &KvCache, span: &SpanTargets, t: usize) -> Result<(Vec<Vec<HeadChoice>>, f64)> {
         self.settings.validate()?;
         let problems = self.settings.head_problems(model, prefix, span)?;
+        let budgets = head_budgets(&problems, t, self.settings.budgets)?;
         let (mut choices, mut errors) = (Vec::with_capacity(problems.len()), Vec::new());
-        for layer in problems {
+        for (layer, layer_budgets) in problems.iter().zip(&budgets) {
             let mut heads = Vec::new();
-            for problem in layer {
-                let fit = problem.fit(t, &self.settings.fit())?;
+            for (problem, &head_t) in layer.iter().zip(layer_budgets) {
+                let fit = problem.fit(head_t, &self.settings.fit())?;
                 errors.push(fit.output_error);
                 heads.push(HeadChoice { kept: fit.kept, values: Some(fit.values), biases: Some(fit.biases) });
             }
@@ -106,9 +120,32 @@ impl AttentionMatching {
     }
 }
 
+/// Entries per layer and head: `t` each, or `t` times the head count
+/// shared by how widely each head attends ([`budgets::allocate`]).
+fn head_budgets(problems: &[Vec<HeadProblem>], t: usize, budgets: Budgets) -> Result<Vec<Vec<usize>>> {
+    let shape: Vec<usize> = problems.iter().map(Vec::len).collect();
+    let flat: Vec<usize> = match budgets {
+        Budgets::Uniform => vec![t; shape.iter().sum()],
+        Budgets::Spread => {
+            let weights: Vec<f64> = problems.iter().flatten().map(|problem| budgets::effective_keys(&problem.attention())).collect();
+            let span_len = problems.first().and_then(|layer| layer.first()).map_or(0, |problem| problem.keys.nrows());
+            budgets::allocate(t * weights.len(), &weights, span_len)?
+        }
+    };
+    let mut rest = flat.as_slice();
+    Ok(shape
+        .iter()
+        .map(|&heads| {
+            let (layer, after) = rest.split_at(heads);
+            rest = after;
+            layer.to_vec()
+        })
+        .collect())
+}
+
 impl Compressor for AttentionMatching {
-    /// `attention-matching`, then what departs from the default sources:
-    /// `-context` or `-both` queries, `-omp` keys.
+    /// `attention-matching`, then what departs from the defaults:
+    /// `-context` or `-both` queries, `-omp` keys, `-spread` budgets.
     fn name(&self) -> String {
         let mut name = String::from("attention-matching");
         match self.settings.queries {
@@ -118,6 +155,9 @@ impl Compressor for AttentionMatching {
         }
         if self.settings.keys == KeySelection::Omp {
             name.push_str("-omp");
+        }
+        if self.settings.budgets == Budgets::Spread {
+            name.push_str("-spread");
         }
         name
     }

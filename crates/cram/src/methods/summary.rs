@@ -23,6 +23,7 @@ use crate::span::SpanTargets;
 pub struct Summarize {
     /// Span tokens / summary tokens (at least).
     pub ratio: f64,
+    /// How the span is cut into requests.
     pub settings: SummarySettings,
 }
 
@@ -44,6 +45,7 @@ impl Default for SummarySettings {
 }
 
 impl SummarySettings {
+    /// Refuses a chunk of no tokens.
     pub fn validate(&self) -> Result<()> {
         if self.chunk_tokens == 0 {
             return Err(Error::Invalid("chunk_tokens must be at least 1".into()));
