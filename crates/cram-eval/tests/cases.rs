@@ -157,3 +157,23 @@ fn a_question_may_carry_its_one_fact_inline() {
     let stray = question(serde_json::json!({"id": "q", "question": "?", "facts": [], "reject_any": ["x"]})).unwrap_err();
     assert!(stray.to_string().contains("need an inline `expect`"), "{stray}");
 }
+
+/// A sweep's own copy of a case file that names its transcript loads the
+/// same cases from the run folder.
+#[test]
+fn a_sweeps_copy_of_a_case_file_brings_its_transcript() {
+    let dir = tempfile::tempdir().unwrap();
+    let config_path = dir.path().join("sweep.toml");
+    let text = format!("model = \"qwen2.5-coder-0.5b-instruct\"\nmethods = [\"snapkv\"]\nratios = [2.0]\n[[cases]]\nfile = {:?}\nids = [\"t8-claude-md\"]\n", bearing().join("bearing-questions.json"));
+    std::fs::write(&config_path, text).unwrap();
+    let config = cram_eval::sweep::SweepConfig::load(&config_path).unwrap();
+    let run_cases = dir.path().join("run").join("cases");
+    config.write_cases(&config_path, &run_cases).unwrap();
+    let copied = load_case_file(&run_cases.join("bearing-questions.json")).unwrap();
+    let original = load_case_file(&bearing().join("bearing-questions.json")).unwrap();
+    assert_eq!(copied.len(), original.len());
+    for (a, b) in copied.iter().zip(&original) {
+        assert_eq!((&a.id, &a.questions, &a.split), (&b.id, &b.questions, &b.split));
+        assert_eq!(a.transcript.messages.len(), b.transcript.messages.len());
+    }
+}

@@ -375,7 +375,8 @@ impl SweepConfig {
                     if std::fs::read_to_string(&copy).is_ok_and(|there| there != text) {
                         copy = dir.join(format!("{index}-{name}"));
                     }
-                    std::fs::write(&copy, text).map_err(|e| EvalError::io(&copy, e))?;
+                    std::fs::write(&copy, &text).map_err(|e| EvalError::io(&copy, e))?;
+                    copy_named_transcript(&resolved, &text, dir)?;
                 }
             }
         }
@@ -459,4 +460,18 @@ fn chosen_cases(file: &Path, ids: Option<&[String]>, config_path: &Path) -> Resu
             })
         })
         .collect()
+}
+
+/// A case file of the `bearing-questions.json` form names its transcript
+/// relative to itself: the copy in `dir` needs the transcript beside it.
+fn copy_named_transcript(case_file: &Path, text: &str, dir: &Path) -> Result<()> {
+    let named = serde_json::from_str::<serde_json::Value>(text).ok().and_then(|json| json.get("transcript")?.as_str().map(PathBuf::from));
+    let Some(transcript) = named else { return Ok(()) };
+    let source = case_file.parent().unwrap_or(Path::new(".")).join(&transcript);
+    let target = dir.join(&transcript);
+    let content = bundled::read_to_string(&source).map_err(|e| EvalError::io(&source, e))?;
+    if let Some(parent) = target.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| EvalError::io(parent, e))?;
+    }
+    std::fs::write(&target, content).map_err(|e| EvalError::io(&target, e))
 }
