@@ -65,11 +65,12 @@ impl Summarize {
     pub fn prompt(chunk_text: &str, part: usize, parts: usize, words: usize) -> String {
         format!(
             "<|im_start|>system\nYou compact a coding agent's context so that it can keep working.<|im_end|>\n\
-             <|im_start|>user\nBelow is part {part} of {parts} of the conversation so far. Rewrite it as dense notes \
-             of about {words} words. Copy exactly, character for character: names of libraries and packages, file \
-             paths, versions, port numbers, environment variables, table, queue and function names, commands, ids \
-             and error messages. Leave out what does not matter for the work.\n\n\
-             {chunk_text}<|im_end|>\n<|im_start|>assistant\n"
+             <|im_start|>user\nBelow, between <context> tags, is part {part} of {parts} of the conversation so far: \
+             the agent's tool calls and what the tools returned. Rewrite it as plain-text notes of about {words} \
+             words; do not call any tool. Copy exactly, character for character: names of libraries and packages, \
+             file paths, versions, port numbers, environment variables, table, queue and function names, commands, \
+             ids and error messages. Leave out what does not matter for the work.\n\n\
+             <context>\n{chunk_text}\n</context><|im_end|>\n<|im_start|>assistant\nNotes:\n"
         )
     }
 
