@@ -216,18 +216,30 @@ pub fn write_report(dir: &Path) -> Result<Report> {
 }
 
 /// The kinds and placements of the facts of the cases a sweep wrote to
-/// `dir/cases/` (none where its cases carry no labels).
+/// `dir/cases/` (none where its cases carry no labels). A transcript that a
+/// case file there names is part of that case file, not a case.
 fn case_labels(dir: &Path) -> Result<breakdown::FactLabels> {
     let cases_dir = dir.join("cases");
     if !cases_dir.is_dir() {
         return Ok(breakdown::FactLabels::new());
     }
-    let mut cases = Vec::new();
+    let mut files = Vec::new();
     for entry in std::fs::read_dir(&cases_dir).map_err(|e| EvalError::io(&cases_dir, e))? {
         let path = entry.map_err(|e| EvalError::io(&cases_dir, e))?.path();
         if path.extension().is_some_and(|ext| ext == "json") {
-            cases.extend(load_case_file(&path)?);
+            files.push(path);
         }
+    }
+    let mut named_transcripts = BTreeSet::new();
+    for path in &files {
+        let text = std::fs::read_to_string(path).map_err(|e| EvalError::io(path, e))?;
+        if let Some(transcript) = serde_json::from_str::<serde_json::Value>(&text).ok().and_then(|json| json.get("transcript")?.as_str().map(String::from)) {
+            named_transcripts.insert(cases_dir.join(transcript));
+        }
+    }
+    let mut cases = Vec::new();
+    for path in files.iter().filter(|path| !named_transcripts.contains(*path)) {
+        cases.extend(load_case_file(path)?);
     }
     Ok(breakdown::labels(&cases))
 }
