@@ -43,6 +43,13 @@ stopped() {
 }
 trap stopped TERM INT
 failed=0
-for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+for index in "${!pids[@]}"; do
+  if ! wait "${pids[$index]}"; then
+    failed=1
+    echo "shard $((index + 1))/$SHARDS failed (${dirs[$index]}.log):" >&2
+    # The error line, not the backtrace that may follow it.
+    grep -m 1 "^Error" "${dirs[$index]}.log" >&2 || tail -n 5 "${dirs[$index]}.log" >&2
+  fi
+done
 merge
 exit $failed
