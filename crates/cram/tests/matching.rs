@@ -6,6 +6,7 @@ mod common;
 
 use candle_core::{DType, Tensor};
 use common::{cpu, max_abs_diff, positions};
+use cram::matching::queries::attention_over_span;
 use cram::matching::{compacted, head_matrix, HeadChoice};
 use cram::{synthetic, AttentionMatching, Compressor, KvCache, KvZip, Logits, MatchingSettings, Model, Session, SpanTargets};
 
@@ -336,4 +337,45 @@ fn spread_budgets_keep_the_uniform_total() {
     }
     assert_eq!(real, 5 * heads_total);
     assert!(compressed.report.fit_error.is_some_and(|e| e.is_finite()));
+}
+
+/// The span attention that spread budgets weigh heads by (candle, f32,
+/// all heads of a layer at once) is the f64 attention each head's fit
+/// problem computes on its own.
+#[test]
+fn span_attention_in_f32_matches_each_heads_f64_problem() {
+    let model = model(110);
+    let (prefix, span) = span_after_system(&model);
+    let settings = MatchingSettings::default();
+    let queries = settings.reference_queries(&model, &prefix, &span).unwrap();
+    let problems = settings.head_problems(&model, &span, &queries).unwrap();
+    for (layer, heads) in problems.iter().enumerate() {
+        let attention = attention_over_span(&queries[layer], &span.keys[layer], heads[0].scale).unwrap();
+        for (head, problem) in heads.iter().enumerate() {
+            let ours: Vec<Vec<f32>> = attention.get(head).unwrap().to_vec2().unwrap();
+            let reference = problem.attention();
+            assert_eq!((ours.len(), ours[0].len()), reference.shape());
+            let worst = ours.iter().enumerate().flat_map(|(i, row)| row.iter().enumerate().map(move |(j, &p)| (i, j, p))).fold(0.0f64, |worst, (i, j, p)| worst.max((p as f64 - reference[(i, j)]).abs()));
+            assert!(worst < 1e-5, "layer {layer} head {head}: {worst}");
+        }
+    }
+}
+
+/// The heads fitted in parallel come back in (layer, head) order: each
+/// choice is what that head's own problem fits to on its own.
+#[test]
+fn heads_fitted_in_parallel_keep_their_order() {
+    let model = model(111);
+    let (prefix, span) = span_after_system(&model);
+    let method = AttentionMatching { settings: MatchingSettings::default(), ratio: 3.0 };
+    let t = cram::budget(span.len(), 3.0).unwrap();
+    let (choices, _) = method.choices(&model, &prefix, &span, t).unwrap();
+    let queries = method.settings.reference_queries(&model, &prefix, &span).unwrap();
+    for (layer, heads) in method.settings.head_problems(&model, &span, &queries).unwrap().iter().enumerate() {
+        for (head, problem) in heads.iter().enumerate() {
+            let alone = problem.fit(t, &method.settings.fit()).unwrap();
+            assert_eq!(choices[layer][head].kept, alone.kept, "layer {layer} head {head}");
+            assert_eq!(choices[layer][head].values.as_ref(), Some(&alone.values));
+        }
+    }
 }

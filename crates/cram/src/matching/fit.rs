@@ -120,39 +120,49 @@ fn fit_block(block_mass: &DMatrix<f64>, row_mass: &DVector<f64>, output: &DMatri
     let weights = fit_weights(block_mass, row_mass, settings)?;
     let biases: Vec<f64> = weights.iter().map(|w| w.ln()).collect();
     // X: the compacted block's attention, its mass reweighted and normalised.
-    let block = normalise_rows(&(block_mass * DMatrix::from_diagonal(&weights)));
+    let block = normalise_rows(&scale_columns(block_mass, &weights));
     let values = least_squares(&block, output, settings.ridge)?;
     let output_error = (&block * &values - output).norm() / output.norm().max(f64::MIN_POSITIVE);
     Ok((biases, values, output_error))
 }
 
-/// exp(s - shift of its row), row by row.
+/// exp(s - shift of its row). Column-major storage: walked column by
+/// column, which is several times faster than row by row.
 fn exp_shifted_by(scores: &DMatrix<f64>, shifts: &[f64]) -> DMatrix<f64> {
     let mut shifted = scores.clone();
-    for (mut row, shift) in shifted.row_iter_mut().zip(shifts) {
-        row.apply(|x| *x = (*x - shift).exp());
+    for mut column in shifted.column_iter_mut() {
+        column.iter_mut().zip(shifts).for_each(|(x, shift)| *x = (*x - shift).exp());
     }
     shifted
 }
 
-/// exp(s - max of its row), row by row.
+/// exp(s - max of its row).
 fn shifted_exp(scores: &DMatrix<f64>) -> DMatrix<f64> {
-    let mut shifted = scores.clone();
-    for mut row in shifted.row_iter_mut() {
-        let max = row.max();
-        row.apply(|x| *x = (*x - max).exp());
+    let mut row_max = vec![f64::NEG_INFINITY; scores.nrows()];
+    for column in scores.column_iter() {
+        row_max.iter_mut().zip(column.iter()).for_each(|(max, &x)| *max = max.max(x));
     }
-    shifted
+    exp_shifted_by(scores, &row_max)
 }
 
 /// Each row divided by its sum.
 fn normalise_rows(matrix: &DMatrix<f64>) -> DMatrix<f64> {
+    let sums = matrix.column_sum();
     let mut normalised = matrix.clone();
-    for mut row in normalised.row_iter_mut() {
-        let sum = row.sum();
-        row /= sum;
+    for mut column in normalised.column_iter_mut() {
+        column.component_div_assign(&sums);
     }
     normalised
+}
+
+/// Column j multiplied by `weights[j]`: `matrix * diag(weights)` without
+/// the t x t product.
+fn scale_columns(matrix: &DMatrix<f64>, weights: &DVector<f64>) -> DMatrix<f64> {
+    let mut scaled = matrix.clone();
+    for (mut column, &weight) in scaled.column_iter_mut().zip(weights.iter()) {
+        column *= weight;
+    }
+    scaled
 }
 
 /// The columns at `indices`, in that order.
@@ -192,12 +202,11 @@ fn omp(mass: &DMatrix<f64>, row_mass: &DVector<f64>, t: usize, settings: &FitSet
 /// inside them (the problem is small; a handful of steps settles it).
 fn fit_weights(mass: &DMatrix<f64>, target: &DVector<f64>, settings: &FitSettings) -> Result<DVector<f64>> {
     let (low, high) = (settings.bias_bounds.0.exp(), settings.bias_bounds.1.exp());
-    let target = DMatrix::from_column_slice(target.len(), 1, target.as_slice());
-    let mut weights: DVector<f64> = least_squares(mass, &target, settings.ridge)?.column(0).into();
-    weights.apply(|w| *w = w.clamp(low, high));
     let gram = mass.transpose() * mass;
+    let pulled = mass.transpose() * target;
+    let mut weights: DVector<f64> = solve_normal_equations(gram.clone(), &DMatrix::from_column_slice(pulled.len(), 1, pulled.as_slice()), settings.ridge)?.column(0).into();
+    weights.apply(|w| *w = w.clamp(low, high));
     let lipschitz = gram.norm().max(1e-12); // Frobenius >= spectral: a safe step
-    let pulled = mass.transpose() * target.column(0);
     for _ in 0..PROJECTED_STEPS {
         let gradient = &gram * &weights - &pulled;
         weights -= gradient / lipschitz;
@@ -210,20 +219,24 @@ fn fit_weights(mass: &DMatrix<f64>, target: &DVector<f64>, settings: &FitSetting
 const PROJECTED_STEPS: usize = 8;
 
 /// argmin_X |A X - B|^2 + ridge * mean(diag(A^T A)) |X|^2, by the normal
-/// equations (A^T A is only t x t) and Cholesky, with SVD when the normal
-/// matrix is not positive definite.
+/// equations (A^T A is only t x t).
 fn least_squares(a: &DMatrix<f64>, b: &DMatrix<f64>, ridge: f64) -> Result<DMatrix<f64>> {
-    let mut normal = a.transpose() * a;
+    solve_normal_equations(a.transpose() * a, &(a.transpose() * b), ridge)
+}
+
+/// (A^T A + ridge * mean(diag(A^T A)) I) X = A^T B from `normal` = A^T A
+/// and `rhs` = A^T B, by Cholesky, with SVD when the normal matrix is not
+/// positive definite.
+fn solve_normal_equations(mut normal: DMatrix<f64>, rhs: &DMatrix<f64>, ridge: f64) -> Result<DMatrix<f64>> {
     let size = normal.nrows();
     let scale = normal.trace() / size.max(1) as f64;
     for i in 0..size {
         normal[(i, i)] += ridge * scale;
     }
-    let rhs = a.transpose() * b;
     if let Some(cholesky) = normal.clone().cholesky() {
-        return Ok(cholesky.solve(&rhs));
+        return Ok(cholesky.solve(rhs));
     }
-    normal.svd(true, true).solve(&rhs, 1e-12).map_err(|e| Error::Invalid(format!("least squares: {e}")))
+    normal.svd(true, true).solve(rhs, 1e-12).map_err(|e| Error::Invalid(format!("least squares: {e}")))
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cache::KvCache;
 use crate::error::Result;
+use crate::model::ops::softmax_last_dim;
 use crate::model::Model;
 use crate::rng::normal_samples;
 use crate::span::SpanTargets;
@@ -62,6 +63,15 @@ fn repeat_queries(model: &Model, prefix: &KvCache, span: &SpanTargets) -> Result
     let first = context.next_position();
     let positions: Vec<f32> = (0..ids.len()).map(|i| first + i as f32).collect();
     model.qwen2.queries(&model.qwen2.embed(&ids)?, &positions, Some(&context))
+}
+
+/// One layer's (kv_heads, m, d) reference queries against the span's
+/// (1, kv_heads, n, d) keys: (kv_heads, m, n) f32, each query's softmax
+/// over the span's entries alone (what KVzip scores and spread budgets
+/// weigh heads by).
+pub fn attention_over_span(queries: &Tensor, span_keys: &Tensor, scale: f64) -> Result<Tensor> {
+    let keys = span_keys.squeeze(0)?.to_dtype(candle_core::DType::F32)?;
+    softmax_last_dim(&(queries.matmul(&keys.t()?)? * scale)?)
 }
 
 /// (1, heads, m, d) -> (kv_heads, groups * m, d) f32: the query heads that

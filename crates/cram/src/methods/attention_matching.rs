@@ -4,14 +4,16 @@
 //! restores the span's attention mass, and get values fitted by least
 //! squares to the span's attention output ([`crate::matching::fit`]).
 
+use candle_core::Tensor;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::cache::KvCache;
 use crate::compressor::{budget, CompressedSpan, Compressor};
 use crate::error::{Error, Result};
 use crate::matching::budgets::{self, Budgets};
-use crate::matching::fit::{FitSettings, HeadProblem, KeySelection};
-use crate::matching::queries::{reference_queries, QuerySource};
+use crate::matching::fit::{FitSettings, HeadFit, HeadProblem, KeySelection};
+use crate::matching::queries::{attention_over_span, reference_queries, QuerySource};
 use crate::matching::{compacted, head_matrix, HeadChoice};
 use crate::model::Model;
 use crate::span::SpanTargets;
@@ -87,10 +89,15 @@ impl MatchingSettings {
         FitSettings { keys: self.keys, bias_bounds: self.bias_bounds, ridge: self.ridge }
     }
 
-    /// Per layer, per KV head: the span against its reference queries.
-    pub fn head_problems(&self, model: &Model, prefix: &KvCache, span: &SpanTargets) -> Result<Vec<Vec<HeadProblem>>> {
-        let queries = reference_queries(model, prefix, span, self.queries, self.query_cap, self.seed)?;
-        let scale = 1.0 / (model.qwen2.config().head_dim() as f64).sqrt();
+    /// Per layer, (kv_heads, m, d): the span's reference queries.
+    pub fn reference_queries(&self, model: &Model, prefix: &KvCache, span: &SpanTargets) -> Result<Vec<Tensor>> {
+        reference_queries(model, prefix, span, self.queries, self.query_cap, self.seed)
+    }
+
+    /// Per layer, per KV head: the span against its reference queries
+    /// (`queries` from [`Self::reference_queries`]).
+    pub fn head_problems(&self, model: &Model, span: &SpanTargets, queries: &[Tensor]) -> Result<Vec<Vec<HeadProblem>>> {
+        let scale = attention_scale(model);
         let problem = |layer: usize, head: usize| -> Result<HeadProblem> {
             Ok(HeadProblem {
                 queries: head_matrix(&queries[layer].unsqueeze(0)?, head)?,
@@ -103,37 +110,55 @@ impl MatchingSettings {
     }
 }
 
+/// 1 / sqrt(head_dim).
+fn attention_scale(model: &Model) -> f64 {
+    1.0 / (model.qwen2.config().head_dim() as f64).sqrt()
+}
+
 impl AttentionMatching {
     /// The per-head fits of a span at `t` entries per head on average, and
     /// their mean output error.
     pub fn choices(&self, model: &Model, prefix: &KvCache, span: &SpanTargets, t: usize) -> Result<(Vec<Vec<HeadChoice>>, f64)> {
         self.settings.validate()?;
-        let problems = self.settings.head_problems(model, prefix, span)?;
-        let budgets = head_budgets(&problems, t, self.settings.budgets)?;
-        let (mut choices, mut errors) = (Vec::with_capacity(problems.len()), Vec::new());
-        for (layer, layer_budgets) in problems.iter().zip(&budgets) {
-            let mut heads = Vec::new();
-            for (problem, &head_t) in layer.iter().zip(layer_budgets) {
-                let fit = problem.fit(head_t, &self.settings.fit())?;
-                errors.push(fit.output_error);
-                heads.push(HeadChoice { kept: fit.kept, values: Some(fit.values), biases: Some(fit.biases) });
-            }
-            choices.push(heads);
-        }
+        let queries = self.settings.reference_queries(model, prefix, span)?;
+        self.fit_heads(model, span, &queries, t)
+    }
+
+    /// [`Self::choices`] from reference queries already computed. The
+    /// heads are fitted in parallel: each is a small dense problem that
+    /// nalgebra solves on one thread.
+    pub fn fit_heads(&self, model: &Model, span: &SpanTargets, queries: &[Tensor], t: usize) -> Result<(Vec<Vec<HeadChoice>>, f64)> {
+        let budgets = head_budgets(model, span, queries, t, self.settings.budgets)?;
+        let problems = self.settings.head_problems(model, span, queries)?;
+        let settings = self.settings.fit();
+        let fits: Vec<Vec<HeadFit>> = problems
+            .par_iter()
+            .zip(&budgets)
+            .map(|(layer, layer_budgets)| layer.par_iter().zip(layer_budgets).map(|(problem, &head_t)| problem.fit(head_t, &settings)).collect())
+            .collect::<Result<_>>()?;
+        let errors: Vec<f64> = fits.iter().flatten().map(|fit| fit.output_error).collect();
+        let choices = fits
+            .into_iter()
+            .map(|layer| layer.into_iter().map(|fit| HeadChoice { kept: fit.kept, values: Some(fit.values), biases: Some(fit.biases) }).collect())
+            .collect();
         Ok((choices, errors.iter().sum::<f64>() / errors.len().max(1) as f64))
     }
 }
 
 /// Entries per layer and head: `t` each, or `t` times the head count
 /// shared by how widely each head attends ([`budgets::allocate`]).
-fn head_budgets(problems: &[Vec<HeadProblem>], t: usize, budgets: Budgets) -> Result<Vec<Vec<usize>>> {
-    let shape: Vec<usize> = problems.iter().map(Vec::len).collect();
+fn head_budgets(model: &Model, span: &SpanTargets, queries: &[Tensor], t: usize, budgets: Budgets) -> Result<Vec<Vec<usize>>> {
+    let shape: Vec<usize> = queries.iter().map(|layer| layer.dim(0)).collect::<candle_core::Result<_>>()?;
     let flat: Vec<usize> = match budgets {
         Budgets::Uniform => vec![t; shape.iter().sum()],
         Budgets::Spread => {
-            let weights: Vec<f64> = problems.iter().flatten().map(|problem| budgets::effective_keys(&problem.attention())).collect();
-            let span_len = problems.first().and_then(|layer| layer.first()).map_or(0, |problem| problem.keys.nrows());
-            budgets::allocate(t * weights.len(), &weights, span_len)?
+            let mut weights = Vec::with_capacity(shape.iter().sum());
+            for (layer, layer_queries) in queries.iter().enumerate() {
+                // (kv, m, n) -> (kv, n): each head's mean attention over the span.
+                let mean: Vec<Vec<f32>> = attention_over_span(layer_queries, &span.keys[layer], attention_scale(model))?.mean(1)?.to_vec2()?;
+                weights.extend(mean.iter().map(|head| budgets::effective_keys(&head.iter().map(|&p| p as f64).collect::<Vec<_>>())));
+            }
+            budgets::allocate(t * weights.len(), &weights, span.len())?
         }
     };
     let mut rest = flat.as_slice();

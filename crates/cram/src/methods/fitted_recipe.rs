@@ -7,10 +7,13 @@
 //! like the span.
 
 use candle_core::Tensor;
+use nalgebra::DMatrix;
+use rayon::prelude::*;
 
 use crate::cache::KvCache;
 use crate::compressor::{budget, CompressedSpan, Compressor};
 use crate::error::Result;
+use crate::matching::fit::HeadFit;
 use crate::matching::{head_matrix, head_tensor};
 use crate::methods::attention_matching::MatchingSettings;
 use crate::model::Model;
@@ -35,13 +38,22 @@ impl Compressor for FittedRecipe {
     fn compress(&self, model: &Model, prefix: &KvCache, span: &SpanTargets, on_step: &mut dyn FnMut(usize, f32)) -> Result<CompressedSpan> {
         self.settings.validate()?;
         let mut compressed = self.recipe.compress_sized(self.name(), model, prefix, span, budget(span.len(), self.recipe.ratio)?, on_step)?;
-        let problems = self.settings.head_problems(model, prefix, span)?;
-        let (mut biases, mut errors) = (Vec::with_capacity(problems.len()), Vec::new());
-        for (layer, heads) in problems.iter().enumerate() {
-            let (virtual_keys, device) = (&compressed.keys[layer], span.keys[layer].device());
+        let queries = self.settings.reference_queries(model, prefix, span)?;
+        let problems = self.settings.head_problems(model, span, &queries)?;
+        let virtual_keys: Vec<Vec<DMatrix<f64>>> =
+            compressed.keys.iter().zip(&problems).map(|(keys, heads)| (0..heads.len()).map(|head| head_matrix(keys, head)).collect()).collect::<Result<_>>()?;
+        // The heads in parallel, as attention matching fits them.
+        let settings = self.settings.fit();
+        let fits: Vec<Vec<HeadFit>> = problems
+            .par_iter()
+            .zip(&virtual_keys)
+            .map(|(heads, keys)| heads.par_iter().zip(keys).map(|(problem, keys)| problem.fit_to_keys(keys, &settings)).collect())
+            .collect::<Result<_>>()?;
+        let (mut biases, mut errors) = (Vec::with_capacity(fits.len()), Vec::new());
+        for (layer, heads) in fits.iter().enumerate() {
+            let device = span.keys[layer].device();
             let (mut values, mut layer_biases) = (Vec::new(), Vec::new());
-            for (head, problem) in heads.iter().enumerate() {
-                let fit = problem.fit_to_keys(&head_matrix(virtual_keys, head)?, &self.settings.fit())?;
+            for fit in heads {
                 errors.push(fit.output_error);
                 values.push(head_tensor(&fit.values, span.values[layer].dtype(), device)?);
                 layer_biases.extend(fit.biases.iter().map(|&b| b as f32));

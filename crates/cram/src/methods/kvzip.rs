@@ -11,9 +11,8 @@ use serde::{Deserialize, Serialize};
 use crate::cache::KvCache;
 use crate::compressor::{budget, CompressedSpan, Compressor};
 use crate::error::Result;
-use crate::matching::queries::{reference_queries, QuerySource};
+use crate::matching::queries::{attention_over_span, reference_queries, QuerySource};
 use crate::matching::{compacted, HeadChoice};
-use crate::model::ops::softmax_last_dim;
 use crate::model::Model;
 use crate::select::keep_top;
 use crate::span::SpanTargets;
@@ -61,10 +60,8 @@ impl Compressor for KvZip {
         let scale = 1.0 / (model.qwen2.config().head_dim() as f64).sqrt();
         let mut choices = Vec::with_capacity(queries.len());
         for (layer, layer_queries) in queries.iter().enumerate() {
-            // (kv, m, d) x (kv, d, n): every query's softmax over the span's entries.
-            let keys = span.keys[layer].squeeze(0)?.to_dtype(candle_core::DType::F32)?;
-            let weights = softmax_last_dim(&(layer_queries.matmul(&keys.t()?)? * scale)?)?;
-            let best: Vec<Vec<f32>> = weights.max(1)?.to_vec2()?; // (kv, n): the largest weight any query pays
+            // (kv, m, n) -> (kv, n): the largest weight any query pays.
+            let best: Vec<Vec<f32>> = attention_over_span(layer_queries, &span.keys[layer], scale)?.max(1)?.to_vec2()?;
             choices.push(best.iter().map(|scores| HeadChoice { kept: keep_top(scores, t), values: None, biases: None }).collect());
         }
         compacted(self.name(), span, &choices)

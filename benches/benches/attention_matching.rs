@@ -1,0 +1,61 @@
+//! The parts of one attention-matching compaction of a 250-token span
+//! (after a 140-token prefix) on the real Qwen2.5-Coder-0.5B-Instruct,
+//! CPU, f32: the span's targets (its K/V, no logits), the repeat pass that
+//! yields the reference queries, the per-head fits of all 48 (layer, KV
+//! head) pairs at 3.2x with uniform and spread budgets, and whole
+//! compactions by attention matching and by KVzip, targets excluded (in a
+//! session the span's K/V are computed to read it anyway). Issue 26's goal
+//! is the repeat pass plus the fit under 2 s.
+//!
+//! cargo bench -p cram-benches --bench attention_matching
+
+use criterion::Criterion;
+use cram::matching::budgets::Budgets;
+use cram::matching::queries::{reference_queries, QuerySource};
+use cram::{budget, AttentionMatching, Compressor, KvZip, KvZipSettings, MatchingSettings, SpanTargets};
+use cram_benches::{load_default_model, CountingAllocator};
+use cram_eval::bench::{prefix_cache, transcript_ids};
+
+#[global_allocator]
+static ALLOCATOR: CountingAllocator = CountingAllocator;
+
+const PREFIX_TOKENS: usize = 140;
+const SPAN_TOKENS: usize = 250;
+const RATIO: f64 = 3.2;
+
+fn main() -> anyhow::Result<()> {
+    // The allocator's purge policy of the `cram` binary, so the timings match it.
+    cram_eval::memory::keep_freed_memory();
+    let model = load_default_model()?;
+    let qwen = &model.qwen2;
+    let ids = transcript_ids(&model, &cram_benches::repo_path("eval/bearing/bearing-questions.json"))?;
+    let positions: Vec<f32> = (0..PREFIX_TOKENS + SPAN_TOKENS).map(|p| p as f32).collect();
+    let prefix = prefix_cache(qwen, &ids[..PREFIX_TOKENS], &positions[..PREFIX_TOKENS])?;
+    let span_ids = &ids[PREFIX_TOKENS..PREFIX_TOKENS + SPAN_TOKENS];
+    let span_positions = &positions[PREFIX_TOKENS..];
+    let span = SpanTargets::compute_without_surprisal(qwen, &prefix, span_ids, span_positions)?;
+    let t = budget(span.len(), RATIO)?;
+
+    let mut criterion = Criterion::default().sample_size(10).warm_up_time(std::time::Duration::from_secs(1)).configure_from_args();
+    criterion.bench_function("targets_250_tokens", |b| {
+        b.iter(|| SpanTargets::compute_without_surprisal(qwen, &prefix, span_ids, span_positions).expect("targets"))
+    });
+    let defaults = MatchingSettings::default();
+    criterion.bench_function("repeat_queries_250_tokens", |b| {
+        b.iter(|| reference_queries(&model, &prefix, &span, QuerySource::Repeat, defaults.query_cap, defaults.seed).expect("queries"))
+    });
+    let mut group = criterion.benchmark_group("compaction_250_tokens_3.2x");
+    for budgets in [Budgets::Uniform, Budgets::Spread] {
+        let matching = AttentionMatching { settings: MatchingSettings { budgets, ..defaults }, ratio: RATIO };
+        let queries = reference_queries(&model, &prefix, &span, QuerySource::Repeat, defaults.query_cap, defaults.seed)?;
+        group.bench_function(format!("fits_only_{budgets:?}"), |b| b.iter(|| matching.fit_heads(&model, &span, &queries, t).expect("fits")));
+        group.bench_function(format!("{}", matching.name()), |b| {
+            b.iter(|| matching.compress(&model, &prefix, &span, &mut |_, _| {}).expect("compaction"))
+        });
+    }
+    let kvzip = KvZip { settings: KvZipSettings::default(), ratio: RATIO };
+    group.bench_function("kvzip", |b| b.iter(|| kvzip.compress(&model, &prefix, &span, &mut |_, _| {}).expect("kvzip")));
+    group.finish();
+    criterion.final_summary();
+    Ok(())
+}
