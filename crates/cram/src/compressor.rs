@@ -42,6 +42,14 @@ pub trait Compressor {
     fn needs_surprisal(&self) -> bool {
         true
     }
+
+    /// Whether the method reads the span's own queries (attention
+    /// matching's context-prefill reference queries): it then gets them
+    /// from the targets' forward ([`SpanTargets::queries`]) instead of
+    /// running the span a second time.
+    fn needs_span_queries(&self) -> bool {
+        false
+    }
 }
 
 /// KV entries that stand for a span, ready to append to the cache that

@@ -84,7 +84,7 @@ impl<'m> Session<'m> {
         on_step: &mut dyn FnMut(usize, f32),
     ) -> Result<CompressionReport> {
         let started = std::time::Instant::now();
-        let span = self.span_targets(text, compressor.needs_surprisal())?;
+        let span = self.span_targets(text, compressor.needs_surprisal(), compressor.needs_span_queries())?;
         let mut compressed = compressor.compress(self.model, &self.cache, &span, on_step)?;
         compressed.report.seconds = started.elapsed().as_secs_f64();
         self.push_compressed_span(span.len(), compressed)
@@ -100,7 +100,7 @@ impl<'m> Session<'m> {
         recipes: &[Recipe],
         on_step: &mut dyn FnMut(usize, f32),
     ) -> Result<Vec<Self>> {
-        let span = self.span_targets(text, true)?;
+        let span = self.span_targets(text, true, false)?;
         compress_together(recipes, self.model, &self.cache, &span, on_step)?
             .into_iter()
             .map(|compressed| {
@@ -112,17 +112,13 @@ impl<'m> Session<'m> {
     }
 
     /// The targets of rendered text as the next turn.
-    fn span_targets(&self, text: &str, with_surprisal: bool) -> Result<SpanTargets> {
+    fn span_targets(&self, text: &str, with_surprisal: bool, with_queries: bool) -> Result<SpanTargets> {
         let ids = self.model.tokenizer.encode(text)?;
         if ids.is_empty() {
             return Err(Error::Invalid("cannot compress an empty turn".into()));
         }
         let positions = self.turn_positions(ids.len());
-        if with_surprisal {
-            SpanTargets::compute(&self.model.qwen2, &self.cache, &ids, &positions)
-        } else {
-            SpanTargets::compute_without_surprisal(&self.model.qwen2, &self.cache, &ids, &positions)
-        }
+        SpanTargets::compute_for(&self.model.qwen2, &self.cache, &ids, &positions, with_surprisal, with_queries)
     }
 
     /// Appends the entries that stand for the next turn, of `n_tokens` tokens.

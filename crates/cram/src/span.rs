@@ -23,22 +23,29 @@ pub struct SpanTargets {
     pub values: Vec<Tensor>,
     /// (n): -log p(token | everything before it); 0 for the span's first token.
     pub surprisal: Vec<f32>,
+    /// Per layer, (1, heads, n, head_dim), RoPE applied: the span's own
+    /// queries from the same forward, when asked for (attention
+    /// matching's context-prefill reference queries, which then cost no
+    /// second forward).
+    pub queries: Option<Vec<Tensor>>,
 }
 
 impl SpanTargets {
     /// Runs `span_ids` at `positions` after `prefix`.
     pub fn compute(model: &Qwen2, prefix: &KvCache, span_ids: &[u32], positions: &[f32]) -> Result<Self> {
-        Self::run(model, prefix, span_ids, positions, true)
+        Self::compute_for(model, prefix, span_ids, positions, true, false)
     }
 
     /// [`SpanTargets::compute`] without the surprisal, which is then all 0:
     /// no logits (over a 150k vocabulary, most of the forward's cost), for
     /// methods that do not pool by surprisal ([`crate::compressor::Compressor::needs_surprisal`]).
     pub fn compute_without_surprisal(model: &Qwen2, prefix: &KvCache, span_ids: &[u32], positions: &[f32]) -> Result<Self> {
-        Self::run(model, prefix, span_ids, positions, false)
+        Self::compute_for(model, prefix, span_ids, positions, false, false)
     }
 
-    fn run(model: &Qwen2, prefix: &KvCache, span_ids: &[u32], positions: &[f32], with_surprisal: bool) -> Result<Self> {
+    /// The targets with the surprisal or not, and the span's own queries
+    /// or not ([`crate::compressor::Compressor::needs_span_queries`]).
+    pub fn compute_for(model: &Qwen2, prefix: &KvCache, span_ids: &[u32], positions: &[f32], with_surprisal: bool, with_queries: bool) -> Result<Self> {
         if span_ids.is_empty() || span_ids.len() != positions.len() {
             return Err(Error::Invalid(format!(
                 "a span needs tokens and one position per token (got {} and {})",
@@ -47,7 +54,13 @@ impl SpanTargets {
             )));
         }
         let embeddings = model.embed(span_ids)?;
-        let output = model.forward(&embeddings, positions, Some(prefix), if with_surprisal { Logits::All } else { Logits::None })?;
+        let logits = if with_surprisal { Logits::All } else { Logits::None };
+        let (output, queries) = if with_queries {
+            let (output, queries) = model.forward_with_queries(&embeddings, positions, Some(prefix), logits)?;
+            (output, Some(queries))
+        } else {
+            (model.forward(&embeddings, positions, Some(prefix), logits)?, None)
+        };
         let surprisal = match output.logits {
             Some(logits) => surprisal(&logits, span_ids)?,
             None if !with_surprisal => vec![0.0; span_ids.len()],
@@ -60,6 +73,7 @@ impl SpanTargets {
             keys: output.keys,
             values: output.values,
             surprisal,
+            queries,
         })
     }
 
@@ -78,6 +92,7 @@ impl SpanTargets {
             keys: select_entries(&self.keys, indices)?,
             values: select_entries(&self.values, indices)?,
             surprisal: indices.iter().map(|&i| self.surprisal[i]).collect(),
+            queries: self.queries.as_ref().map(|queries| select_entries(queries, indices)).transpose()?,
         })
     }
 

@@ -379,3 +379,25 @@ fn heads_fitted_in_parallel_keep_their_order() {
         }
     }
 }
+
+/// Context-prefill queries taken from the targets' own forward are the
+/// queries a second forward of the span computes, and fit the same
+/// compaction; repeat-only methods do not ask for them.
+#[test]
+fn context_queries_from_the_targets_forward_equal_a_second_forward() {
+    let model = model(112);
+    let (prefix, span) = span_after_system(&model);
+    let with_queries = SpanTargets::compute_for(&model.qwen2, &prefix, &span.ids, &span.positions, false, true).unwrap();
+    let recomputed = model.qwen2.queries(&span.embeddings, &span.positions, Some(&prefix)).unwrap();
+    for (kept, again) in with_queries.queries.as_ref().unwrap().iter().zip(&recomputed) {
+        assert_eq!(max_abs_diff(kept, again), 0.0);
+    }
+    assert!(span.queries.is_none(), "targets keep no queries unless asked");
+    let context = AttentionMatching { settings: MatchingSettings { queries: cram::matching::queries::QuerySource::Context, ..MatchingSettings::default() }, ratio: 3.0 };
+    assert!(context.needs_span_queries() && !AttentionMatching { settings: MatchingSettings::default(), ratio: 3.0 }.needs_span_queries());
+    let fitted = |span: &SpanTargets| context.compress(&model, &prefix, span, &mut |_, _| {}).unwrap();
+    let (from_targets, from_second_forward) = (fitted(&with_queries), fitted(&span));
+    for (a, b) in from_targets.values.iter().zip(&from_second_forward.values) {
+        assert_eq!(max_abs_diff(a, b), 0.0);
+    }
+}

@@ -105,6 +105,7 @@ fn value_uniqueness_ranks_a_token_unlike_its_neighbours_first() {
         keys: vec![values.clone()],
         values: vec![values.clone()],
         surprisal: vec![0.0; 5],
+        queries: None,
     };
     let scores = ValueUniqueness {}.score(&model.qwen2, &KvCache::new(), &span, 1).unwrap();
     let by_hand = value_uniqueness(&[values]);

@@ -37,6 +37,9 @@ pub struct FitSettings {
     pub bias_bounds: (f64, f64),
     /// Ridge added to the normal equations, relative to their mean diagonal.
     pub ridge: f64,
+    /// Keys orthogonal matching pursuit picks per round (1: the classic
+    /// one at a time).
+    pub omp_picks: usize,
 }
 
 /// What the fit gives one head: the kept keys, their biases and new values.
@@ -177,19 +180,23 @@ fn highest_attention(mass: &DMatrix<f64>, t: usize) -> Vec<usize> {
     crate::select::keep_top(&rms, t)
 }
 
-/// Orthogonal matching pursuit: picks, one at a time, the key whose mass
-/// column correlates most with the mass the picked keys still miss, and
-/// refits their weights after each pick.
+/// Orthogonal matching pursuit: picks the key whose mass column
+/// correlates most with the mass the picked keys still miss (or the
+/// `settings.omp_picks` best at once, which cuts the refits that
+/// dominate its cost), and refits their weights after each round.
 fn omp(mass: &DMatrix<f64>, row_mass: &DVector<f64>, t: usize, settings: &FitSettings) -> Result<Vec<usize>> {
     let mut kept: Vec<usize> = Vec::with_capacity(t);
     let mut residual = row_mass.clone();
     while kept.len() < t {
         let correlation = mass.transpose() * &residual;
-        let next = (0..mass.ncols())
-            .filter(|j| !kept.contains(j))
-            .max_by(|&a, &b| correlation[a].total_cmp(&correlation[b]).then(b.cmp(&a)))
-            .ok_or_else(|| Error::Invalid("no key left to pick".into()))?;
-        kept.push(next);
+        let mut candidates: Vec<usize> = (0..mass.ncols()).filter(|j| !kept.contains(j)).collect();
+        // Largest correlation first, ties to the earlier key.
+        candidates.sort_by(|&a, &b| correlation[b].total_cmp(&correlation[a]).then(a.cmp(&b)));
+        let round = settings.omp_picks.max(1).min(t - kept.len());
+        if candidates.len() < round {
+            return Err(Error::Invalid("no key left to pick".into()));
+        }
+        kept.extend_from_slice(&candidates[..round]);
         let picked = columns(mass, &kept);
         residual = row_mass - &picked * fit_weights(&picked, row_mass, settings)?;
     }
@@ -250,7 +257,7 @@ mod tests {
     }
 
     fn settings(keys: KeySelection) -> FitSettings {
-        FitSettings { keys, bias_bounds: (-3.0, 3.0), ridge: 0.0 }
+        FitSettings { keys, bias_bounds: (-3.0, 3.0), ridge: 0.0, omp_picks: 1 }
     }
 
     /// Keeping every entry keeps the span: weights 1 (bias 0), the original
@@ -321,6 +328,28 @@ mod tests {
             let original = (&block * head.values.select_rows(&fit.kept) - &output).norm();
             assert!(fitted < original, "{selection:?}: fitted {fitted} vs original {original}");
         }
+    }
+
+    /// OMP's first pick is the key whose mass column correlates most with
+    /// the span's row masses; picking all t in one round keeps the t
+    /// largest of those correlations, each counted here by hand.
+    #[test]
+    fn omp_picks_by_correlation_with_what_is_missed() {
+        let head = problem(60, 12, 8, 9);
+        let (mass, _) = head.targets();
+        let correlation = |j: usize| (0..60).map(|i| mass[(i, j)] * (0..12).map(|k| mass[(i, k)]).sum::<f64>()).sum::<f64>();
+        let mut order: Vec<usize> = (0..12).collect();
+        order.sort_by(|&a, &b| correlation(b).total_cmp(&correlation(a)));
+        let one_round = FitSettings { omp_picks: 4, ..settings(KeySelection::Omp) };
+        let mut best_four = order[..4].to_vec();
+        best_four.sort_unstable();
+        assert_eq!(head.fit(4, &one_round).unwrap().kept, best_four);
+        let classic = head.fit(4, &settings(KeySelection::Omp)).unwrap();
+        assert!(classic.kept.contains(&order[0]), "the first pick is the best correlated key");
+        // Rounds of 3 for 4 keys: a round of 3, then one more.
+        let rounds = head.fit(4, &FitSettings { omp_picks: 3, ..settings(KeySelection::Omp) }).unwrap();
+        assert_eq!(rounds.kept.len(), 4);
+        assert!(order[..3].iter().all(|j| rounds.kept.contains(j)));
     }
 
     /// Highest attention keeps the keys an independent count ranks first.

@@ -37,7 +37,11 @@ pub const REPEAT_PROMPT: &str = "<|im_start|>user\nRepeat the previous context v
 pub fn reference_queries(model: &Model, prefix: &KvCache, span: &SpanTargets, source: QuerySource, cap: usize, seed: u64) -> Result<Vec<Tensor>> {
     let mut sets = Vec::new();
     if matches!(source, QuerySource::Context | QuerySource::Both) {
-        sets.push(model.qwen2.queries(&span.embeddings, &span.positions, Some(prefix))?);
+        // The targets' own forward kept them when the method asked; else run the span again.
+        match &span.queries {
+            Some(queries) => sets.push(queries.clone()),
+            None => sets.push(model.qwen2.queries(&span.embeddings, &span.positions, Some(prefix))?),
+        }
     }
     if matches!(source, QuerySource::Repeat | QuerySource::Both) {
         sets.push(repeat_queries(model, prefix, span)?);

@@ -46,6 +46,8 @@ pub struct MatchingSettings {
     /// Entries per head: `n / ratio` each, or the same total spread by
     /// how widely each head attends.
     pub budgets: Budgets,
+    /// Keys OMP picks per round (with `keys = "omp"`).
+    pub omp_picks: usize,
 }
 
 impl Default for MatchingSettings {
@@ -64,6 +66,7 @@ impl Default for MatchingSettings {
             bias_bounds: (-3.0, 3.0),
             ridge: 1e-6,
             budgets: Budgets::Uniform,
+            omp_picks: 1,
         }
     }
 }
@@ -81,12 +84,15 @@ impl MatchingSettings {
         if self.query_cap == 0 {
             return Err(Error::Invalid("query_cap must be >= 1".into()));
         }
+        if self.omp_picks == 0 {
+            return Err(Error::Invalid("omp_picks must be >= 1".into()));
+        }
         Ok(())
     }
 
     /// What the per-head fit takes of these settings.
     pub fn fit(&self) -> FitSettings {
-        FitSettings { keys: self.keys, bias_bounds: self.bias_bounds, ridge: self.ridge }
+        FitSettings { keys: self.keys, bias_bounds: self.bias_bounds, ridge: self.ridge, omp_picks: self.omp_picks }
     }
 
     /// Per layer, (kv_heads, m, d): the span's reference queries.
@@ -174,7 +180,8 @@ fn head_budgets(model: &Model, span: &SpanTargets, queries: &[Tensor], t: usize,
 
 impl Compressor for AttentionMatching {
     /// `attention-matching`, then what departs from the defaults:
-    /// `-context` or `-both` queries, `-omp` keys, `-spread` budgets.
+    /// `-context` or `-both` queries, `-omp` keys (`-omp4` at 4 picks a
+    /// round), `-spread` budgets.
     fn name(&self) -> String {
         let mut name = String::from("attention-matching");
         match self.settings.queries {
@@ -184,6 +191,9 @@ impl Compressor for AttentionMatching {
         }
         if self.settings.keys == KeySelection::Omp {
             name.push_str("-omp");
+            if self.settings.omp_picks > 1 {
+                name.push_str(&self.settings.omp_picks.to_string());
+            }
         }
         if self.settings.budgets == Budgets::Spread {
             name.push_str("-spread");
@@ -193,6 +203,10 @@ impl Compressor for AttentionMatching {
 
     fn needs_surprisal(&self) -> bool {
         false
+    }
+
+    fn needs_span_queries(&self) -> bool {
+        self.settings.queries != QuerySource::Repeat
     }
 
     fn compress(&self, model: &Model, prefix: &KvCache, span: &SpanTargets, _on_step: &mut dyn FnMut(usize, f32)) -> Result<CompressedSpan> {

@@ -35,6 +35,10 @@ impl Compressor for FittedRecipe {
         format!("fitted-recipe{}", self.recipe.variant())
     }
 
+    fn needs_span_queries(&self) -> bool {
+        self.settings.queries != crate::matching::queries::QuerySource::Repeat
+    }
+
     fn compress(&self, model: &Model, prefix: &KvCache, span: &SpanTargets, on_step: &mut dyn FnMut(usize, f32)) -> Result<CompressedSpan> {
         self.settings.validate()?;
         let mut compressed = self.recipe.compress_sized(self.name(), model, prefix, span, budget(span.len(), self.recipe.ratio)?, on_step)?;

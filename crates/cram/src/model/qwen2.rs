@@ -200,8 +200,14 @@ impl Qwen2 {
     /// Every layer's post-RoPE queries of the new tokens, (batch, heads, n,
     /// head_dim): what attention matching fits a compacted cache to.
     pub fn queries(&self, embeddings: &Tensor, positions: &[f32], cache: Option<&KvCache>) -> Result<Vec<Tensor>> {
+        Ok(self.forward_with_queries(embeddings, positions, cache, Logits::None)?.1)
+    }
+
+    /// [`Self::forward`], and every layer's post-RoPE queries of the new
+    /// tokens (batch, heads, n, head_dim) from the same pass.
+    pub fn forward_with_queries(&self, embeddings: &Tensor, positions: &[f32], cache: Option<&KvCache>, logits: Logits) -> Result<(ForwardOutput, Vec<Tensor>)> {
         let placement = self.placement(positions, &[positions.len()], cache.map_or(0, KvCache::len))?;
-        Ok(self.run(embeddings, &placement, cache, Logits::None, Keep::Queries)?.1)
+        self.run(embeddings, &placement, cache, logits, Keep::Queries)
     }
 
     /// Softmax in at least f32 whatever the weights' dtype: bf16 rows of
