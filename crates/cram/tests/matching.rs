@@ -401,3 +401,52 @@ fn context_queries_from_the_targets_forward_equal_a_second_forward() {
         assert_eq!(max_abs_diff(a, b), 0.0);
     }
 }
+
+/// On-policy fits against an independent reconstruction: every layer's
+/// on-policy queries are what a plain forward of the repeat pass computes
+/// over the final compacted cache (layer l's queries read only the layers
+/// below, which that cache holds as the on-policy pass left them). Fitted
+/// to those queries, every head keeps the same entries and values. Layer 0
+/// reads no cache, so its fit is the off-policy one; and keeping every
+/// entry keeps the span, so the whole fit is the off-policy one.
+#[test]
+fn on_policy_fits_the_queries_of_the_compacted_layers_below() {
+    use cram::matching::queries::{QuerySample, QuerySource, RepeatPass};
+    let model = model(113);
+    let (prefix, span) = span_after_system(&model);
+    let on_policy = AttentionMatching { settings: MatchingSettings { on_policy: true, ..MatchingSettings::default() }, ratio: 3.0 };
+    let off_policy = AttentionMatching { settings: MatchingSettings::default(), ratio: 3.0 };
+    assert_eq!(on_policy.name(), "attention-matching-on-policy");
+    let t = cram::budget(span.len(), 3.0).unwrap();
+    let (choices, _) = on_policy.choices(&model, &prefix, &span, t).unwrap();
+
+    let mut compacted_cache = prefix.clone();
+    on_policy.compress(&model, &prefix, &span, &mut |_, _| {}).unwrap().append_to(&mut compacted_cache).unwrap();
+    let repeat = RepeatPass::new(&model, &prefix, &span).unwrap();
+    let raw = model.qwen2.queries(&repeat.embeddings, &repeat.positions, Some(&compacted_cache)).unwrap();
+    let settings = &on_policy.settings;
+    let sample = QuerySample::new(&model, repeat.positions.len(), settings.query_cap, settings.seed, &cpu()).unwrap();
+    let queries: Vec<Tensor> = raw.iter().map(|layer| sample.pool(&[layer]).unwrap()).collect();
+    let (reconstructed, _) = off_policy.fit_heads(&model, &span, &queries, t).unwrap();
+    let (off, _) = off_policy.choices(&model, &prefix, &span, t).unwrap();
+    for (layer, heads) in choices.iter().enumerate() {
+        for (head, choice) in heads.iter().enumerate() {
+            let again = &reconstructed[layer][head];
+            assert_eq!(choice.kept, again.kept, "layer {layer} head {head}");
+            let (ours, theirs) = (choice.values.as_ref().unwrap(), again.values.as_ref().unwrap());
+            assert!((ours - theirs).norm() <= 1e-4 * theirs.norm(), "layer {layer} head {head}");
+        }
+    }
+    assert_eq!(choices[0][0].kept, off[0][0].kept);
+    assert!(choices.iter().zip(&off).skip(1).any(|(on, off)| on.iter().zip(off).any(|(a, b)| a.kept != b.kept || (a.values.as_ref().unwrap() - b.values.as_ref().unwrap()).norm() > 1e-3)), "on-policy changed nothing past layer 0");
+
+    let (all_on, _) = on_policy.choices(&model, &prefix, &span, span.len()).unwrap();
+    let (all_off, _) = off_policy.choices(&model, &prefix, &span, span.len()).unwrap();
+    for (on, off) in all_on.iter().flatten().zip(all_off.iter().flatten()) {
+        assert_eq!(on.kept, off.kept);
+        assert!((on.values.as_ref().unwrap() - off.values.as_ref().unwrap()).norm() <= 1e-4 * off.values.as_ref().unwrap().norm());
+    }
+
+    let context_only = MatchingSettings { on_policy: true, queries: QuerySource::Context, ..MatchingSettings::default() };
+    assert!(context_only.validate().is_err());
+}

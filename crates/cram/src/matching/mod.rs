@@ -26,6 +26,13 @@ pub struct HeadChoice {
     pub biases: Option<Vec<f64>>,
 }
 
+impl From<&fit::HeadFit> for HeadChoice {
+    /// The fit's kept entries with its values and biases.
+    fn from(fit: &fit::HeadFit) -> Self {
+        Self { kept: fit.kept.clone(), values: Some(fit.values.clone()), biases: Some(fit.biases.clone()) }
+    }
+}
+
 /// One head's slice of per-layer (1, kv_heads, n, d) span tensors, as an
 /// (n, d) f64 matrix.
 pub fn head_matrix(per_layer: &Tensor, head: usize) -> Result<DMatrix<f64>> {
@@ -51,30 +58,12 @@ pub fn head_tensor(matrix: &DMatrix<f64>, dtype: DType, device: &candle_core::De
 pub fn compacted(method: String, span: &SpanTargets, choices: &[Vec<HeadChoice>]) -> Result<CompressedSpan> {
     let slots = choices.iter().flatten().map(|choice| choice.kept.len()).max().unwrap_or(0);
     let uniform = choices.iter().flatten().all(|choice| choice.kept.len() == slots);
-    let mut keys = Vec::with_capacity(choices.len());
-    let mut values = Vec::with_capacity(choices.len());
-    let mut biases = Vec::with_capacity(choices.len());
+    let (mut keys, mut values, mut biases) = (Vec::with_capacity(choices.len()), Vec::with_capacity(choices.len()), Vec::with_capacity(choices.len()));
     for (layer, heads) in choices.iter().enumerate() {
-        let (span_keys, span_values) = (&span.keys[layer], &span.values[layer]);
-        let device = span_keys.device();
-        let mut layer_keys = Vec::with_capacity(heads.len());
-        let mut layer_values = Vec::with_capacity(heads.len());
-        let mut layer_biases = Vec::with_capacity(heads.len() * slots);
-        for (head, choice) in heads.iter().enumerate() {
-            let ids = Tensor::new(choice.kept.iter().map(|&i| i as u32).collect::<Vec<_>>(), device)?;
-            let head_values = match &choice.values {
-                Some(fitted) => head_tensor(fitted, span_values.dtype(), device)?,
-                None => span_values.narrow(1, head, 1)?.index_select(&ids, 2)?,
-            };
-            let padding = slots - choice.kept.len();
-            layer_keys.push(padded(span_keys.narrow(1, head, 1)?.index_select(&ids, 2)?, padding)?);
-            layer_values.push(padded(head_values, padding)?);
-            layer_biases.extend(choice.biases.as_ref().map_or(vec![0.0f32; choice.kept.len()], |b| b.iter().map(|&x| x as f32).collect()));
-            layer_biases.extend(std::iter::repeat_n(f32::NEG_INFINITY, padding));
-        }
-        keys.push(Tensor::cat(&layer_keys, 1)?);
-        values.push(Tensor::cat(&layer_values, 1)?);
-        biases.push(Tensor::from_vec(layer_biases, (1, heads.len(), slots), device)?);
+        let (layer_keys, layer_values, layer_biases) = layer_entries(span, layer, heads, slots)?;
+        keys.push(layer_keys);
+        values.push(layer_values);
+        biases.push(layer_biases);
     }
     let fullest = choices[0].iter().max_by_key(|choice| choice.kept.len()).ok_or_else(|| Error::Invalid("no head to compact".into()))?;
     let last = *span.positions.last().ok_or_else(|| Error::Invalid("an empty span".into()))?;
@@ -86,6 +75,30 @@ pub fn compacted(method: String, span: &SpanTargets, choices: &[Vec<HeadChoice>]
     let heads = choices.iter().map(Vec::len).sum::<usize>().max(1);
     compressed.report.n_kept = choices.iter().flatten().map(|choice| choice.kept.len()).sum::<usize>() / heads;
     Ok(compressed)
+}
+
+/// One layer's compacted entries from its heads' choices, each head padded
+/// to `slots`: keys and values (1, kv_heads, slots, d), biases (1,
+/// kv_heads, slots) f32 (minus infinity on padding).
+pub fn layer_entries(span: &SpanTargets, layer: usize, heads: &[HeadChoice], slots: usize) -> Result<(Tensor, Tensor, Tensor)> {
+    let (span_keys, span_values) = (&span.keys[layer], &span.values[layer]);
+    let device = span_keys.device();
+    let mut layer_keys = Vec::with_capacity(heads.len());
+    let mut layer_values = Vec::with_capacity(heads.len());
+    let mut layer_biases = Vec::with_capacity(heads.len() * slots);
+    for (head, choice) in heads.iter().enumerate() {
+        let ids = Tensor::new(choice.kept.iter().map(|&i| i as u32).collect::<Vec<_>>(), device)?;
+        let head_values = match &choice.values {
+            Some(fitted) => head_tensor(fitted, span_values.dtype(), device)?,
+            None => span_values.narrow(1, head, 1)?.index_select(&ids, 2)?,
+        };
+        let padding = slots - choice.kept.len();
+        layer_keys.push(padded(span_keys.narrow(1, head, 1)?.index_select(&ids, 2)?, padding)?);
+        layer_values.push(padded(head_values, padding)?);
+        layer_biases.extend(choice.biases.as_ref().map_or(vec![0.0f32; choice.kept.len()], |b| b.iter().map(|&x| x as f32).collect()));
+        layer_biases.extend(std::iter::repeat_n(f32::NEG_INFINITY, padding));
+    }
+    Ok((Tensor::cat(&layer_keys, 1)?, Tensor::cat(&layer_values, 1)?, Tensor::from_vec(layer_biases, (1, heads.len(), slots), device)?))
 }
 
 /// (1, 1, t, d) -> (1, 1, t + padding, d), zeros after.

@@ -36,37 +36,85 @@ pub const REPEAT_PROMPT: &str = "<|im_start|>user\nRepeat the previous context v
 /// `cap` per KV head (the same tokens, drawn with `seed`, at every layer).
 pub fn reference_queries(model: &Model, prefix: &KvCache, span: &SpanTargets, source: QuerySource, cap: usize, seed: u64) -> Result<Vec<Tensor>> {
     let mut sets = Vec::new();
-    if matches!(source, QuerySource::Context | QuerySource::Both) {
-        // The targets' own forward kept them when the method asked; else run the span again.
-        match &span.queries {
-            Some(queries) => sets.push(queries.clone()),
-            None => sets.push(model.qwen2.queries(&span.embeddings, &span.positions, Some(prefix))?),
-        }
+    if uses_context(source) {
+        sets.push(context_queries(model, prefix, span)?);
     }
-    if matches!(source, QuerySource::Repeat | QuerySource::Both) {
-        sets.push(repeat_queries(model, prefix, span)?);
+    if uses_repeat(source) {
+        let repeat = RepeatPass::new(model, prefix, span)?;
+        sets.push(model.qwen2.queries(&repeat.embeddings, &repeat.positions, Some(&repeat.context))?);
     }
-    // Per layer (1, heads, tokens, d): the sets side by side along the tokens.
-    let layers = sets[0].len();
-    let per_layer: Vec<Tensor> =
-        (0..layers).map(|layer| Tensor::cat(&sets.iter().map(|set| &set[layer]).collect::<Vec<_>>(), 2)).collect::<candle_core::Result<_>>()?;
-    let groups = model.qwen2.config().num_attention_heads / model.qwen2.config().num_key_value_heads;
-    let tokens = per_layer[0].dim(2)?;
-    let kept = sample_tokens(tokens, cap.div_ceil(groups).max(1), seed);
-    let ids = Tensor::new(kept.iter().map(|&i| i as u32).collect::<Vec<_>>(), per_layer[0].device())?;
-    per_layer.iter().map(|queries| group_by_kv_head(&queries.index_select(&ids, 2)?, groups)).collect()
+    let tokens = sets.iter().map(|set| set[0].dim(2)).sum::<candle_core::Result<usize>>()?;
+    let sample = QuerySample::new(model, tokens, cap, seed, span.embeddings.device())?;
+    (0..sets[0].len()).map(|layer| sample.pool(&sets.iter().map(|set| &set[layer]).collect::<Vec<_>>())).collect()
 }
 
-/// Per layer (1, heads, tokens, d): the queries of the repeat prompt and the
-/// span fed again, after the prefix and the span, at the positions that follow.
-fn repeat_queries(model: &Model, prefix: &KvCache, span: &SpanTargets) -> Result<Vec<Tensor>> {
-    let mut context = prefix.clone();
-    context.append(&span.keys, &span.values, &span.positions)?;
-    let prompt = model.tokenizer.encode(REPEAT_PROMPT)?;
-    let ids: Vec<u32> = prompt.iter().chain(&span.ids).copied().collect();
-    let first = context.next_position();
-    let positions: Vec<f32> = (0..ids.len()).map(|i| first + i as f32).collect();
-    model.qwen2.queries(&model.qwen2.embed(&ids)?, &positions, Some(&context))
+/// Whether `source` includes the span's own queries.
+pub fn uses_context(source: QuerySource) -> bool {
+    matches!(source, QuerySource::Context | QuerySource::Both)
+}
+
+/// Whether `source` includes the repeat pass.
+pub fn uses_repeat(source: QuerySource) -> bool {
+    matches!(source, QuerySource::Repeat | QuerySource::Both)
+}
+
+/// Per layer (1, heads, n, d): the span's own queries, from the targets'
+/// forward when it kept them, else from a second forward of the span.
+pub fn context_queries(model: &Model, prefix: &KvCache, span: &SpanTargets) -> Result<Vec<Tensor>> {
+    match &span.queries {
+        Some(queries) => Ok(queries.clone()),
+        None => model.qwen2.queries(&span.embeddings, &span.positions, Some(prefix)),
+    }
+}
+
+/// The repeat pass's input: the repeat prompt and the span's tokens, at
+/// the positions after the span, over the prefix and the span.
+pub struct RepeatPass {
+    /// (1, prompt + n, hidden)
+    pub embeddings: Tensor,
+    /// (prompt + n)
+    pub positions: Vec<f32>,
+    /// The prefix, then the span's own entries.
+    pub context: KvCache,
+}
+
+impl RepeatPass {
+    /// The repeat pass of `span` after `prefix`.
+    pub fn new(model: &Model, prefix: &KvCache, span: &SpanTargets) -> Result<Self> {
+        let mut context = prefix.clone();
+        context.append(&span.keys, &span.values, &span.positions)?;
+        let prompt = model.tokenizer.encode(REPEAT_PROMPT)?;
+        let ids: Vec<u32> = prompt.iter().chain(&span.ids).copied().collect();
+        let first = context.next_position();
+        let positions = (0..ids.len()).map(|i| first + i as f32).collect();
+        Ok(Self { embeddings: model.qwen2.embed(&ids)?, positions, context })
+    }
+}
+
+/// Which query tokens a fit sees, and how a KV head's query heads pool:
+/// the same sample at every layer.
+pub struct QuerySample {
+    /// Ascending indices of the kept tokens, into the query sets side by side.
+    ids: Tensor,
+    /// Query heads per KV head.
+    groups: usize,
+}
+
+impl QuerySample {
+    /// `cap / groups` of `tokens` query tokens (all when there are fewer),
+    /// drawn with `seed`.
+    pub fn new(model: &Model, tokens: usize, cap: usize, seed: u64, device: &candle_core::Device) -> Result<Self> {
+        let config = model.qwen2.config();
+        let groups = config.num_attention_heads / config.num_key_value_heads;
+        let kept = sample_tokens(tokens, cap.div_ceil(groups).max(1), seed);
+        Ok(Self { ids: Tensor::new(kept.iter().map(|&i| i as u32).collect::<Vec<_>>(), device)?, groups })
+    }
+
+    /// One layer's query sets (1, heads, tokens_i, d), side by side along
+    /// the tokens -> (kv_heads, groups * m, d) f32 of the sampled tokens.
+    pub fn pool(&self, sets: &[&Tensor]) -> Result<Tensor> {
+        group_by_kv_head(&Tensor::cat(sets, 2)?.index_select(&self.ids, 2)?, self.groups)
+    }
 }
 
 /// One layer's (kv_heads, m, d) reference queries against the span's

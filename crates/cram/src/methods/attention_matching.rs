@@ -13,8 +13,8 @@ use crate::compressor::{budget, CompressedSpan, Compressor};
 use crate::error::{Error, Result};
 use crate::matching::budgets::{self, Budgets};
 use crate::matching::fit::{FitSettings, HeadFit, HeadProblem, KeySelection};
-use crate::matching::queries::{attention_over_span, reference_queries, QuerySource};
-use crate::matching::{compacted, head_matrix, HeadChoice};
+use crate::matching::queries::{attention_over_span, context_queries, reference_queries, uses_context, uses_repeat, QuerySample, QuerySource, RepeatPass};
+use crate::matching::{compacted, head_matrix, layer_entries, HeadChoice};
 use crate::model::Model;
 use crate::span::SpanTargets;
 
@@ -48,6 +48,10 @@ pub struct MatchingSettings {
     pub budgets: Budgets,
     /// Keys OMP picks per round (with `keys = "omp"`).
     pub omp_picks: usize,
+    /// Fit layer by layer, each layer's repeat queries computed with the
+    /// layers below already compacted (one pass; spread budgets then
+    /// weigh heads by a first, ordinary repeat pass).
+    pub on_policy: bool,
 }
 
 impl Default for MatchingSettings {
@@ -56,7 +60,8 @@ impl Default for MatchingSettings {
     /// heads of a Qwen2.5-0.5B KV head pooled: at 2,048 a 900-token span's
     /// fit saw a third of its positions and kept 9 of 33 facts at 3.2x,
     /// against 31 of 33 at 8,192; experiments/benchmark/README.md), biases within [-3, 3]
-    /// (weights e^-3..e^3), a 1e-6 ridge, uniform budgets.
+    /// (weights e^-3..e^3), a 1e-6 ridge, uniform budgets, every layer fitted
+    /// to queries that read the original span (not on-policy).
     fn default() -> Self {
         Self {
             queries: QuerySource::Repeat,
@@ -67,6 +72,7 @@ impl Default for MatchingSettings {
             ridge: 1e-6,
             budgets: Budgets::Uniform,
             omp_picks: 1,
+            on_policy: false,
         }
     }
 }
@@ -87,6 +93,9 @@ impl MatchingSettings {
         if self.omp_picks == 0 {
             return Err(Error::Invalid("omp_picks must be >= 1".into()));
         }
+        if self.on_policy && !uses_repeat(self.queries) {
+            return Err(Error::Invalid("on_policy needs repeat queries (queries = \"repeat\" or \"both\"): the span's own queries read no compacted layer".into()));
+        }
         Ok(())
     }
 
@@ -103,17 +112,24 @@ impl MatchingSettings {
     /// Per layer, per KV head: the span against its reference queries
     /// (`queries` from [`Self::reference_queries`]).
     pub fn head_problems(&self, model: &Model, span: &SpanTargets, queries: &[Tensor]) -> Result<Vec<Vec<HeadProblem>>> {
-        let scale = attention_scale(model);
-        let problem = |layer: usize, head: usize| -> Result<HeadProblem> {
+        queries.iter().enumerate().map(|(layer, layer_queries)| layer_problems(model, span, layer, layer_queries)).collect()
+    }
+}
+
+/// One layer's per-KV-head problems: its (kv_heads, m, d) reference
+/// queries against the span's keys and values.
+fn layer_problems(model: &Model, span: &SpanTargets, layer: usize, queries: &Tensor) -> Result<Vec<HeadProblem>> {
+    let scale = attention_scale(model);
+    (0..queries.dim(0)?)
+        .map(|head| {
             Ok(HeadProblem {
-                queries: head_matrix(&queries[layer].unsqueeze(0)?, head)?,
+                queries: head_matrix(&queries.unsqueeze(0)?, head)?,
                 keys: head_matrix(&span.keys[layer], head)?,
                 values: head_matrix(&span.values[layer], head)?,
                 scale,
             })
-        };
-        (0..queries.len()).map(|layer| (0..queries[layer].dim(0)?).map(|head| problem(layer, head)).collect()).collect()
-    }
+        })
+        .collect()
 }
 
 /// 1 / sqrt(head_dim).
@@ -126,6 +142,9 @@ impl AttentionMatching {
     /// their mean output error.
     pub fn choices(&self, model: &Model, prefix: &KvCache, span: &SpanTargets, t: usize) -> Result<(Vec<Vec<HeadChoice>>, f64)> {
         self.settings.validate()?;
+        if self.settings.on_policy {
+            return self.on_policy_choices(model, prefix, span, t);
+        }
         let queries = self.settings.reference_queries(model, prefix, span)?;
         self.fit_heads(model, span, &queries, t)
     }
@@ -134,32 +153,76 @@ impl AttentionMatching {
     /// heads are fitted in parallel: each is a small dense problem that
     /// nalgebra solves on one thread.
     pub fn fit_heads(&self, model: &Model, span: &SpanTargets, queries: &[Tensor], t: usize) -> Result<(Vec<Vec<HeadChoice>>, f64)> {
-        let budgets = head_budgets(model, span, queries, t, self.settings.budgets)?;
-        let problems = self.settings.head_problems(model, span, queries)?;
+        let budgets = head_budgets(model, span, t, self.settings.budgets, || Ok(queries.to_vec()))?;
+        let fits: Vec<Vec<HeadFit>> =
+            queries.par_iter().zip(&budgets).enumerate().map(|(layer, (layer_queries, layer_budgets))| self.fit_layer(model, span, layer, layer_queries, layer_budgets)).collect::<Result<_>>()?;
+        Ok(choices_and_error(fits))
+    }
+
+    /// On-policy: one repeat pass, layer by layer; each layer is fitted to
+    /// its queries as they come out of the layers below, which read the
+    /// prefix and their own compacted entries
+    /// ([`crate::model::Qwen2::forward_layer_by_layer`]). The span's own
+    /// queries (with `queries = "both"`) join every layer's as they are.
+    fn on_policy_choices(&self, model: &Model, prefix: &KvCache, span: &SpanTargets, t: usize) -> Result<(Vec<Vec<HeadChoice>>, f64)> {
+        let settings = &self.settings;
+        let budgets = head_budgets(model, span, t, settings.budgets, || settings.reference_queries(model, prefix, span))?;
+        let slots = budgets.iter().flatten().copied().max().unwrap_or(t);
+        let repeat = RepeatPass::new(model, prefix, span)?;
+        let context = if uses_context(settings.queries) { Some(context_queries(model, prefix, span)?) } else { None };
+        let tokens = repeat.positions.len() + context.as_ref().map_or(Ok(0), |queries| queries[0].dim(2))?;
+        let sample = QuerySample::new(model, tokens, settings.query_cap, settings.seed, span.embeddings.device())?;
+        let mut fits = Vec::with_capacity(budgets.len());
+        model.qwen2.forward_layer_by_layer(&repeat.embeddings, &repeat.positions, prefix.len() + slots, |layer, repeat_queries| {
+            let mut sets: Vec<&Tensor> = context.iter().map(|queries| &queries[layer]).collect();
+            sets.push(repeat_queries);
+            let layer_fits = self.fit_layer(model, span, layer, &sample.pool(&sets)?, &budgets[layer])?;
+            let heads: Vec<HeadChoice> = layer_fits.iter().map(HeadChoice::from).collect();
+            fits.push(layer_fits);
+            let (keys, values, biases) = layer_entries(span, layer, &heads, slots)?;
+            after_prefix(prefix, layer, keys, values, biases)
+        })?;
+        Ok(choices_and_error(fits))
+    }
+
+    /// One layer's heads fitted in parallel to its (kv_heads, m, d) queries.
+    fn fit_layer(&self, model: &Model, span: &SpanTargets, layer: usize, queries: &Tensor, budgets: &[usize]) -> Result<Vec<HeadFit>> {
         let settings = self.settings.fit();
-        let fits: Vec<Vec<HeadFit>> = problems
-            .par_iter()
-            .zip(&budgets)
-            .map(|(layer, layer_budgets)| layer.par_iter().zip(layer_budgets).map(|(problem, &head_t)| problem.fit(head_t, &settings)).collect())
-            .collect::<Result<_>>()?;
-        let errors: Vec<f64> = fits.iter().flatten().map(|fit| fit.output_error).collect();
-        let choices = fits
-            .into_iter()
-            .map(|layer| layer.into_iter().map(|fit| HeadChoice { kept: fit.kept, values: Some(fit.values), biases: Some(fit.biases) }).collect())
-            .collect();
-        Ok((choices, errors.iter().sum::<f64>() / errors.len().max(1) as f64))
+        layer_problems(model, span, layer, queries)?.par_iter().zip(budgets).map(|(problem, &head_t)| problem.fit(head_t, &settings)).collect()
     }
 }
 
+/// Per layer and head, the fits as choices; and their mean output error.
+fn choices_and_error(fits: Vec<Vec<HeadFit>>) -> (Vec<Vec<HeadChoice>>, f64) {
+    let errors: Vec<f64> = fits.iter().flatten().map(|fit| fit.output_error).collect();
+    let choices = fits.iter().map(|layer| layer.iter().map(HeadChoice::from).collect()).collect();
+    (choices, errors.iter().sum::<f64>() / errors.len().max(1) as f64)
+}
+
+/// A layer's cache: the prefix's entries (their biases, or 0), then the
+/// compacted ones.
+fn after_prefix(prefix: &KvCache, layer: usize, keys: Tensor, values: Tensor, biases: Tensor) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+    let Some((prefix_keys, prefix_values)) = prefix.layer(layer) else {
+        return Ok((keys, values, Some(biases)));
+    };
+    let prefix_biases = match prefix.biases() {
+        Some(all) => all[layer].clone(),
+        None => Tensor::zeros((1, prefix_keys.dim(1)?, prefix.len()), biases.dtype(), biases.device())?,
+    };
+    Ok((Tensor::cat(&[prefix_keys, &keys], 2)?, Tensor::cat(&[prefix_values, &values], 2)?, Some(Tensor::cat(&[&prefix_biases, &biases], 2)?)))
+}
+
 /// Entries per layer and head: `t` each, or `t` times the head count
-/// shared by how widely each head attends ([`budgets::allocate`]).
-fn head_budgets(model: &Model, span: &SpanTargets, queries: &[Tensor], t: usize, budgets: Budgets) -> Result<Vec<Vec<usize>>> {
-    let shape: Vec<usize> = queries.iter().map(|layer| layer.dim(0)).collect::<candle_core::Result<_>>()?;
+/// shared by how widely each head attends ([`budgets::allocate`]) to the
+/// reference queries `queries()` gives (asked for only then).
+fn head_budgets(model: &Model, span: &SpanTargets, t: usize, budgets: Budgets, queries: impl FnOnce() -> Result<Vec<Tensor>>) -> Result<Vec<Vec<usize>>> {
+    let config = model.qwen2.config();
+    let shape = vec![config.num_key_value_heads; config.num_hidden_layers];
     let flat: Vec<usize> = match budgets {
         Budgets::Uniform => vec![t; shape.iter().sum()],
         Budgets::Spread => {
             let mut weights = Vec::with_capacity(shape.iter().sum());
-            for (layer, layer_queries) in queries.iter().enumerate() {
+            for (layer, layer_queries) in queries()?.iter().enumerate() {
                 // (kv, m, n) -> (kv, n): each head's mean attention over the span.
                 let mean: Vec<Vec<f32>> = attention_over_span(layer_queries, &span.keys[layer], attention_scale(model))?.mean(1)?.to_vec2()?;
                 weights.extend(mean.iter().map(|head| budgets::effective_keys(&head.iter().map(|&p| p as f64).collect::<Vec<_>>())));
@@ -181,7 +244,7 @@ fn head_budgets(model: &Model, span: &SpanTargets, queries: &[Tensor], t: usize,
 impl Compressor for AttentionMatching {
     /// `attention-matching`, then what departs from the defaults:
     /// `-context` or `-both` queries, `-omp` keys (`-omp4` at 4 picks a
-    /// round), `-spread` budgets.
+    /// round), `-spread` budgets, `-on-policy`.
     fn name(&self) -> String {
         let mut name = String::from("attention-matching");
         match self.settings.queries {
@@ -197,6 +260,9 @@ impl Compressor for AttentionMatching {
         }
         if self.settings.budgets == Budgets::Spread {
             name.push_str("-spread");
+        }
+        if self.settings.on_policy {
+            name.push_str("-on-policy");
         }
         name
     }

@@ -210,6 +210,42 @@ impl Qwen2 {
         self.run(embeddings, &placement, cache, logits, Keep::Queries)
     }
 
+    /// A forward of new tokens whose cache is chosen layer by layer:
+    /// before layer l attends, `cache_for(l, queries)` receives its
+    /// post-RoPE queries of the new tokens (1, heads, n, d), computed
+    /// through the layers below over the caches they were given, and
+    /// returns layer l's cache: keys and values (1, kv_heads, `cached`, d)
+    /// and their logit biases ((1, kv_heads, `cached`) f32, or `None`).
+    /// This is what fitting each layer on-policy needs (its reference
+    /// queries see the layers below already compacted) in one pass, where
+    /// a forward per layer would rerun every layer below it. The last
+    /// layer stops at its queries.
+    pub fn forward_layer_by_layer(
+        &self,
+        embeddings: &Tensor,
+        positions: &[f32],
+        cached: usize,
+        mut cache_for: impl FnMut(usize, &Tensor) -> Result<(Tensor, Tensor, Option<Tensor>)>,
+    ) -> Result<()> {
+        let placement = self.placement(positions, &[positions.len()], cached)?;
+        let exec = Exec { weight_grad: self.weight_grad, softmax_dtype: self.softmax_dtype() };
+        let mut hidden_states = embeddings.to_dtype(self.dtype)?;
+        for (index, layer) in self.layers.iter().enumerate() {
+            // The projections run twice (here and in the full block): a few
+            // percent of a block, for not splitting the block's forward.
+            let query = layer.forward(&hidden_states, &placement, None, None, Depth::KeysAndValues, exec)?.query.detach();
+            let (keys, values, bias) = cache_for(index, &query)?;
+            if keys.dim(2)? != cached || values.dim(2)? != cached {
+                return Err(Error::Invalid(format!("layer {index}'s cache has {} entries, the forward was placed after {cached}", keys.dim(2)?)));
+            }
+            if index + 1 < self.layers.len() {
+                let output = layer.forward(&hidden_states, &placement, Some((&keys, &values)), bias.as_ref(), Depth::Full, exec)?;
+                hidden_states = output.hidden_states.ok_or_else(|| Error::Invalid("a full block returned no hidden states".into()))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Softmax in at least f32 whatever the weights' dtype: bf16 rows of
     /// thousands of logits lose too much.
     fn softmax_dtype(&self) -> DType {
