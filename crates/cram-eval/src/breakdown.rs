@@ -4,7 +4,7 @@
 //! The kinds and placements come from the case files (generated cases
 //! record them); results lines name only the fact.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
 
 use crate::cases::Case;
@@ -36,10 +36,10 @@ fn span_group(n_tokens: usize) -> &'static str {
 
 /// `breakdown.csv`: per method, ratio and group (a kind, a placement or a
 /// span length), facts recalled of facts asked, the share and its Wilson
-/// 95% interval. Facts without labels count under span length only.
+/// 95% interval (seeds counted as one draw of facts). Facts without labels count under span length only.
 pub fn csv(results: &[CellResult], labels: &FactLabels) -> String {
-    // (method, ratio text, dimension, group) -> (recalled, asked)
-    let mut counts: BTreeMap<(String, String, &str, String), (usize, usize)> = BTreeMap::new();
+    // (method, ratio text, dimension, group) -> (recalled, asked, seeds)
+    let mut counts: BTreeMap<(String, String, &str, String), (usize, usize, BTreeSet<u64>)> = BTreeMap::new();
     for result in results {
         let ratio = result.cell.ratio.map_or(String::new(), |ratio| ratio.to_string());
         for (fact, recalled) in result.answers.iter().flat_map(|answered| &answered.facts) {
@@ -50,12 +50,13 @@ pub fn csv(results: &[CellResult], labels: &FactLabels) -> String {
                 let count = counts.entry((result.cell.method.clone(), ratio.clone(), dimension, group)).or_default();
                 count.0 += usize::from(*recalled);
                 count.1 += 1;
+                count.2.insert(result.cell.seed);
             }
         }
     }
     let mut out = String::from("method,ratio,by,group,recalled,asked,share,share_low,share_high\n");
-    for ((method, ratio, dimension, group), (recalled, asked)) in counts {
-        let (low, high) = stats::wilson_interval(recalled, asked, stats::Z_95);
+    for ((method, ratio, dimension, group), (recalled, asked, seeds)) in counts {
+        let (low, high) = stats::pooled_wilson_interval(recalled, asked, seeds.len(), stats::Z_95);
         let share = recalled as f64 / asked as f64;
         writeln!(out, "{method},{ratio},{dimension},{group},{recalled},{asked},{share:.4},{low:.4},{high:.4}").expect("writing to a String");
     }

@@ -35,6 +35,8 @@ pub struct RatioPoint {
     /// Facts recalled and facts asked, pooled over cases and seeds.
     pub recalled: usize,
     pub asked: usize,
+    /// The seeds pooled.
+    pub seeds: usize,
     /// Mean wall time of one cell (one case, one seed), seconds.
     pub seconds_per_cell: f64,
     /// Mean optimization steps of one cell.
@@ -74,6 +76,7 @@ pub fn facts_by_ratio(results: &[CellResult]) -> Vec<RatioPoint> {
                 total: seeds.values().map(|(_, t)| *t).max().unwrap_or(0),
                 recalled: corrects.iter().sum(),
                 asked: seeds.values().map(|(_, t)| *t).sum(),
+                seeds: seeds.len(),
             }
         })
         .collect()
@@ -103,11 +106,10 @@ impl RatioPoint {
         }
     }
 
-    /// The Wilson 95% interval of [`RatioPoint::share`]. Seeds of one
-    /// method ask the same facts again, so with several seeds the interval
-    /// is narrower than independent facts would warrant.
+    /// The Wilson 95% interval of [`RatioPoint::share`], its seeds
+    /// counted as one draw of facts ([`stats::pooled_wilson_interval`]).
     pub fn interval(&self) -> (f64, f64) {
-        stats::wilson_interval(self.recalled, self.asked, stats::Z_95)
+        stats::pooled_wilson_interval(self.recalled, self.asked, self.seeds, stats::Z_95)
     }
 }
 
@@ -567,7 +569,8 @@ mod tests {
         let snapkv = points.iter().find(|p| p.method == "snapkv").unwrap();
         assert_eq!((snapkv.recalled, snapkv.asked), (2 + 3 + 1, 3 + 2 + 3 + 2));
         assert_eq!(snapkv.share(), 0.6);
-        assert_eq!(snapkv.interval(), stats::wilson_interval(6, 10, stats::Z_95));
+        // Two seeds ask the same 5 facts: the interval of 3 of 5, not of 6 of 10.
+        assert_eq!(snapkv.interval(), stats::wilson_interval(3, 5, stats::Z_95));
         // Per seed, as before: 2 and 4 of 5.
         assert_eq!((snapkv.correct, snapkv.spread, snapkv.total), (3.0, (2, 4), 5));
 
@@ -578,7 +581,7 @@ mod tests {
         let row: Vec<&str> = table.lines().find(|l| l.starts_with("snapkv,")).unwrap().split(',').collect();
         let column = |name: &str| row[header.iter().position(|h| *h == name).unwrap()];
         assert_eq!((column("facts_recalled"), column("facts_asked"), column("share")), ("6", "10", "0.6000"));
-        let (low, high) = stats::wilson_interval(6, 10, stats::Z_95);
+        let (low, high) = stats::wilson_interval(3, 5, stats::Z_95);
         assert_eq!((column("share_low"), column("share_high")), (format!("{low:.4}").as_str(), format!("{high:.4}").as_str()));
         assert_eq!(header[..8], ["method", "ratio", "facts_correct_mean", "facts_correct_min", "facts_correct_max", "facts_total", "seconds_per_cell", "steps_per_cell"]);
     }

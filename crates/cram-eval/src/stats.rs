@@ -19,8 +19,25 @@ pub fn wilson_interval(successes: usize, trials: usize, z: f64) -> (f64, f64) {
     if trials == 0 {
         return (0.0, 1.0);
     }
-    let n = trials as f64;
-    let share = successes as f64 / n;
+    wilson_share_interval(successes as f64 / trials as f64, trials as f64, z)
+}
+
+/// [`wilson_interval`] of `recalled` of `asked` verdicts pooled over
+/// `seeds` seeds that ask the same facts again: a seed is not a new draw
+/// of facts, so only the `asked / seeds` facts count as independent
+/// trials, at the pooled share. Conservative (as if seeds always agreed),
+/// where counting every verdict would narrow the interval by up to
+/// sqrt(seeds) with no new fact.
+pub fn pooled_wilson_interval(recalled: usize, asked: usize, seeds: usize, z: f64) -> (f64, f64) {
+    debug_assert!(recalled <= asked, "{recalled} recalled of {asked} asked");
+    if asked == 0 || seeds == 0 {
+        return (0.0, 1.0);
+    }
+    wilson_share_interval(recalled as f64 / asked as f64, asked as f64 / seeds as f64, z)
+}
+
+/// The Wilson interval of a share observed over `n` trials (n > 0).
+fn wilson_share_interval(share: f64, n: f64, z: f64) -> (f64, f64) {
     let z2 = z * z;
     let denominator = 1.0 + z2 / n;
     let centre = (share + z2 / (2.0 * n)) / denominator;
@@ -114,6 +131,20 @@ mod tests {
 
     fn close(actual: (f64, f64), expected: (f64, f64), tolerance: f64) -> bool {
         (actual.0 - expected.0).abs() <= tolerance && (actual.1 - expected.1).abs() <= tolerance
+    }
+
+    /// Seeds that repeat the same verdicts add no width: the pooled
+    /// interval of S identical seeds is one seed's interval.
+    #[test]
+    fn pooled_seeds_count_the_facts_once() {
+        for seeds in 1..5 {
+            assert_eq!(pooled_wilson_interval(7 * seeds, 20 * seeds, seeds, Z_95), wilson_interval(7, 20, Z_95));
+        }
+        // Seeds that disagree: the pooled share over the facts of one seed.
+        let (low, high) = pooled_wilson_interval(15, 40, 2, Z_95);
+        let (one_low, one_high) = wilson_interval(15, 40, Z_95);
+        assert!(low < one_low && high > one_high, "wider than counting every verdict");
+        assert_eq!(pooled_wilson_interval(0, 0, 3, Z_95), (0.0, 1.0));
     }
 
     #[test]
