@@ -205,6 +205,13 @@ enum Command {
         /// Whose transcript supplies the tokens.
         #[arg(long, default_value = "eval/bearing/bearing-questions.json")]
         transcript: PathBuf,
+        /// Also time these methods' compaction of each size's span at
+        /// `--ratio` (the span's targets excluded): registry names of
+        /// methods that do not optimise, each optionally followed by `:`
+        /// and a JSON object of its knobs, e.g. kvzip
+        /// 'attention-matching:{"budgets":"spread"}'.
+        #[arg(long, num_args = 1..)]
+        methods: Vec<String>,
         /// Append one JSON line per size here.
         #[arg(long)]
         out: Option<PathBuf>,
@@ -256,7 +263,7 @@ fn main() -> Result<()> {
             eprintln!("[generate-cases] {} cases in {}", paths.len(), out.display());
             Ok(())
         }
-        Command::Bench { model, synthetic, dtype, compress_steps, virtual_tokens, prefix, ratio, steps, together, no_together, threads, transcript, out } => {
+        Command::Bench { model, synthetic, dtype, compress_steps, virtual_tokens, prefix, ratio, steps, together, no_together, threads, transcript, methods, out } => {
             if let Some(threads) = threads {
                 // Read by candle's CPU kernels and rayon; set before either starts.
                 std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
@@ -268,6 +275,7 @@ fn main() -> Result<()> {
                 answer_tokens: 32,
                 together_ratios: if no_together { Vec::new() } else { together },
                 compression_steps: compress_steps,
+                methods,
             };
             let weights = match synthetic {
                 Some(shape) => BenchWeights::Synthetic(shape),
@@ -404,6 +412,17 @@ fn bench(model_args: &ModelArgs, weights: &BenchWeights, dtype: Option<&str>, si
         );
         if let Some(error) = &record.together_error {
             eprintln!("[bench] {n_virtual} virtual tokens: the ratios together failed: {error}");
+        }
+        for compaction in &record.compactions {
+            println!(
+                "{:>9} {:>6}   compaction by {}: {:.3} s, {} entries a head{}",
+                "",
+                record.span_tokens,
+                compaction.method,
+                compaction.seconds,
+                compaction.n_kept,
+                compaction.fit_error.map_or(String::new(), |error| format!(", fit error {error:.3}"))
+            );
         }
         if let Some(out) = out {
             let mut file = std::fs::OpenOptions::new().create(true).append(true).open(out).with_context(|| format!("opening {}", out.display()))?;

@@ -2,7 +2,9 @@
 //! optimization step, the whole optimization (projected from the step, and
 //! optionally run), several spans optimized together, and answer
 //! generation; with the FLOPs each step does, the rate achieved, and peak
-//! memory (host, and on a GPU the driver's count).
+//! memory (host, and on a GPU the driver's count). Also, when asked, the
+//! compaction of the same span by methods that do not optimise (attention
+//! matching, KVzip, eviction): their own work, the span's targets excluded.
 //!
 //! On a real model the tokens are the published transcript's (cycled when
 //! a size needs more), so timings do not depend on a case's length; on a
@@ -18,6 +20,7 @@ use candle_core::Tensor;
 use cram::recipe::objective::Objective;
 use cram::recipe::optimize::optimize_together;
 use cram::recipe::settings::default_steps;
+use cram::registry::{self, MethodOptions};
 use cram::{generate, Compressor, KvCache, Logits, Model, Qwen2, Qwen2Config, Recipe, SpanTargets, VirtualStart};
 use serde::Serialize;
 
@@ -42,6 +45,10 @@ pub struct BenchSettings {
     /// Also run a whole compression of this many steps (targets, start,
     /// optimization) and time it; `None` skips it.
     pub compression_steps: Option<usize>,
+    /// Methods that do not optimise whose compaction of the span at
+    /// `ratio` is timed: a registry name, or a name, `:` and a JSON object
+    /// of its knobs (`attention-matching:{"budgets":"spread"}`).
+    pub methods: Vec<String>,
 }
 
 impl Default for BenchSettings {
@@ -53,6 +60,7 @@ impl Default for BenchSettings {
             answer_tokens: 32,
             together_ratios: vec![1.6, 2.4, 3.2, 4.8, 6.4],
             compression_steps: None,
+            methods: Vec::new(),
         }
     }
 }
@@ -70,8 +78,44 @@ impl BenchSettings {
         if let Some(ratio) = std::iter::once(&self.ratio).chain(&self.together_ratios).find(|ratio| !(ratio.is_finite() && **ratio > 1.0)) {
             return invalid(format!("ratios must be finite and above 1, got {ratio}"));
         }
+        for spec in &self.methods {
+            self.compressor(spec)?;
+        }
         Ok(())
     }
+
+    /// The method `spec` names, built at `ratio`; one that optimises is
+    /// refused (the recipe is timed by its steps).
+    fn compressor(&self, spec: &str) -> Result<Box<dyn Compressor>> {
+        let invalid = |reason: String| EvalError::Model(cram::Error::Invalid(format!("bench: method `{spec}`: {reason}")));
+        let (name, knobs) = match spec.split_once(':') {
+            Some((name, json)) => (name, serde_json::from_str(json).map_err(|e| invalid(format!("its knobs are not a JSON object: {e}")))?),
+            None => (spec, serde_json::Value::Object(Default::default())),
+        };
+        let method = registry::method(name)?;
+        if method.optimizes() {
+            return Err(invalid("it optimises; the recipe is timed by its steps".into()));
+        }
+        Ok(method.build(&MethodOptions { knobs, ..MethodOptions::new(self.ratio) })?)
+    }
+}
+
+/// Compactions timed per method: a warm-up, then the median of this many.
+pub const COMPACTION_RUNS: usize = 3;
+
+/// One method's compaction of the bench span.
+#[derive(Debug, Clone, Serialize)]
+pub struct CompactionTiming {
+    /// The method as results name it.
+    pub method: String,
+    /// Median of [`COMPACTION_RUNS`] compactions after a warm-up, seconds:
+    /// the method's own work (a repeat pass, fits, scores), not the span's
+    /// targets, which a session computes to read the span anyway.
+    pub seconds: f64,
+    /// Entries kept per head.
+    pub n_kept: usize,
+    /// The fit's relative output error, for methods that fit.
+    pub fit_error: Option<f64>,
 }
 
 /// The figures for one size.
@@ -123,6 +167,8 @@ pub struct BenchRecord {
     pub compression_seconds: Option<f64>,
     pub answer_tokens: usize,
     pub answer_tokens_per_second: f64,
+    /// [`BenchSettings::methods`]' compactions of the span.
+    pub compactions: Vec<CompactionTiming>,
 }
 
 /// The published transcript rendered with the chat template, as token ids.
@@ -225,6 +271,7 @@ pub fn measure(model: &Model, ids: &[u32], n_virtual: usize, settings: &BenchSet
     let compression_seconds =
         settings.compression_steps.map(|steps| time_compression(model, &prefix, span_ids, span_positions, n_virtual, settings.ratio, steps)).transpose()?;
     let (answer_seconds, answer_tokens) = time_answer(qwen, compressed, &tokens[..8.min(tokens.len())], settings.answer_tokens)?;
+    let compactions = settings.methods.iter().map(|spec| time_compaction(model, &prefix, span_ids, span_positions, &*settings.compressor(spec)?)).collect::<Result<_>>()?;
     let flops = step_flops(qwen.config(), n_virtual, prefix.len());
     Ok(BenchRecord {
         model: model.name.clone(),
@@ -255,7 +302,28 @@ pub fn measure(model: &Model, ids: &[u32], n_virtual: usize, settings: &BenchSet
         compression_seconds,
         answer_tokens,
         answer_tokens_per_second: answer_tokens as f64 / answer_seconds,
+        compactions,
     })
+}
+
+/// `compressor`'s compaction of the span, after its targets (with what
+/// it reads of them: surprisal, the span's own queries).
+fn time_compaction(model: &Model, prefix: &KvCache, span_ids: &[u32], span_positions: &[f32], compressor: &dyn Compressor) -> Result<CompactionTiming> {
+    let span = SpanTargets::compute_for(&model.qwen2, prefix, span_ids, span_positions, compressor.needs_surprisal(), compressor.needs_span_queries())?;
+    let mut seconds = Vec::with_capacity(COMPACTION_RUNS);
+    let mut last = None;
+    for run in 0..=COMPACTION_RUNS {
+        let started = Instant::now();
+        let compressed = compressor.compress(model, prefix, &span, &mut |_, _| {})?;
+        compressed.values[0].device().synchronize()?;
+        if run > 0 {
+            seconds.push(started.elapsed().as_secs_f64());
+        }
+        last = Some(compressed);
+    }
+    seconds.sort_by(f64::total_cmp);
+    let report = last.expect("at least one run").report;
+    Ok(CompactionTiming { method: compressor.name(), seconds: seconds[seconds.len() / 2], n_kept: report.n_kept, fit_error: report.fit_error })
 }
 
 /// One whole compression of the span to `n_virtual` tokens with `steps`
@@ -316,6 +384,22 @@ fn time_answer(model: &Qwen2, mut cache: KvCache, prompt: &[u32], max_tokens: us
 mod tests {
     use super::*;
 
+    /// Every method asked is timed on the span, kept at its budget, and
+    /// reports a fit error when it fits.
+    #[test]
+    fn the_methods_asked_are_timed_on_the_span() {
+        let model = cram::synthetic::full_model(&cram::synthetic::tiny_config(), 5, &candle_core::Device::Cpu).unwrap();
+        let ids = synthetic_ids(model.qwen2.config().vocab_size, 64);
+        let methods = vec!["kvzip".to_string(), r#"attention-matching:{"queries":"context"}"#.to_string()];
+        let settings = BenchSettings { prefix_tokens: 4, steps: 2, answer_tokens: 2, together_ratios: Vec::new(), methods, ..BenchSettings::default() };
+        let record = measure(&model, &ids, 5, &settings).unwrap();
+        let kept = cram::budget(record.span_tokens, settings.ratio).unwrap();
+        let names: Vec<&str> = record.compactions.iter().map(|c| c.method.as_str()).collect();
+        assert_eq!(names, ["kvzip", "attention-matching-context"]);
+        assert!(record.compactions.iter().all(|c| c.n_kept == kept && c.seconds > 0.0));
+        assert!(record.compactions[0].fit_error.is_none() && record.compactions[1].fit_error.is_some());
+    }
+
     #[test]
     fn impossible_bench_settings_are_refused_before_any_model_loads() {
         let settings = BenchSettings::default();
@@ -328,5 +412,11 @@ mod tests {
         assert!(bad_ratio.check(&[64]).unwrap_err().to_string().contains("above 1"));
         let bad_together = BenchSettings { together_ratios: vec![2.0, f64::NAN], ..BenchSettings::default() };
         assert!(bad_together.check(&[64]).is_err());
+        let methods = |specs: &[&str]| BenchSettings { methods: specs.iter().map(|s| s.to_string()).collect(), ..BenchSettings::default() };
+        assert!(methods(&["kvzip", r#"attention-matching:{"budgets":"spread","queries":"context"}"#]).check(&[64]).is_ok());
+        assert!(methods(&["surprisal"]).check(&[64]).unwrap_err().to_string().contains("optimises"));
+        assert!(methods(&["no-such-method"]).check(&[64]).unwrap_err().to_string().contains("unknown method"));
+        assert!(methods(&[r#"kvzip:{"query_kap":1}"#]).check(&[64]).is_err(), "an unknown knob");
+        assert!(methods(&["kvzip:{"]).check(&[64]).unwrap_err().to_string().contains("JSON"));
     }
 }
