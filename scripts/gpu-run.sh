@@ -7,7 +7,8 @@
 # BINARY: the CUDA build of `cram` (scripts/build-cuda.sh), plain or .xz.
 # OUT_DIR: every result goes here as soon as it exists, so a crash or a
 # time-out keeps what was written: env.txt (GPU, driver, libraries),
-# self-test.jsonl, bench.jsonl (cram bench --synthetic), pytorch.jsonl (the
+# self-test.jsonl, bench.jsonl (cram bench --synthetic, with compaction
+# timings in its `compactions`), pytorch.jsonl (the
 # same step in PyTorch), check.json (fact recall, only with MODEL_GGUF) and
 # run.log (everything printed, with each step's wall time).
 # Needs only the binary, the NVIDIA driver and the CUDA 13 libraries that
@@ -75,6 +76,11 @@ step bench-1.5b-t8 60 $BENCH --synthetic qwen2.5-coder-1.5b --virtual 76 --compr
 step bench-7b-t8 90 $BENCH --synthetic qwen2.5-coder-7b --virtual 76 --compress-steps 300
 step bench-7b-t24 60 $BENCH --synthetic qwen2.5-coder-7b --virtual 315
 step pytorch-7b 60 $PYTORCH --synthetic qwen2.5-coder-7b --virtual 76,315
+# Attention matching's and KVzip's seconds at real shapes (issue 26: "in
+# seconds"): the repeat pass on the GPU, the per-head fits on the host's cores.
+COMPACTIONS=(kvzip 'attention-matching:{"budgets":"spread"}' 'attention-matching:{"budgets":"spread","queries":"context"}')
+step compaction-0.5b 45 $BENCH --synthetic qwen2.5-coder-0.5b --virtual 78,312 --steps 2 --no-together --methods "${COMPACTIONS[@]}"
+step compaction-7b 45 $BENCH --synthetic qwen2.5-coder-7b --virtual 78 --steps 2 --no-together --methods "${COMPACTIONS[@]}"
 step bench-0.5b-sizes 60 $BENCH --synthetic qwen2.5-coder-0.5b --virtual 64,128,256,512,1024
 step pytorch-0.5b 40 $PYTORCH --synthetic qwen2.5-coder-0.5b --virtual 64,256,1024
 step bench-1.5b-sizes 60 $BENCH --synthetic qwen2.5-coder-1.5b --virtual 64,128,256,512,1024
