@@ -1,0 +1,40 @@
+"""Facts recalled by methods of one sweep folder at one ratio, on the
+calibrated facts (full context recalls, no context misses) that every
+named method was asked, with the exact McNemar p-value of the first two.
+For a folder whose sweep stopped early, where `cram report`'s pairs each
+use all the facts two methods share.
+
+    python3 experiments/attention-matching/paired.py RUN_DIR RATIO METHOD [METHOD ...]
+"""
+import collections
+import json
+import math
+import sys
+
+
+def main(run, ratio, methods):
+    verdicts = collections.defaultdict(dict)
+    for line in open(f"{run}/results.jsonl"):
+        result = json.loads(line)
+        for answer in result["answers"]:
+            for fact, recalled in answer["facts"]:
+                verdicts[(result["method"], result["ratio"])][(result["case"], answer["question_id"], fact)] = recalled
+    full, none = verdicts[("full", None)], verdicts[("none", None)]
+    calibrated = {key for key, recalled in full.items() if recalled and not none.get(key, False)}
+    common = set(calibrated)
+    for method in methods:
+        common &= set(verdicts[(method, ratio)])
+    print(f"{len(common)} calibrated facts asked of all ({len(calibrated)} calibrated) at {ratio}x")
+    for method in methods:
+        print(f"  {method}: {sum(verdicts[(method, ratio)][key] for key in common)}")
+    if len(methods) >= 2:
+        a, b = (verdicts[(method, ratio)] for method in methods[:2])
+        only_a = sum(a[key] and not b[key] for key in common)
+        only_b = sum(b[key] and not a[key] for key in common)
+        discordant, smaller = only_a + only_b, min(only_a, only_b)
+        p = min(1.0, 2 * sum(math.comb(discordant, k) for k in range(smaller + 1)) / 2**discordant) if discordant else 1.0
+        print(f"  only {methods[0]}: {only_a}, only {methods[1]}: {only_b}, McNemar p = {p:.2g}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], float(sys.argv[2]), sys.argv[3:])
