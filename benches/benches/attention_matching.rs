@@ -15,8 +15,7 @@ use criterion::Criterion;
 use cram::matching::budgets::Budgets;
 use cram::matching::queries::{reference_queries, QuerySource};
 use cram::{budget, AttentionMatching, Compressor, KvZip, KvZipSettings, MatchingSettings, SpanTargets};
-use cram_benches::{load_default_model, CountingAllocator};
-use cram_eval::bench::{prefix_cache, transcript_ids};
+use cram_benches::{load_default_model, BearingSpan, CountingAllocator};
 
 #[global_allocator]
 static ALLOCATOR: CountingAllocator = CountingAllocator;
@@ -30,11 +29,8 @@ fn main() -> anyhow::Result<()> {
     cram_eval::memory::keep_freed_memory();
     let model = load_default_model()?;
     let qwen = &model.qwen2;
-    let ids = transcript_ids(&model, &cram_benches::repo_path("eval/bearing/bearing-questions.json"))?;
-    let positions: Vec<f32> = (0..PREFIX_TOKENS + SPAN_TOKENS).map(|p| p as f32).collect();
-    let prefix = prefix_cache(qwen, &ids[..PREFIX_TOKENS], &positions[..PREFIX_TOKENS])?;
-    let span_ids = &ids[PREFIX_TOKENS..PREFIX_TOKENS + SPAN_TOKENS];
-    let span_positions = &positions[PREFIX_TOKENS..];
+    let BearingSpan { prefix, ids, positions } = BearingSpan::new(&model, PREFIX_TOKENS, SPAN_TOKENS)?;
+    let (span_ids, span_positions) = (ids.as_slice(), positions.as_slice());
     let span = SpanTargets::compute_without_surprisal(qwen, &prefix, span_ids, span_positions)?;
     let t = budget(span.len(), RATIO)?;
 

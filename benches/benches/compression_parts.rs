@@ -10,8 +10,7 @@ use criterion::{BenchmarkId, Criterion};
 use cram::recipe::objective::Objective;
 use cram::recipe::optimize::optimize_together;
 use cram::{generate, OptimizerConfig, Recipe, SpanTargets};
-use cram_benches::{load_default_model, CountingAllocator};
-use cram_eval::bench::{prefix_cache, transcript_ids};
+use cram_benches::{load_default_model, BearingSpan, CountingAllocator};
 
 #[global_allocator]
 static ALLOCATOR: CountingAllocator = CountingAllocator;
@@ -26,15 +25,12 @@ fn main() -> anyhow::Result<()> {
     cram_eval::memory::keep_freed_memory();
     let model = load_default_model()?;
     let qwen = &model.qwen2;
-    let ids = transcript_ids(&model, &cram_benches::repo_path("eval/bearing/bearing-questions.json"))?;
-    let positions: Vec<f32> = (0..PREFIX_TOKENS + SPAN_TOKENS).map(|p| p as f32).collect();
-    let prefix = prefix_cache(qwen, &ids[..PREFIX_TOKENS], &positions[..PREFIX_TOKENS])?;
-    let span_ids = &ids[PREFIX_TOKENS..PREFIX_TOKENS + SPAN_TOKENS];
-    let span = SpanTargets::compute(qwen, &prefix, span_ids, &positions[PREFIX_TOKENS..])?;
+    let BearingSpan { prefix, ids: span_ids, positions: span_positions } = BearingSpan::new(&model, PREFIX_TOKENS, SPAN_TOKENS)?;
+    let span = SpanTargets::compute(qwen, &prefix, &span_ids, &span_positions)?;
 
     let mut criterion = Criterion::default().sample_size(10).warm_up_time(std::time::Duration::from_secs(1)).configure_from_args();
     criterion.bench_function("target_forward_208_tokens", |b| {
-        b.iter(|| SpanTargets::compute(qwen, &prefix, span_ids, &positions[PREFIX_TOKENS..]).expect("targets"))
+        b.iter(|| SpanTargets::compute(qwen, &prefix, &span_ids, &span_positions).expect("targets"))
     });
 
     let starts: Vec<_> = RATIOS.iter().map(|&ratio| Recipe::published(ratio).virtual_start(qwen, &prefix, &span)).collect::<cram::Result<_>>()?;
@@ -52,7 +48,7 @@ fn main() -> anyhow::Result<()> {
     criterion.bench_function("answer_32_tokens", |b| {
         b.iter(|| {
             let mut cache = prefix.clone();
-            generate::greedy(qwen, &mut cache, &ids[..8], PREFIX_TOKENS as f32, ANSWER_TOKENS, &[]).expect("answer")
+            generate::greedy(qwen, &mut cache, &span_ids[..8], PREFIX_TOKENS as f32, ANSWER_TOKENS, &[]).expect("answer")
         })
     });
     criterion.final_summary();

@@ -97,6 +97,26 @@ pub fn bench_text() -> Result<String> {
     Ok(cram_eval::render::Rendering::Chatml.messages(messages, &indices))
 }
 
+/// A span of the bearing transcript (ChatML) after its first tokens,
+/// cached verbatim as the prefix.
+pub struct BearingSpan {
+    pub prefix: KvCache,
+    /// The span's token ids.
+    pub ids: Vec<u32>,
+    /// The span's positions, right after the prefix.
+    pub positions: Vec<f32>,
+}
+
+impl BearingSpan {
+    /// `span_tokens` tokens after a `prefix_tokens`-token prefix.
+    pub fn new(model: &Model, prefix_tokens: usize, span_tokens: usize) -> Result<Self> {
+        let ids = cram_eval::bench::transcript_ids(model, &repo_path("eval/bearing/bearing-questions.json"))?;
+        let positions: Vec<f32> = (0..prefix_tokens + span_tokens).map(|p| p as f32).collect();
+        let prefix = cram_eval::bench::prefix_cache(&model.qwen2, &ids[..prefix_tokens], &positions[..prefix_tokens])?;
+        Ok(Self { prefix, ids: ids[prefix_tokens..prefix_tokens + span_tokens].to_vec(), positions: positions[prefix_tokens..].to_vec() })
+    }
+}
+
 pub fn repo_path(relative: &str) -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(relative)
 }
