@@ -274,17 +274,30 @@ fn session_save_load(fixture: &Fixture) -> Result<Verdict> {
     Ok(Verdict { passed, detail: json!(checks) })
 }
 
-/// Every registered method compresses one turn of a session on the device:
-/// finite entries, no more than the span.
+/// Knobs beyond the defaults whose code differs on a device: attention
+/// matching on-policy (a forward layer by layer) with spread budgets
+/// (padded heads), and with the span's own queries (kept by the targets'
+/// forward).
+const VARIANTS: [(&str, &str); 2] = [
+    ("attention-matching", r#"{"on_policy": true, "budgets": "spread"}"#),
+    ("attention-matching", r#"{"queries": "context"}"#),
+];
+
+/// Every registered method (and [`VARIANTS`]) compresses one turn of a
+/// session on the device: finite entries, no more than the span.
 fn compressors(fixture: &Fixture) -> Result<Verdict> {
     let span_text: String = (0..24).map(|i| format!("t{}", 3 + (i * 5) % (fixture.reference.config().vocab_size - 3))).collect::<Vec<_>>().join(" ");
+    let defaults = METHODS.iter().map(|method| (method, serde_json::Value::Object(Default::default())));
+    let variants = VARIANTS.iter().map(|(name, knobs)| (cram::registry::method(name).expect("a registered method"), serde_json::from_str(knobs).expect("JSON knobs")));
     let mut results = serde_json::Map::new();
     let mut passed = true;
-    for method in METHODS {
-        let mut options = MethodOptions::new(RATIO);
+    for (method, knobs) in defaults.chain(variants) {
+        let mut options = MethodOptions { knobs, ..MethodOptions::new(RATIO) };
         options.recipe.optimizer = quick_optimizer();
+        let mut name = method.name.to_string();
         let outcome = (|| -> cram::Result<serde_json::Value> {
             let compressor = method.build(&options)?;
+            name = compressor.name();
             let mut session = Session::new(&fixture.model, "t1 t2 t3 t4 t5 t6 t7 t8")?;
             let report = session.push_compressed(&span_text, compressor.as_ref(), &mut |_, _| {})?;
             let cache = session.cache();
@@ -293,7 +306,7 @@ fn compressors(fixture: &Fixture) -> Result<Verdict> {
         })();
         let ok = outcome.as_ref().is_ok_and(|value| value["finite"] == json!(true) && value["kept"].as_u64() <= value["of"].as_u64());
         passed &= ok;
-        results.insert(method.name.into(), outcome.unwrap_or_else(|error| json!({ "error": error.to_string() })));
+        results.insert(name, outcome.unwrap_or_else(|error| json!({ "error": error.to_string() })));
     }
     Ok(Verdict { passed, detail: serde_json::Value::Object(results) })
 }
