@@ -450,3 +450,33 @@ fn on_policy_fits_the_queries_of_the_compacted_layers_below() {
     let context_only = MatchingSettings { on_policy: true, queries: QuerySource::Context, ..MatchingSettings::default() };
     assert!(context_only.validate().is_err());
 }
+
+/// With a share of the entries kept verbatim, every head keeps the span's
+/// last tokens with their own keys and values and bias 0, and fits the
+/// older tokens into the rest of its budget.
+#[test]
+fn recent_tokens_are_kept_verbatim_in_every_head() {
+    let model = model(114);
+    let (prefix, span) = span_after_system(&model);
+    let method = AttentionMatching { settings: MatchingSettings { recent_share: 0.5, ..MatchingSettings::default() }, ratio: 2.0 };
+    assert_eq!(method.name(), "attention-matching-recent0.5");
+    let (n, t) = (span.len(), cram::budget(span.len(), 2.0).unwrap());
+    let recent = method.settings.recent_tokens(t, n);
+    assert_eq!(recent, t / 2);
+    let (choices, _) = method.choices(&model, &prefix, &span, t).unwrap();
+    for choice in choices.iter().flatten() {
+        assert_eq!(choice.kept.len(), t);
+        assert!(choice.kept[..t - recent].iter().all(|&i| i < n - recent), "fitted entries come from the older tokens");
+        assert_eq!(choice.kept[t - recent..], (n - recent..n).collect::<Vec<_>>()[..]);
+    }
+    let compressed = method.compress(&model, &prefix, &span, &mut |_, _| {}).unwrap();
+    assert_eq!(compressed.report.n_kept, t);
+    for layer in 0..span.keys.len() {
+        let tail = |tensor: &Tensor, len: usize| tensor.narrow(2, len - recent, recent).unwrap();
+        assert_eq!(max_abs_diff(&tail(&compressed.keys[layer], t), &tail(&span.keys[layer], n)), 0.0);
+        assert_eq!(max_abs_diff(&tail(&compressed.values[layer], t), &tail(&span.values[layer], n)), 0.0);
+        let biases = compressed.biases.as_ref().unwrap()[layer].narrow(2, t - recent, recent).unwrap();
+        assert!(biases.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|&b| b == 0.0));
+    }
+    assert!(MatchingSettings { recent_share: 1.0, ..MatchingSettings::default() }.validate().is_err());
+}

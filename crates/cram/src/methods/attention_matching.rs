@@ -5,6 +5,7 @@
 //! squares to the span's attention output ([`crate::matching::fit`]).
 
 use candle_core::Tensor;
+use nalgebra::DMatrix;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -52,6 +53,12 @@ pub struct MatchingSettings {
     /// layers below already compacted (one pass; spread budgets then
     /// weigh heads by a first, ordinary repeat pass).
     pub on_policy: bool,
+    /// Share of each head's entries spent on the span's last tokens, kept
+    /// verbatim (their own keys and values, bias 0); the rest of the span
+    /// is fitted into the other entries. Eviction that keeps the recent
+    /// tokens recalls late facts that attention matching loses
+    /// (experiments/benchmark/README.md, eviction-4.8-250).
+    pub recent_share: f64,
 }
 
 impl Default for MatchingSettings {
@@ -73,6 +80,7 @@ impl Default for MatchingSettings {
             budgets: Budgets::Uniform,
             omp_picks: 1,
             on_policy: false,
+            recent_share: 0.0,
         }
     }
 }
@@ -93,10 +101,22 @@ impl MatchingSettings {
         if self.omp_picks == 0 {
             return Err(Error::Invalid("omp_picks must be >= 1".into()));
         }
+        if !(0.0..1.0).contains(&self.recent_share) {
+            return Err(Error::Invalid(format!("recent_share {} must be in [0, 1)", self.recent_share)));
+        }
+        if self.on_policy && self.recent_share > 0.0 {
+            return Err(Error::Invalid("on_policy does not combine with recent_share yet".into()));
+        }
         if self.on_policy && !uses_repeat(self.queries) {
             return Err(Error::Invalid("on_policy needs repeat queries (queries = \"repeat\" or \"both\"): the span's own queries read no compacted layer".into()));
         }
         Ok(())
+    }
+
+    /// Entries of a head's `t` kept verbatim from the span's end
+    /// (`recent_share` of them, leaving at least one to fit).
+    pub fn recent_tokens(&self, t: usize, span_len: usize) -> usize {
+        ((self.recent_share * t as f64).floor() as usize).min(t.saturating_sub(1)).min(span_len.saturating_sub(1))
     }
 
     /// What the per-head fit takes of these settings.
@@ -139,14 +159,29 @@ fn attention_scale(model: &Model) -> f64 {
 
 impl AttentionMatching {
     /// The per-head fits of a span at `t` entries per head on average, and
-    /// their mean output error.
+    /// their mean output error (of the fitted block: with `recent_share`,
+    /// the span before its recent tokens).
     pub fn choices(&self, model: &Model, prefix: &KvCache, span: &SpanTargets, t: usize) -> Result<(Vec<Vec<HeadChoice>>, f64)> {
         self.settings.validate()?;
         if self.settings.on_policy {
             return self.on_policy_choices(model, prefix, span, t);
         }
         let queries = self.settings.reference_queries(model, prefix, span)?;
-        self.fit_heads(model, span, &queries, t)
+        let recent = self.settings.recent_tokens(t, span.len());
+        if recent == 0 {
+            return self.fit_heads(model, span, &queries, t);
+        }
+        // The older tokens are one block, the recent ones another: matching
+        // the older block's mass and output for every query, and keeping
+        // the recent block as it is, matches the whole span.
+        let older = span.select(&(0..span.len() - recent).collect::<Vec<_>>())?;
+        let (mut choices, older_error) = self.fit_heads(model, &older, &queries, t - recent)?;
+        for (layer, heads) in choices.iter_mut().enumerate() {
+            for (head, choice) in heads.iter_mut().enumerate() {
+                keep_verbatim(choice, &head_matrix(&span.values[layer], head)?, recent);
+            }
+        }
+        Ok((choices, older_error))
     }
 
     /// [`Self::choices`] from reference queries already computed. The
@@ -190,6 +225,19 @@ impl AttentionMatching {
         let settings = self.settings.fit();
         layer_problems(model, span, layer, queries)?.par_iter().zip(budgets).map(|(problem, &head_t)| problem.fit(head_t, &settings)).collect()
     }
+}
+
+/// Appends the span's last `recent` entries to a head's choice as they
+/// are: their own values (`span_values`, (n, d)), bias 0.
+fn keep_verbatim(choice: &mut HeadChoice, span_values: &DMatrix<f64>, recent: usize) {
+    let n = span_values.nrows();
+    let fitted = choice.values.take().unwrap_or_else(|| span_values.select_rows(&choice.kept));
+    let mut values = DMatrix::zeros(fitted.nrows() + recent, fitted.ncols());
+    values.rows_mut(0, fitted.nrows()).copy_from(&fitted);
+    values.rows_mut(fitted.nrows(), recent).copy_from(&span_values.rows(n - recent, recent));
+    choice.values = Some(values);
+    choice.biases.get_or_insert_with(|| vec![0.0; choice.kept.len()]).extend(std::iter::repeat_n(0.0, recent));
+    choice.kept.extend(n - recent..n);
 }
 
 /// Per layer and head, the fits as choices; and their mean output error.
@@ -244,7 +292,8 @@ fn head_budgets(model: &Model, span: &SpanTargets, t: usize, budgets: Budgets, q
 impl Compressor for AttentionMatching {
     /// `attention-matching`, then what departs from the defaults:
     /// `-context` or `-both` queries, `-omp` keys (`-omp4` at 4 picks a
-    /// round), `-spread` budgets, `-on-policy`.
+    /// round), `-spread` budgets, `-on-policy`, `-recent0.5` for a share
+    /// of entries kept verbatim from the span's end.
     fn name(&self) -> String {
         let mut name = String::from("attention-matching");
         match self.settings.queries {
@@ -263,6 +312,9 @@ impl Compressor for AttentionMatching {
         }
         if self.settings.on_policy {
             name.push_str("-on-policy");
+        }
+        if self.settings.recent_share > 0.0 {
+            name.push_str(&format!("-recent{}", self.settings.recent_share));
         }
         name
     }
