@@ -98,6 +98,16 @@ fn an_infinite_bench_ratio_is_refused() {
     assert_clean_failure(&output, "ratios must be finite and above 1, got inf");
 }
 
+/// `bench --methods` refuses, before any model loads, a method it cannot
+/// time: an unknown name, one that optimises, knobs that are not JSON.
+#[test]
+fn a_bench_method_it_cannot_time_is_refused() {
+    let home = tempfile::tempdir().unwrap();
+    assert_clean_failure(&cram(&["bench", "--methods", "no-such-method"], home.path()), "unknown method `no-such-method`");
+    assert_clean_failure(&cram(&["bench", "--methods", "kvzip", "surprisal"], home.path()), "it optimises");
+    assert_clean_failure(&cram(&["bench", "--methods", "kvzip:{query_cap"], home.path()), "not a JSON object");
+}
+
 /// The published cases and the reproduce configs are built into the binary:
 /// outside the repository, `check` finds its case file and `reproduce` its
 /// config (each then stops at the missing model, before any work).
