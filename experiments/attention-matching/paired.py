@@ -1,6 +1,8 @@
 """Facts recalled by methods of one sweep folder at one ratio, on the
 calibrated facts (full context recalls, no context misses) that every
-named method was asked, with the exact McNemar p-value of the first two.
+named method was asked, with the exact McNemar p-value of the first two;
+and per method its cells' mean fit error (`fit_error`, methods that fit)
+and median `compress_seconds`, over all its cells at that ratio.
 For a folder whose sweep stopped early, where `cram report`'s pairs each
 use all the facts two methods share.
 
@@ -14,8 +16,10 @@ import sys
 
 def main(run, ratio, methods):
     verdicts = collections.defaultdict(dict)
+    cells = collections.defaultdict(list)
     for line in open(f"{run}/results.jsonl"):
         result = json.loads(line)
+        cells[(result["method"], result["ratio"])].append(result)
         for answer in result["answers"]:
             for fact, recalled in answer["facts"]:
                 verdicts[(result["method"], result["ratio"])][(result["case"], answer["question_id"], fact)] = recalled
@@ -26,7 +30,11 @@ def main(run, ratio, methods):
         common &= set(verdicts[(method, ratio)])
     print(f"{len(common)} calibrated facts asked of all ({len(calibrated)} calibrated) at {ratio}x")
     for method in methods:
-        print(f"  {method}: {sum(verdicts[(method, ratio)][key] for key in common)}")
+        own = cells[(method, ratio)]
+        errors = [cell["fit_error"] for cell in own if cell.get("fit_error") is not None]
+        seconds = sorted(cell["compress_seconds"] for cell in own)
+        fit = f", mean fit error {sum(errors) / len(errors):.3f}" if errors else ""
+        print(f"  {method}: {sum(verdicts[(method, ratio)][key] for key in common)}{fit}, median compress {seconds[len(seconds) // 2]:.1f} s over {len(own)} cells")
     if len(methods) >= 2:
         a, b = (verdicts[(method, ratio)] for method in methods[:2])
         only_a = sum(a[key] and not b[key] for key in common)
