@@ -33,7 +33,7 @@ fn main() -> anyhow::Result<()> {
         b.iter(|| SpanTargets::compute(qwen, &prefix, &span_ids, &span_positions).expect("targets"))
     });
 
-    let starts: Vec<_> = RATIOS.iter().map(|&ratio| Recipe::published(ratio).virtual_start(qwen, &prefix, &span)).collect::<cram::Result<_>>()?;
+    let starts: Vec<_> = RATIOS.iter().map(|&ratio| Recipe::published(ratio).virtual_start(&model, &prefix, &span)).collect::<cram::Result<_>>()?;
     let mut group = criterion.benchmark_group("one_step_and_final_forward");
     for (label, chosen) in [("3.2x alone", &starts[2..3]), ("5 ratios together", &starts[..])] {
         let objectives: Vec<Objective> =

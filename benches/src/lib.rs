@@ -72,7 +72,7 @@ impl StepSetup {
         let positions: Vec<f32> = (0..prefix_len + span_len).map(|i| i as f32).collect();
         let cache = cram_eval::bench::prefix_cache(&model.qwen2, &ids[..prefix_len], &positions[..prefix_len])?;
         let span = SpanTargets::compute(&model.qwen2, &cache, &ids[prefix_len..prefix_len + span_len], &positions[prefix_len..])?;
-        let start = Recipe::published(ratio).virtual_start(&model.qwen2, &cache, &span)?;
+        let start = Recipe::published(ratio).virtual_start(model, &cache, &span)?;
         anyhow::ensure!(start.positions.len() == n_virtual, "{} virtual tokens, wanted {n_virtual}", start.positions.len());
         Ok(Self { cache, virtual_embeddings: Var::from_tensor(&start.init)?, virtual_positions: start.positions, targets: start.targets })
     }

@@ -238,7 +238,7 @@ pub fn measure(model: &Model, ids: &[u32], n_virtual: usize, settings: &BenchSet
     let target_forward_seconds = started.elapsed().as_secs_f64();
     let target_peak_device_mib = device_memory(device).map(|memory| memory.peak_mib);
 
-    let single = Recipe::published(settings.ratio).virtual_start_sized(qwen, &prefix, &span, n_virtual)?;
+    let single = Recipe::published(settings.ratio).virtual_start_sized(model, &prefix, &span, n_virtual)?;
     reset_peak_rss();
     reset_device_peak(device);
     let (step_seconds, compressed) = time_steps(qwen, &prefix, std::slice::from_ref(&single), settings.steps)?;
@@ -252,7 +252,7 @@ pub fn measure(model: &Model, ids: &[u32], n_virtual: usize, settings: &BenchSet
         let starts = settings
             .together_ratios
             .iter()
-            .map(|&ratio| Recipe::published(ratio).virtual_start(qwen, &prefix, &span))
+            .map(|&ratio| Recipe::published(ratio).virtual_start(model, &prefix, &span))
             .collect::<cram::Result<Vec<_>>>()?;
         reset_device_peak(device);
         // All the ratios' tokens attend to each other before the mask

@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use crate::compressor::Compressor;
-use crate::methods::attention_matching::{AttentionMatching, MatchingSettings};
+use crate::methods::attention_matching::{AttentionMatching, MatchedKeys, MatchingSettings};
 use crate::methods::compress_evict::{CompressEvictSettings, CompressThenEvict};
 use crate::methods::evict::Evict;
 use crate::methods::fitted_recipe::FittedRecipe;
@@ -130,15 +130,17 @@ pub fn method(name: &str) -> Result<&'static Method> {
 }
 
 /// Where the recipe starts, by name: `chunk-mean`, `random` (drawn with
-/// `seed`), or the name of an eviction method (the tokens it keeps, with
-/// its default knobs).
+/// `seed`), `attention-matching` (the reverse start: the tokens its
+/// default fit keeps most, at their own positions), or the name of an
+/// eviction method (the tokens it keeps, with its default knobs).
 pub fn init(name: &str, seed: u64) -> Result<Init> {
     match name {
         "chunk-mean" => Ok(Init::ChunkMean),
         "random" => Ok(Init::Random { seed }),
+        "attention-matching" => Ok(Init::Anchored(Rc::new(MatchedKeys::default()))),
         other => match method(other)?.kind {
             Kind::Eviction(scorer) => Ok(Init::Kept(scorer(&serde_json::json!({}))?)),
-            _ => Err(Error::Invalid(format!("init `{other}`: not chunk-mean, random or an eviction method"))),
+            _ => Err(Error::Invalid(format!("init `{other}`: not chunk-mean, random, attention-matching or an eviction method"))),
         },
     }
 }

@@ -68,9 +68,9 @@ fn the_key_value_objective_fits_keys_and_values() -> anyhow::Result<()> {
     let span = span_after_prefix(model, &prefix);
     let key_value = quick(Recipe { key_weight: 1.0, ..Recipe::published(3.0) }, 80);
     assert_eq!(key_value.name(), "surprisal-kv");
-    let start = key_value.virtual_start(model, &prefix, &span)?;
+    let start = key_value.virtual_start(&full, &prefix, &span)?;
     assert_eq!(start.key_targets.len(), model.config().num_hidden_layers);
-    assert!(quick(Recipe::published(3.0), 1).virtual_start(model, &prefix, &span)?.key_targets.is_empty());
+    assert!(quick(Recipe::published(3.0), 1).virtual_start(&full, &prefix, &span)?.key_targets.is_empty());
 
     let key_term = |keys: &[Tensor], positions: &[f32]| -> anyhow::Result<f32> {
         let rotation = model.rotation_f32(positions)?;
@@ -265,18 +265,19 @@ fn early_stopping_stops_on_a_plateau_only() -> anyhow::Result<()> {
     assert!(rule.plateaued(&[5.0, 1.0, 1.0, 0.999, 1.0]), "less than 1% in the last 3");
     assert!(rule.plateaued(&[5.0, 1.0, 2.0, 2.0, 2.0]), "worse");
 
-    let model = synthetic::model(&synthetic::tiny_config(), 67, &cpu())?;
-    let prefix = prefix_cache(&model, &PREFIX);
-    let span = span_after_prefix(&model, &prefix);
-    let start = Recipe::published(4.0).virtual_start(&model, &prefix, &span)?;
+    let full = synthetic::full_model(&synthetic::tiny_config(), 67, &cpu())?;
+    let model = &full.qwen2;
+    let prefix = prefix_cache(model, &PREFIX);
+    let span = span_after_prefix(model, &prefix);
+    let start = Recipe::published(4.0).virtual_start(&full, &prefix, &span)?;
     // lr 0: the loss never moves, so the run stops once the patience is spent.
     let frozen = OptimizerConfig { lr: 0.0, early_stop: Some(EarlyStop { patience: 5, min_improvement: 0.01 }), ..Default::default() };
-    let stopped = optimize(&model, start.objective(&prefix), &start.init, &frozen, 100, &mut |_, _| {})?;
+    let stopped = optimize(model, start.objective(&prefix), &start.init, &frozen, 100, &mut |_, _| {})?;
     assert_eq!((stopped.report.steps, stopped.report.budget), (6, 100));
     assert_eq!(stopped.report.loss_curve.len(), 7);
     // A run that keeps improving uses its whole budget.
     let learning = OptimizerConfig { lr: 0.05, early_stop: Some(EarlyStop { patience: 5, min_improvement: 1e-4 }), ..Default::default() };
-    let full = optimize(&model, start.objective(&prefix), &start.init, &learning, 20, &mut |_, _| {})?;
-    assert_eq!((full.report.steps, full.report.budget), (20, 20));
+    let whole_budget = optimize(model, start.objective(&prefix), &start.init, &learning, 20, &mut |_, _| {})?;
+    assert_eq!((whole_budget.report.steps, whole_budget.report.budget), (20, 20));
     Ok(())
 }

@@ -8,7 +8,7 @@ use candle_core::{DType, Tensor};
 use common::{cpu, max_abs_diff, positions};
 use cram::matching::queries::attention_over_span;
 use cram::matching::{compacted, head_matrix, HeadChoice};
-use cram::{synthetic, AttentionMatching, Compressor, KvCache, KvZip, Logits, MatchingSettings, Model, Session, SpanTargets};
+use cram::{synthetic, Anchors, AttentionMatching, Compressor, KvCache, KvZip, Logits, MatchedKeys, MatchingSettings, Model, Session, SpanTargets};
 
 const SYSTEM: &str = "t5 t9 t14 t2";
 const TURN: &str = "t30 t31 t8 t8 t44 t17 t63 t1 t12 t40 t41 t7 t22 t23 t50 t3 t36 t36 t11 t60";
@@ -235,6 +235,31 @@ fn the_fitted_recipe_keeps_the_recipes_keys_and_refits_the_values() {
     let mut cache = prefix.clone();
     fitted.append_to(&mut cache).unwrap();
     assert!(question_after(&model, &cache).logits.unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|x| x.is_finite()));
+}
+
+/// The reverse start: the recipe's virtual tokens start at the tokens that
+/// the most heads' attention-matching fits keep (votes counted here from
+/// the fit's own choices), and the fitted recipe keeps them there.
+#[test]
+fn the_reverse_start_anchors_the_recipe_at_the_tokens_most_heads_keep() {
+    let model = model(116);
+    let (prefix, span) = span_after_system(&model);
+    let t = cram::budget(span.len(), 4.0).unwrap();
+    let anchors = MatchedKeys::default().anchors(&model, &prefix, &span, t).unwrap();
+    assert_eq!(anchors.len(), t);
+    assert!(anchors.windows(2).all(|pair| pair[0] < pair[1]));
+    let (choices, _) = AttentionMatching { settings: MatchingSettings::default(), ratio: 4.0 }.choices(&model, &prefix, &span, t).unwrap();
+    let votes = |token: usize| choices.iter().flatten().filter(|choice| choice.kept.contains(&token)).count();
+    let least_kept = anchors.iter().map(|&i| votes(i)).min().unwrap();
+    let most_left = (0..span.len()).filter(|i| !anchors.contains(i)).map(votes).max().unwrap();
+    assert!(least_kept >= most_left, "an anchor with {least_kept} votes, a token left out with {most_left}");
+
+    let init = cram::registry::init("attention-matching", 0).unwrap();
+    let recipe = cram::Recipe { init, optimizer: cram::OptimizerConfig { lr: 0.05, steps: Some(3), ..Default::default() }, ..cram::Recipe::published(4.0) };
+    let fitted = cram::FittedRecipe { settings: MatchingSettings::default(), recipe }.compress(&model, &prefix, &span, &mut |_, _| {}).unwrap();
+    assert_eq!(fitted.report.method, "fitted-recipe+attention-matching-init");
+    assert_eq!(fitted.positions, anchors.iter().map(|&i| span.positions[i]).collect::<Vec<_>>());
+    assert!(fitted.biases.is_some() && fitted.report.fit_error.is_some_and(|e| e.is_finite()));
 }
 
 /// Targets without the surprisal (no logits) have the span's K and V bit

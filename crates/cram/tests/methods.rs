@@ -152,7 +152,7 @@ fn the_hybrid_keeps_the_most_distinctive_tokens_and_fits_the_rest_around_them() 
     let rest: Vec<usize> = (0..12).filter(|i| !verbatim.contains(i)).collect();
     let rest_span = span.select(&rest).unwrap();
     let fit = |after: &KvCache| {
-        let start = hybrid.recipe.virtual_start_sized(&model.qwen2, after, &rest_span, 3).unwrap();
+        let start = hybrid.recipe.virtual_start_sized(&model, after, &rest_span, 3).unwrap();
         let optimized = optimize(&model.qwen2, start.objective(after), &start.init, &hybrid.recipe.optimizer, 5, &mut |_, _| {}).unwrap();
         (start.positions, optimized)
     };

@@ -13,8 +13,8 @@ use cram::recipe::pooling::{chunk_bounds, pool, pooling_matrix, token_weights};
 use cram::recipe::positions::virtual_positions;
 use cram::recipe::settings::default_steps;
 use cram::{
-    budget, compress_together, synthetic, Checkpointing, Compressor, EarlyStop, Logits, OptimizerConfig, Pooling, PositionMode, RawSpan,
-    Recipe, SpanTargets,
+    budget, compress_together, synthetic, Anchors, Checkpointing, Compressor, EarlyStop, Init, KvCache, Logits, Model, OptimizerConfig,
+    Pooling, PositionMode, RawSpan, Recipe, SpanTargets,
 };
 
 const PREFIX: [u32; 4] = [5, 9, 14, 2];
@@ -34,6 +34,60 @@ fn chunk_bounds_are_a_truncated_linspace() {
     assert_eq!(chunk_bounds(248, 78).unwrap()[39], 123);
     assert!(chunk_bounds(5, 6).is_err(), "more virtual tokens than tokens");
     assert!(chunk_bounds(5, 0).is_err());
+}
+
+/// Anchors the test chooses itself.
+#[derive(Debug)]
+struct FixedAnchors(Vec<usize>);
+
+impl Anchors for FixedAnchors {
+    fn name(&self) -> String {
+        "fixed".into()
+    }
+
+    fn anchors(&self, _: &Model, _: &KvCache, _: &SpanTargets, _: usize) -> cram::Result<Vec<usize>> {
+        Ok(self.0.clone())
+    }
+}
+
+/// Each virtual token of an anchored start sits at its anchor's position,
+/// starts as its embedding, and targets the surprisal-weighted Values of
+/// the tokens nearer its anchor than any other (ties to the later one),
+/// found here by measuring every distance.
+#[test]
+fn an_anchored_start_sits_at_its_anchors_and_pools_their_nearest_tokens() -> anyhow::Result<()> {
+    let model = synthetic::full_model(&synthetic::tiny_config(), 53, &cpu())?;
+    let prefix = prefix_cache(&model.qwen2, &PREFIX);
+    let span = span_after_prefix(&model.qwen2, &prefix)?;
+    let anchors = vec![1, 2, 6, 11];
+    let recipe = Recipe { init: Init::Anchored(std::rc::Rc::new(FixedAnchors(anchors.clone()))), ..Recipe::published(3.0) };
+    assert_eq!(recipe.name(), "surprisal+fixed-init");
+    let start = recipe.virtual_start(&model, &prefix, &span)?;
+    assert_eq!(start.positions, anchors.iter().map(|&i| span.positions[i]).collect::<Vec<_>>());
+    assert_eq!(max_abs_diff(&start.init, &span.select(&anchors)?.embeddings), 0.0);
+
+    let nearest = |token: usize| (0..anchors.len()).min_by_key(|&j| (token.abs_diff(anchors[j]), std::cmp::Reverse(j))).unwrap();
+    for (j, _) in anchors.iter().enumerate() {
+        let members: Vec<usize> = (0..SPAN.len()).filter(|&i| nearest(i) == j).collect();
+        let top = members.iter().map(|&i| span.surprisal[i]).fold(f32::NEG_INFINITY, f32::max);
+        let weights: Vec<f32> = members.iter().map(|&i| (span.surprisal[i] - top).exp()).collect();
+        let total: f32 = weights.iter().sum();
+        for layer in [0, span.values.len() - 1] {
+            let mut expected = span.values[layer].narrow(2, members[0], 1)?.zeros_like()?;
+            for (&i, w) in members.iter().zip(&weights) {
+                expected = (expected + (span.values[layer].narrow(2, i, 1)? * (*w / total) as f64)?)?;
+            }
+            let got = start.targets[layer].narrow(2, j, 1)?;
+            assert!(max_abs_diff(&got, &expected) <= 1e-5, "virtual token {j}, layer {layer}");
+        }
+    }
+
+    // Anchors that are not ascending, or not as many as asked, are refused.
+    for wrong in [vec![2, 1, 6, 11], vec![1, 2, 6], vec![1, 2, 6, 12]] {
+        let recipe = Recipe { init: Init::Anchored(std::rc::Rc::new(FixedAnchors(wrong))), ..Recipe::published(3.0) };
+        assert!(recipe.virtual_start(&model, &prefix, &span).is_err());
+    }
+    Ok(())
 }
 
 #[test]
@@ -169,19 +223,19 @@ fn optimization_lowers_the_value_loss() -> anyhow::Result<()> {
 fn spans_optimized_together_match_each_optimized_alone() -> anyhow::Result<()> {
     // Three ratios of one span side by side in one forward: the mask keeps
     // them apart, so each gets the gradients and Adam steps it would alone.
-    let model = synthetic::model(&synthetic::tiny_config(), 29, &cpu())?;
-    let prefix = prefix_cache(&model, &PREFIX);
-    let span = span_after_prefix(&model, &prefix)?;
+    let model = synthetic::full_model(&synthetic::tiny_config(), 29, &cpu())?;
+    let prefix = prefix_cache(&model.qwen2, &PREFIX);
+    let span = span_after_prefix(&model.qwen2, &prefix)?;
     let config = OptimizerConfig { lr: 0.05, ..Default::default() };
     let starts: Vec<_> = [2.0, 3.0, 6.0].iter().map(|&ratio| Recipe::published(ratio).virtual_start(&model, &prefix, &span)).collect::<Result<_, _>>()?;
     let objectives: Vec<Objective> =
         starts.iter().map(|s| s.objective(&prefix)).collect();
     let inits: Vec<Tensor> = starts.iter().map(|s| s.init.clone()).collect();
     let mut summed_losses = Vec::new();
-    let together = optimize_together(&model, &objectives, &inits, &config, 15, &mut |_, loss| summed_losses.push(loss))?;
+    let together = optimize_together(&model.qwen2, &objectives, &inits, &config, 15, &mut |_, loss| summed_losses.push(loss))?;
     assert_eq!(together.len(), 3);
     for ((objective, init), joint) in objectives.iter().zip(&inits).zip(&together) {
-        let alone = optimize(&model, *objective, init, &config, 15, &mut |_, _| {})?;
+        let alone = optimize(&model.qwen2, *objective, init, &config, 15, &mut |_, _| {})?;
         assert_eq!(joint.keys[0].dims(), alone.keys[0].dims());
         assert!(max_abs_diff(&joint.embeddings, &alone.embeddings) <= 1e-4);
         for layer in 0..alone.values.len() {
@@ -199,26 +253,26 @@ fn spans_optimized_together_match_each_optimized_alone() -> anyhow::Result<()> {
 
 #[test]
 fn a_killed_optimization_resumes_from_its_checkpoint_to_the_same_result() -> anyhow::Result<()> {
-    let model = synthetic::model(&synthetic::tiny_config(), 37, &cpu())?;
-    let prefix = prefix_cache(&model, &PREFIX);
-    let span = span_after_prefix(&model, &prefix)?;
+    let model = synthetic::full_model(&synthetic::tiny_config(), 37, &cpu())?;
+    let prefix = prefix_cache(&model.qwen2, &PREFIX);
+    let span = span_after_prefix(&model.qwen2, &prefix)?;
     let start = Recipe::published(3.0).virtual_start(&model, &prefix, &span)?;
     let objective = start.objective(&prefix);
     let plain = OptimizerConfig { lr: 0.05, ..Default::default() };
-    let uninterrupted = optimize(&model, objective, &start.init, &plain, 8, &mut |_, _| {})?;
+    let uninterrupted = optimize(&model.qwen2, objective, &start.init, &plain, 8, &mut |_, _| {})?;
 
     // The process dies in the progress callback after the third step.
     let dir = tempfile::tempdir()?;
     let checkpointing = Checkpointing { dir: dir.path().to_path_buf(), every: Duration::ZERO };
     let saving = OptimizerConfig { checkpoint: Some(checkpointing.clone()), ..plain.clone() };
     let killed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        optimize(&model, objective, &start.init, &saving, 8, &mut |step, _| assert!(step < 2, "killed"))
+        optimize(&model.qwen2, objective, &start.init, &saving, 8, &mut |step, _| assert!(step < 2, "killed"))
     }));
     assert!(killed.is_err());
     assert_eq!(std::fs::read_dir(dir.path())?.count(), 1, "one checkpoint file, no partial one");
 
     let mut reported = Vec::new();
-    let resumed = optimize(&model, objective, &start.init, &saving, 8, &mut |step, _| reported.push(step))?;
+    let resumed = optimize(&model.qwen2, objective, &start.init, &saving, 8, &mut |step, _| reported.push(step))?;
     assert_eq!(resumed.report.resumed_steps, 3);
     assert_eq!(reported, (0..8).collect::<Vec<_>>(), "the restored steps are reported first");
     // Adam's moments came back too: the same numbers as a run never killed.
@@ -227,7 +281,7 @@ fn a_killed_optimization_resumes_from_its_checkpoint_to_the_same_result() -> any
 
     // Another span (another start) does not pick up this run's file.
     let other = Recipe::published(2.0).virtual_start(&model, &prefix, &span)?;
-    let fresh = optimize(&model, other.objective(&prefix), &other.init, &saving, 2, &mut |_, _| {})?;
+    let fresh = optimize(&model.qwen2, other.objective(&prefix), &other.init, &saving, 2, &mut |_, _| {})?;
     assert_eq!(fresh.report.resumed_steps, 0);
     assert_eq!(std::fs::read_dir(dir.path())?.count(), 2);
 
@@ -235,16 +289,16 @@ fn a_killed_optimization_resumes_from_its_checkpoint_to_the_same_result() -> any
     for entry in std::fs::read_dir(dir.path())? {
         std::fs::write(entry?.path(), b"not a checkpoint")?;
     }
-    let error = optimize(&model, objective, &start.init, &saving, 8, &mut |_, _| {}).unwrap_err();
+    let error = optimize(&model.qwen2, objective, &start.init, &saving, 8, &mut |_, _| {}).unwrap_err();
     assert!(error.to_string().contains(&dir.path().display().to_string()), "{error}");
     Ok(())
 }
 
 #[test]
 fn settings_adam_cannot_use_and_a_diverging_loss_are_errors() -> anyhow::Result<()> {
-    let model = synthetic::model(&synthetic::tiny_config(), 41, &cpu())?;
-    let prefix = prefix_cache(&model, &PREFIX);
-    let span = span_after_prefix(&model, &prefix)?;
+    let model = synthetic::full_model(&synthetic::tiny_config(), 41, &cpu())?;
+    let prefix = prefix_cache(&model.qwen2, &PREFIX);
+    let span = span_after_prefix(&model.qwen2, &prefix)?;
     let start = Recipe::published(3.0).virtual_start(&model, &prefix, &span)?;
     let objective = start.objective(&prefix);
     for (config, expected) in [
@@ -252,13 +306,13 @@ fn settings_adam_cannot_use_and_a_diverging_loss_are_errors() -> anyhow::Result<
         (OptimizerConfig { lr: f64::NAN, ..Default::default() }, "lr NaN must be"),
         (OptimizerConfig { eps: 0.0, ..Default::default() }, "eps 0 must be"),
     ] {
-        let error = optimize(&model, objective, &start.init, &config, 2, &mut |_, _| {}).unwrap_err();
+        let error = optimize(&model.qwen2, objective, &start.init, &config, 2, &mut |_, _| {}).unwrap_err();
         assert!(error.to_string().contains(expected), "{error}");
     }
     // A start that is not a number ends the run at its first step.
     let broken = start.init.affine(f64::NAN, 0.0)?;
     let mut steps_reported = 0;
-    let error = optimize(&model, objective, &broken, &OptimizerConfig::default(), 5, &mut |_, _| steps_reported += 1).unwrap_err();
+    let error = optimize(&model.qwen2, objective, &broken, &OptimizerConfig::default(), 5, &mut |_, _| steps_reported += 1).unwrap_err();
     assert!(matches!(error, cram::Error::Diverged { step: 0, .. }), "{error}");
     assert_eq!(steps_reported, 0);
     Ok(())
@@ -266,16 +320,16 @@ fn settings_adam_cannot_use_and_a_diverging_loss_are_errors() -> anyhow::Result<
 
 #[test]
 fn optimizing_together_refuses_different_prefixes() -> anyhow::Result<()> {
-    let model = synthetic::model(&synthetic::tiny_config(), 31, &cpu())?;
-    let (prefix, other_prefix) = (prefix_cache(&model, &PREFIX), prefix_cache(&model, &PREFIX));
-    let span = span_after_prefix(&model, &prefix)?;
+    let model = synthetic::full_model(&synthetic::tiny_config(), 31, &cpu())?;
+    let (prefix, other_prefix) = (prefix_cache(&model.qwen2, &PREFIX), prefix_cache(&model.qwen2, &PREFIX));
+    let span = span_after_prefix(&model.qwen2, &prefix)?;
     let start = Recipe::published(3.0).virtual_start(&model, &prefix, &span)?;
     let objectives = [
         start.objective(&prefix),
         start.objective(&other_prefix),
     ];
     let inits = [start.init.clone(), start.init.clone()];
-    let error = optimize_together(&model, &objectives, &inits, &OptimizerConfig::default(), 1, &mut |_, _| {}).unwrap_err();
+    let error = optimize_together(&model.qwen2, &objectives, &inits, &OptimizerConfig::default(), 1, &mut |_, _| {}).unwrap_err();
     assert!(error.to_string().contains("same prefix"), "{error}");
     Ok(())
 }

@@ -211,7 +211,7 @@ fn together_equals_alone(fixture: &Fixture) -> Result<Verdict> {
     let model = fixture.qwen();
     let (prefix, span) = prefix_and_span(fixture, true)?;
     let config = quick_optimizer();
-    let starts = [2.0, 4.0].iter().map(|&ratio| Recipe::published(ratio).virtual_start(model, &prefix, &span)).collect::<cram::Result<Vec<_>>>()?;
+    let starts = [2.0, 4.0].iter().map(|&ratio| Recipe::published(ratio).virtual_start(&fixture.model, &prefix, &span)).collect::<cram::Result<Vec<_>>>()?;
     let objectives: Vec<_> = starts.iter().map(|start| start.objective(&prefix)).collect();
     let inits: Vec<Tensor> = starts.iter().map(|start| start.init.clone()).collect();
     let together = optimize_together(model, &objectives, &inits, &config, STEPS, &mut |_, _| {})?;
@@ -230,7 +230,7 @@ fn together_equals_alone(fixture: &Fixture) -> Result<Verdict> {
 fn checkpoint_resume(fixture: &Fixture) -> Result<Verdict> {
     let model = fixture.qwen();
     let (prefix, span) = prefix_and_span(fixture, true)?;
-    let start = Recipe::published(RATIO).virtual_start(model, &prefix, &span)?;
+    let start = Recipe::published(RATIO).virtual_start(&fixture.model, &prefix, &span)?;
     let objective = start.objective(&prefix);
     let plain = quick_optimizer();
     let uninterrupted = optimize(model, objective, &start.init, &plain, STEPS, &mut |_, _| {})?;

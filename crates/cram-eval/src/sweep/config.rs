@@ -134,8 +134,10 @@ pub struct MethodEntry {
     pub ratios: Option<Vec<f64>>,
     /// Weight of the K term (0: V only, the published objective).
     pub key_weight: Option<f64>,
-    /// `chunk-mean`, `random` (seeded by the cell's seed) or an eviction
-    /// method's name (the embeddings of the tokens it keeps).
+    /// `chunk-mean`, `random` (seeded by the cell's seed),
+    /// `attention-matching` (the tokens its fits keep, at their own
+    /// positions) or an eviction method's name (the embeddings of the
+    /// tokens it keeps).
     pub init: Option<String>,
     /// Overrides whether `optimizer.early_stop` applies (true with no
     /// `optimizer.early_stop` uses the default rule).

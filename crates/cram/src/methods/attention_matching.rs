@@ -17,6 +17,8 @@ use crate::matching::fit::{FitSettings, HeadFit, HeadProblem, KeySelection};
 use crate::matching::queries::{attention_over_span, context_queries, reference_queries, uses_context, uses_repeat, QuerySample, QuerySource, RepeatPass};
 use crate::matching::{compacted, head_matrix, layer_entries, HeadChoice};
 use crate::model::Model;
+use crate::recipe::init::Anchors;
+use crate::select::keep_top;
 use crate::span::SpanTargets;
 
 /// Attention matching at `ratio`.
@@ -335,4 +337,49 @@ impl Compressor for AttentionMatching {
         compressed.report.fit_error = Some(fit_error);
         Ok(compressed)
     }
+}
+
+/// The reverse start of the recipe: the span tokens that attention
+/// matching keeps in the most (layer, KV head)s, as anchors
+/// ([`crate::recipe::init::Init::Anchored`]). Each head's fit at `count`
+/// entries votes for the tokens it keeps; ties go to the tokens that carry
+/// more of their heads' fitted attention mass.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MatchedKeys {
+    /// The fit whose kept keys vote.
+    pub settings: MatchingSettings,
+}
+
+impl Anchors for MatchedKeys {
+    fn name(&self) -> String {
+        "attention-matching".into()
+    }
+
+    fn anchors(&self, model: &Model, prefix: &KvCache, span: &SpanTargets, count: usize) -> Result<Vec<usize>> {
+        let matching = AttentionMatching { settings: self.settings, ratio: span.len() as f64 / count as f64 };
+        let (choices, _) = matching.choices(model, prefix, span, count)?;
+        Ok(keep_top(&votes(&choices, span.len()), count))
+    }
+}
+
+/// (n): per span token, the number of heads that keep it, plus (always
+/// under 1, so only among equal votes) the share of each such head's
+/// fitted weights (e^bias) it holds, summed over heads and divided by
+/// one more than the head count.
+fn votes(choices: &[Vec<HeadChoice>], n_tokens: usize) -> Vec<f32> {
+    let heads = choices.iter().map(Vec::len).sum::<usize>();
+    let mut votes = vec![0.0f64; n_tokens];
+    let mut shares = vec![0.0f64; n_tokens];
+    for choice in choices.iter().flatten() {
+        let weights: Vec<f64> = match &choice.biases {
+            Some(biases) => biases.iter().map(|bias| bias.exp()).collect(),
+            None => vec![1.0; choice.kept.len()],
+        };
+        let total: f64 = weights.iter().sum();
+        for (&token, weight) in choice.kept.iter().zip(weights) {
+            votes[token] += 1.0;
+            shares[token] += weight / total;
+        }
+    }
+    votes.iter().zip(shares).map(|(vote, share)| (vote + share / (heads + 1) as f64) as f32).collect()
 }

@@ -18,7 +18,7 @@ use candle_core::Tensor;
 
 use crate::cache::KvCache;
 use crate::compressor::{budget, CompressedSpan, Compressor};
-use crate::model::{Model, Qwen2};
+use crate::model::Model;
 use crate::span::SpanTargets;
 use crate::error::Result;
 use init::Init;
@@ -26,7 +26,7 @@ use objective::{KeyTargets, Objective};
 use optimize::{optimize, optimize_together, Optimized};
 use settings::OptimizerConfig;
 use pooling::Pooling;
-use positions::{virtual_positions, PositionMode};
+use positions::PositionMode;
 
 /// The published method: surprisal- (or uniformly) pooled V targets,
 /// chunk-mean initial embeddings, interpolated positions, Adam on V at
@@ -104,23 +104,20 @@ impl VirtualStart {
 
 impl Recipe {
     /// Pools the span into this recipe's starting point (no optimization).
-    pub fn virtual_start(&self, model: &Qwen2, prefix: &KvCache, span: &SpanTargets) -> Result<VirtualStart> {
+    pub fn virtual_start(&self, model: &Model, prefix: &KvCache, span: &SpanTargets) -> Result<VirtualStart> {
         self.virtual_start_sized(model, prefix, span, budget(span.len(), self.ratio)?)
     }
 
     /// The starting point with exactly `n_virtual` virtual tokens.
-    pub fn virtual_start_sized(&self, model: &Qwen2, prefix: &KvCache, span: &SpanTargets, n_virtual: usize) -> Result<VirtualStart> {
-        let n_tokens = span.len();
-        let bounds = pooling::chunk_bounds(n_tokens, n_virtual)?;
-        let weights = pooling::token_weights(&span.surprisal, &bounds, self.pooling);
-        let target_matrix = pooling::pooling_matrix(&weights, &bounds, span.embeddings.device())?;
+    pub fn virtual_start_sized(&self, model: &Model, prefix: &KvCache, span: &SpanTargets, n_virtual: usize) -> Result<VirtualStart> {
+        let start = self.init.start(model, prefix, span, n_virtual, self.positions)?;
+        let weights = pooling::token_weights(&span.surprisal, &start.bounds, self.pooling);
+        let target_matrix = pooling::pooling_matrix(&weights, &start.bounds, span.embeddings.device())?;
         let pool_all = |per_layer: &[Tensor]| per_layer.iter().map(|x| pooling::pool(&target_matrix, x)).collect::<Result<Vec<_>>>();
         let targets = pool_all(&span.values)?;
         // Keys are pooled before RoPE: rotated keys at different positions do not average.
-        let key_targets = if self.key_weight > 0.0 { pool_all(&span.unrotated_keys(model)?)? } else { Vec::new() };
-        let init = self.init.embeddings(model, prefix, span, &bounds)?;
-        let positions = virtual_positions(span.positions[0], span.positions[n_tokens - 1], n_virtual, self.positions);
-        Ok(VirtualStart { init, positions, targets, key_targets, key_weight: self.key_weight })
+        let key_targets = if self.key_weight > 0.0 { pool_all(&span.unrotated_keys(&model.qwen2)?)? } else { Vec::new() };
+        Ok(VirtualStart { init: start.embeddings, positions: start.positions, targets, key_targets, key_weight: self.key_weight })
     }
 
     /// The recipe with exactly `n_virtual` virtual tokens (the ratio is then
@@ -135,7 +132,7 @@ impl Recipe {
         n_virtual: usize,
         on_step: &mut dyn FnMut(usize, f32),
     ) -> Result<CompressedSpan> {
-        let start = self.virtual_start_sized(&model.qwen2, prefix, span, n_virtual)?;
+        let start = self.virtual_start_sized(model, prefix, span, n_virtual)?;
         let steps = self.optimizer.steps_for(span.len());
         let optimized = optimize(&model.qwen2, start.objective(prefix), &start.init, &self.optimizer, steps, on_step)?;
         Ok(compressed(method, span, start, optimized))
@@ -190,7 +187,7 @@ pub fn compress_together(
         ));
     }
     let qwen2 = &model.qwen2;
-    let starts = recipes.iter().map(|recipe| recipe.virtual_start(qwen2, prefix, span)).collect::<Result<Vec<_>>>()?;
+    let starts = recipes.iter().map(|recipe| recipe.virtual_start(model, prefix, span)).collect::<Result<Vec<_>>>()?;
     let objectives: Vec<Objective> = starts.iter().map(|start| start.objective(prefix)).collect();
     let inits: Vec<Tensor> = starts.iter().map(|start| start.init.clone()).collect();
     let steps = first.optimizer.steps_for(span.len());

@@ -32,6 +32,21 @@ pub fn chunk_bounds(n_tokens: usize, n_virtual: usize) -> Result<Vec<usize>> {
     Ok(bounds)
 }
 
+/// Chunk boundaries around `anchors` (ascending, distinct span token
+/// indices): each token joins the chunk of its nearest anchor (the later
+/// one on a tie), so virtual token j, sitting at anchor j, stands for the
+/// tokens around it. Every chunk holds its anchor, so none is empty.
+pub fn bounds_around(anchors: &[usize], n_tokens: usize) -> Result<Vec<usize>> {
+    if anchors.is_empty() || anchors.windows(2).any(|pair| pair[0] >= pair[1]) || anchors[anchors.len() - 1] >= n_tokens {
+        return Err(Error::Invalid(format!("anchors {anchors:?} are not ascending, distinct tokens of a {n_tokens}-token span")));
+    }
+    let mut bounds = vec![0];
+    // Between anchors a < b, token i is nearer b when i - a >= b - i.
+    bounds.extend(anchors.windows(2).map(|pair| pair[0] + (pair[1] - pair[0]).div_ceil(2)));
+    bounds.push(n_tokens);
+    Ok(bounds)
+}
+
 /// Each token's weight within its chunk; the weights of a chunk sum to 1.
 pub fn token_weights(surprisal: &[f32], bounds: &[usize], pooling: Pooling) -> Vec<f32> {
     let mut weights = vec![0.0f32; surprisal.len()];
