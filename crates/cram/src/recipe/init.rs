@@ -29,7 +29,8 @@ pub trait Anchors: Debug {
     fn anchors(&self, model: &Model, prefix: &KvCache, span: &SpanTargets, count: usize) -> Result<Vec<usize>>;
 }
 
-/// How the virtual embeddings are initialised.
+/// Where the virtual tokens start: their embeddings (and, anchored, their
+/// positions and chunks).
 #[derive(Debug, Clone, Default)]
 pub enum Init {
     /// The mean input embedding of each chunk (the published choice).
