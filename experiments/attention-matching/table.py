@@ -39,7 +39,10 @@ def table(rows, cases, title):
         print(f"| {m} | " + " | ".join(f"{c[0]}/{c[1]}" if c else "" for c in cells) + " |")
 
 
-here = list(lines("experiments/attention-matching/*/results.jsonl"))
+# The 0.5B sweeps of the hand-written cases this table is about (the other
+# folders hold generated cases or the 1.5B, tabled by paired.py).
+FOLDERS = ["short-cases-cpu", "t24-and-timing-cpu", "fitted-recipe-cpu", "reverse-start-cpu"]
+here = [r for folder in FOLDERS for r in lines(f"experiments/attention-matching/{folder}/results.jsonl") if "0.5b" in r["model"]]
 recorded = list(lines("experiments/side-by-side/*/results.jsonl")) + list(lines("experiments/reproduce/reproduce-full-*/results.jsonl"))
 # The recipe as published: surprisal pooling, V only, full budget, chunk-mean start.
 recorded = [r for r in recorded if r["method"] in {"surprisal", "snapkv", "key-norm", "streaming", "summary"}]
@@ -83,17 +86,54 @@ def mcnemar(b, c):
     return min(1.0, 2 * tail)
 
 
+def paired(v, mine, other, ratios):
+    """'+wins/-losses p=...' cells of `mine` against `other`, one per ratio."""
+    cells = []
+    for ratio in ratios:
+        a, b = v.get((mine, ratio), {}), v.get((other, ratio), {})
+        shared = a.keys() & b.keys()
+        wins = sum(a[k] and not b[k] for k in shared)
+        losses = sum(b[k] and not a[k] for k in shared)
+        cells.append(f"+{wins}/-{losses} p={mcnemar(wins, losses):.2g}" if shared else "")
+    return cells
+
+
 print("\nPaired on the same facts (six short cases): attention-matching against each method;")
 print("wins = facts only attention matching recalled, losses = facts only the other did; exact McNemar p.\n")
 v = verdicts(unique, own)
 print("| against | " + " | ".join(f"{r}x" for r in RATIOS) + " |")
 print("|---|" + "---|" * len(RATIOS))
 for other in ["kvzip", "streaming", "key-norm", "snapkv", "summary", "surprisal", "attention-matching-both"]:
-    cells = []
-    for ratio in RATIOS:
-        mine, theirs = v.get(("attention-matching", ratio), {}), v.get((other, ratio), {})
-        shared = mine.keys() & theirs.keys()
-        wins = sum(mine[k] and not theirs[k] for k in shared)
-        losses = sum(theirs[k] and not mine[k] for k in shared)
-        cells.append(f"+{wins}/-{losses} p={mcnemar(wins, losses):.2g}" if shared else "")
-    print(f"| {other} | " + " | ".join(cells) + " |")
+    print(f"| {other} | " + " | ".join(paired(v, "attention-matching", other, RATIOS)) + " |")
+
+RECIPE_RATIOS = [3.2, 4.8]
+print("\nThe recipe's keys with fitted values, paired on the same facts (six short cases); wins/losses of the first method.\n")
+print("| first | against | " + " | ".join(f"{r}x" for r in RECIPE_RATIOS) + " |")
+print("|---|---|" + "---|" * len(RECIPE_RATIOS))
+for mine, other in [("fitted-recipe", "surprisal"), ("fitted-recipe+attention-matching-init", "fitted-recipe"),
+                    ("fitted-recipe+attention-matching-init", "surprisal"), ("attention-matching", "fitted-recipe"),
+                    ("attention-matching", "fitted-recipe+attention-matching-init")]:
+    print(f"| {mine} | {other} | " + " | ".join(paired(v, mine, other, RECIPE_RATIOS)) + " |")
+
+def cell_text(r):
+    """'2/3 (fit 0.268, loss 2.45)': facts, the fit's error and the recipe's final loss where recorded."""
+    notes = []
+    if r.get("fit_error") is not None:
+        notes.append(f"fit {r['fit_error']:.3f}")
+    if r.get("loss_final") is not None:
+        notes.append(f"loss {r['loss_final']:.2f}")
+    return f"{r['facts_correct']}/{r['facts_total']}" + (f" ({', '.join(notes)})" if notes else "")
+
+
+print("\nPer cell (six short cases): facts of 3; the fit's output error and the recipe's final loss where there are.\n")
+CELL_METHODS = ["surprisal", "fitted-recipe", "fitted-recipe+attention-matching-init", "attention-matching"]
+by_cell = {(r["case"], r["method"], r["ratio"]): r for r in unique}
+print("| cell | " + " | ".join(CELL_METHODS) + " |")
+print("|---|" + "---|" * len(CELL_METHODS))
+for case in sorted(own):
+    for ratio in RECIPE_RATIOS:
+        cells = []
+        for method in CELL_METHODS:
+            r = by_cell.get((case, method, ratio))
+            cells.append("" if r is None else cell_text(r))
+        print(f"| {case} {ratio}x | " + " | ".join(cells) + " |")
