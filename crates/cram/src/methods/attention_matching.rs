@@ -55,8 +55,8 @@ pub struct MatchingSettings {
     /// layers below already compacted (one pass; spread budgets then
     /// weigh heads by a first, ordinary repeat pass). On 250-token spans
     /// with spread budgets it kept 48 of 70 facts at 4.8x against 35
-    /// off-policy, and 59 against 57 at 3.2x
-    /// (experiments/benchmark/README.md, ratio-2.4-250); off by default
+    /// off-policy, 59 against 57 at 3.2x and 28 against 21 at 6.4x
+    /// (experiments/benchmark/README.md); off by default
     /// until other ratios and longer spans are measured.
     pub on_policy: bool,
     /// Share of each head's entries spent on the span's last tokens, kept
