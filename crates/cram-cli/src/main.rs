@@ -209,7 +209,7 @@ enum Command {
         /// `--ratio` (the span's targets excluded): registry names of
         /// methods that do not optimise, each optionally followed by `:`
         /// and a JSON object of its knobs, e.g. kvzip
-        /// 'attention-matching:{"budgets":"spread"}'.
+        /// 'attention-matching:{"budgets":"uniform"}'.
         #[arg(long, num_args = 1..)]
         methods: Vec<String>,
         /// Append one JSON line per size here.

@@ -47,7 +47,7 @@ pub struct BenchSettings {
     pub compression_steps: Option<usize>,
     /// Methods that do not optimise whose compaction of the span at
     /// `ratio` is timed: a registry name, or a name, `:` and a JSON object
-    /// of its knobs (`attention-matching:{"budgets":"spread"}`).
+    /// of its knobs (`attention-matching:{"budgets":"uniform"}`).
     pub methods: Vec<String>,
 }
 
@@ -395,7 +395,7 @@ mod tests {
         let record = measure(&model, &ids, 5, &settings).unwrap();
         let kept = cram::budget(record.span_tokens, settings.ratio).unwrap();
         let names: Vec<&str> = record.compactions.iter().map(|c| c.method.as_str()).collect();
-        assert_eq!(names, ["kvzip", "attention-matching-context"]);
+        assert_eq!(names, ["kvzip", "attention-matching-context-spread"]);
         assert!(record.compactions.iter().all(|c| c.n_kept == kept && c.seconds > 0.0));
         assert!(record.compactions[0].fit_error.is_none() && record.compactions[1].fit_error.is_some());
     }

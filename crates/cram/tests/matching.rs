@@ -26,6 +26,12 @@ fn span_after_system(model: &Model) -> (KvCache, SpanTargets) {
     (session.cache().clone(), span)
 }
 
+/// The plain fit: `n / ratio` entries in every head (the default spreads
+/// the same total unevenly).
+fn uniform() -> MatchingSettings {
+    MatchingSettings { budgets: cram::matching::budgets::Budgets::Uniform, ..MatchingSettings::default() }
+}
+
 /// The question's forward (K, V and logits) after `cache`.
 fn question_after(model: &Model, cache: &KvCache) -> cram::ForwardOutput {
     let ids = model.tokenizer.encode(QUESTION).unwrap();
@@ -120,7 +126,7 @@ fn keeping_every_entry_reproduces_the_span() {
 fn attention_matching_keeps_the_budget_with_the_spans_keys() {
     let model = model(83);
     let (prefix, span) = span_after_system(&model);
-    let compressed = AttentionMatching { settings: MatchingSettings::default(), ratio: 4.0 }.compress(&model, &prefix, &span, &mut |_, _| {}).unwrap();
+    let compressed = AttentionMatching { settings: uniform(), ratio: 4.0 }.compress(&model, &prefix, &span, &mut |_, _| {}).unwrap();
     assert_eq!(compressed.len(), 5);
     assert!(compressed.report.fit_error.is_some_and(|e| e.is_finite()));
     let biases = compressed.biases.as_ref().unwrap();
@@ -336,13 +342,13 @@ fn padded_slots_of_uneven_heads_are_never_attended() {
     assert_eq!(clean, scrambled);
 }
 
-/// Spread budgets keep the same total as uniform ones (n / ratio per head
+/// Spread budgets (the default) keep the same total as uniform ones (n / ratio per head
 /// on average), at least one real entry a head, no more than the span.
 #[test]
 fn spread_budgets_keep_the_uniform_total() {
     let model = model(109);
     let (prefix, span) = span_after_system(&model);
-    let settings = MatchingSettings { budgets: cram::matching::budgets::Budgets::Spread, ..MatchingSettings::default() };
+    let settings = MatchingSettings::default();
     let method = AttentionMatching { settings, ratio: 4.0 };
     assert_eq!(method.name(), "attention-matching-spread");
     let compressed = method.compress(&model, &prefix, &span, &mut |_, _| {}).unwrap();
@@ -392,7 +398,7 @@ fn span_attention_in_f32_matches_each_heads_f64_problem() {
 fn heads_fitted_in_parallel_keep_their_order() {
     let model = model(111);
     let (prefix, span) = span_after_system(&model);
-    let method = AttentionMatching { settings: MatchingSettings::default(), ratio: 3.0 };
+    let method = AttentionMatching { settings: uniform(), ratio: 3.0 };
     let t = cram::budget(span.len(), 3.0).unwrap();
     let (choices, _) = method.choices(&model, &prefix, &span, t).unwrap();
     let queries = method.settings.reference_queries(&model, &prefix, &span).unwrap();
@@ -439,8 +445,8 @@ fn on_policy_fits_the_queries_of_the_compacted_layers_below() {
     use cram::matching::queries::{QuerySample, QuerySource, RepeatPass};
     let model = model(113);
     let (prefix, span) = span_after_system(&model);
-    let on_policy = AttentionMatching { settings: MatchingSettings { on_policy: true, ..MatchingSettings::default() }, ratio: 3.0 };
-    let off_policy = AttentionMatching { settings: MatchingSettings::default(), ratio: 3.0 };
+    let on_policy = AttentionMatching { settings: MatchingSettings { on_policy: true, ..uniform() }, ratio: 3.0 };
+    let off_policy = AttentionMatching { settings: uniform(), ratio: 3.0 };
     assert_eq!(on_policy.name(), "attention-matching-on-policy");
     let t = cram::budget(span.len(), 3.0).unwrap();
     let (choices, _) = on_policy.choices(&model, &prefix, &span, t).unwrap();
@@ -483,7 +489,7 @@ fn on_policy_fits_the_queries_of_the_compacted_layers_below() {
 fn recent_tokens_are_kept_verbatim_in_every_head() {
     let model = model(114);
     let (prefix, span) = span_after_system(&model);
-    let method = AttentionMatching { settings: MatchingSettings { recent_share: 0.5, ..MatchingSettings::default() }, ratio: 2.0 };
+    let method = AttentionMatching { settings: MatchingSettings { recent_share: 0.5, ..uniform() }, ratio: 2.0 };
     assert_eq!(method.name(), "attention-matching-recent0.5");
     let (n, t) = (span.len(), cram::budget(span.len(), 2.0).unwrap());
     let recent = method.settings.recent_tokens(t, n);

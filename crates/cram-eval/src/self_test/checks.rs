@@ -275,12 +275,12 @@ fn session_save_load(fixture: &Fixture) -> Result<Verdict> {
 }
 
 /// Knobs beyond the defaults whose code differs on a device: attention
-/// matching on-policy (a forward layer by layer) with spread budgets
-/// (padded heads), and with the span's own queries (kept by the targets'
-/// forward).
+/// matching on-policy (a forward layer by layer; spread budgets, the
+/// default, pad uneven heads), and with the span's own queries (kept by
+/// the targets' forward) and uniform budgets (no padding).
 const VARIANTS: [(&str, &str); 2] = [
-    ("attention-matching", r#"{"on_policy": true, "budgets": "spread"}"#),
-    ("attention-matching", r#"{"queries": "context"}"#),
+    ("attention-matching", r#"{"on_policy": true}"#),
+    ("attention-matching", r#"{"queries": "context", "budgets": "uniform"}"#),
 ];
 
 /// Every registered method (and [`VARIANTS`]) compresses one turn of a

@@ -12,11 +12,10 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 
 /// How a compaction's entries are spread over layers and KV heads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Budgets {
     /// `n / ratio` entries per head.
-    #[default]
     Uniform,
     /// The same total, shared in proportion to each head's effective
     /// number of attended keys ([`effective_keys`]), at least one each.
