@@ -484,30 +484,40 @@ fn on_policy_fits_the_queries_of_the_compacted_layers_below() {
 
 /// With a share of the entries kept verbatim, every head keeps the span's
 /// last tokens with their own keys and values and bias 0, and fits the
-/// older tokens into the rest of its budget.
+/// older tokens into the rest of its budget; on-policy too, where layer 0
+/// (which reads no compacted layer) is the off-policy fit exactly.
 #[test]
 fn recent_tokens_are_kept_verbatim_in_every_head() {
     let model = model(114);
     let (prefix, span) = span_after_system(&model);
-    let method = AttentionMatching { settings: MatchingSettings { recent_share: 0.5, ..uniform() }, ratio: 2.0 };
-    assert_eq!(method.name(), "attention-matching-recent0.5");
     let (n, t) = (span.len(), cram::budget(span.len(), 2.0).unwrap());
-    let recent = method.settings.recent_tokens(t, n);
-    assert_eq!(recent, t / 2);
-    let (choices, _) = method.choices(&model, &prefix, &span, t).unwrap();
-    for choice in choices.iter().flatten() {
-        assert_eq!(choice.kept.len(), t);
-        assert!(choice.kept[..t - recent].iter().all(|&i| i < n - recent), "fitted entries come from the older tokens");
-        assert_eq!(choice.kept[t - recent..], (n - recent..n).collect::<Vec<_>>()[..]);
+    let mut layer_zero = Vec::new();
+    for on_policy in [false, true] {
+        let method = AttentionMatching { settings: MatchingSettings { recent_share: 0.5, on_policy, ..uniform() }, ratio: 2.0 };
+        assert_eq!(method.name(), if on_policy { "attention-matching-on-policy-recent0.5" } else { "attention-matching-recent0.5" });
+        let recent = method.settings.recent_tokens(t, n);
+        assert_eq!(recent, t / 2);
+        let (choices, _) = method.choices(&model, &prefix, &span, t).unwrap();
+        for choice in choices.iter().flatten() {
+            assert_eq!(choice.kept.len(), t);
+            assert!(choice.kept[..t - recent].iter().all(|&i| i < n - recent), "fitted entries come from the older tokens");
+            assert_eq!(choice.kept[t - recent..], (n - recent..n).collect::<Vec<_>>()[..]);
+        }
+        layer_zero.push(choices[0].clone());
+        let compressed = method.compress(&model, &prefix, &span, &mut |_, _| {}).unwrap();
+        assert_eq!(compressed.report.n_kept, t);
+        for layer in 0..span.keys.len() {
+            let tail = |tensor: &Tensor, len: usize| tensor.narrow(2, len - recent, recent).unwrap();
+            assert_eq!(max_abs_diff(&tail(&compressed.keys[layer], t), &tail(&span.keys[layer], n)), 0.0);
+            assert_eq!(max_abs_diff(&tail(&compressed.values[layer], t), &tail(&span.values[layer], n)), 0.0);
+            let biases = compressed.biases.as_ref().unwrap()[layer].narrow(2, t - recent, recent).unwrap();
+            assert!(biases.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|&b| b == 0.0));
+        }
     }
-    let compressed = method.compress(&model, &prefix, &span, &mut |_, _| {}).unwrap();
-    assert_eq!(compressed.report.n_kept, t);
-    for layer in 0..span.keys.len() {
-        let tail = |tensor: &Tensor, len: usize| tensor.narrow(2, len - recent, recent).unwrap();
-        assert_eq!(max_abs_diff(&tail(&compressed.keys[layer], t), &tail(&span.keys[layer], n)), 0.0);
-        assert_eq!(max_abs_diff(&tail(&compressed.values[layer], t), &tail(&span.values[layer], n)), 0.0);
-        let biases = compressed.biases.as_ref().unwrap()[layer].narrow(2, t - recent, recent).unwrap();
-        assert!(biases.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|&b| b == 0.0));
+    for (off, on) in layer_zero[0].iter().zip(&layer_zero[1]) {
+        assert_eq!(off.kept, on.kept);
+        let (a, b) = (off.values.as_ref().unwrap(), on.values.as_ref().unwrap());
+        assert!((a - b).norm() <= 1e-4 * a.norm(), "layer 0 on-policy is the off-policy fit");
     }
     assert!(MatchingSettings { recent_share: 1.0, ..MatchingSettings::default() }.validate().is_err());
 }

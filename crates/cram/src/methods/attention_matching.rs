@@ -115,9 +115,6 @@ impl MatchingSettings {
         if !(0.0..1.0).contains(&self.recent_share) {
             return Err(Error::Invalid(format!("recent_share {} must be in [0, 1)", self.recent_share)));
         }
-        if self.on_policy && self.recent_share > 0.0 {
-            return Err(Error::Invalid("on_policy does not combine with recent_share yet".into()));
-        }
         if self.on_policy && !uses_repeat(self.queries) {
             return Err(Error::Invalid("on_policy needs repeat queries (queries = \"repeat\" or \"both\"): the span's own queries read no compacted layer".into()));
         }
@@ -178,21 +175,16 @@ impl AttentionMatching {
             return self.on_policy_choices(model, prefix, span, t);
         }
         let queries = self.settings.reference_queries(model, prefix, span)?;
+        // With `recent_share`, the older tokens are one block, the recent
+        // ones another: matching the older block's mass and output for
+        // every query, and keeping the recent block as it is, matches the
+        // whole span.
         let recent = self.settings.recent_tokens(t, span.len());
-        if recent == 0 {
-            return self.fit_heads(model, span, &queries, t);
-        }
-        // The older tokens are one block, the recent ones another: matching
-        // the older block's mass and output for every query, and keeping
-        // the recent block as it is, matches the whole span.
-        let older = span.select(&(0..span.len() - recent).collect::<Vec<_>>())?;
-        let (mut choices, older_error) = self.fit_heads(model, &older, &queries, t - recent)?;
+        let (mut choices, fitted_error) = self.fit_heads(model, &*older_tokens(span, recent)?, &queries, t - recent)?;
         for (layer, heads) in choices.iter_mut().enumerate() {
-            for (head, choice) in heads.iter_mut().enumerate() {
-                keep_verbatim(choice, &head_matrix(&span.values[layer], head)?, recent);
-            }
+            keep_recent(heads, span, layer, recent)?;
         }
-        Ok((choices, older_error))
+        Ok((choices, fitted_error))
     }
 
     /// [`Self::choices`] from reference queries already computed. The
@@ -210,25 +202,31 @@ impl AttentionMatching {
     /// prefix and their own compacted entries
     /// ([`crate::model::Qwen2::forward_layer_by_layer`]). The span's own
     /// queries (with `queries = "both"`) join every layer's as they are.
+    /// With `recent_share`, each layer keeps its recent tokens verbatim
+    /// before the layers above read it, as off-policy.
     fn on_policy_choices(&self, model: &Model, prefix: &KvCache, span: &SpanTargets, t: usize) -> Result<(Vec<Vec<HeadChoice>>, f64)> {
         let settings = &self.settings;
-        let budgets = head_budgets(model, span, t, settings.budgets, || settings.reference_queries(model, prefix, span))?;
-        let slots = budgets.iter().flatten().copied().max().unwrap_or(t);
+        let recent = settings.recent_tokens(t, span.len());
+        let fitted = older_tokens(span, recent)?;
+        let budgets = head_budgets(model, &fitted, t - recent, settings.budgets, || settings.reference_queries(model, prefix, span))?;
+        let slots = budgets.iter().flatten().copied().max().unwrap_or(t) + recent;
         let repeat = RepeatPass::new(model, prefix, span)?;
         let context = if uses_context(settings.queries) { Some(context_queries(model, prefix, span)?) } else { None };
         let tokens = repeat.positions.len() + context.as_ref().map_or(Ok(0), |queries| queries[0].dim(2))?;
         let sample = QuerySample::new(model, tokens, settings.query_cap, settings.seed, span.embeddings.device())?;
-        let mut fits = Vec::with_capacity(budgets.len());
+        let (mut choices, mut errors) = (Vec::with_capacity(budgets.len()), Vec::new());
         model.qwen2.forward_layer_by_layer(&repeat.embeddings, &repeat.positions, prefix.len() + slots, |layer, repeat_queries| {
             let mut sets: Vec<&Tensor> = context.iter().map(|queries| &queries[layer]).collect();
             sets.push(repeat_queries);
-            let layer_fits = self.fit_layer(model, span, layer, &sample.pool(&sets)?, &budgets[layer])?;
-            let heads: Vec<HeadChoice> = layer_fits.iter().map(HeadChoice::from).collect();
-            fits.push(layer_fits);
+            let layer_fits = self.fit_layer(model, &fitted, layer, &sample.pool(&sets)?, &budgets[layer])?;
+            errors.extend(layer_fits.iter().map(|fit| fit.output_error));
+            let mut heads: Vec<HeadChoice> = layer_fits.iter().map(HeadChoice::from).collect();
+            keep_recent(&mut heads, span, layer, recent)?;
             let (keys, values, biases) = layer_entries(span, layer, &heads, slots)?;
+            choices.push(heads);
             after_prefix(prefix, layer, keys, values, biases)
         })?;
-        Ok(choices_and_error(fits))
+        Ok((choices, mean(&errors)))
     }
 
     /// One layer's heads fitted in parallel to its (kv_heads, m, d) queries.
@@ -236,6 +234,27 @@ impl AttentionMatching {
         let settings = self.settings.fit();
         layer_problems(model, span, layer, queries)?.par_iter().zip(budgets).map(|(problem, &head_t)| problem.fit(head_t, &settings)).collect()
     }
+}
+
+/// The span without its last `recent` tokens: what the fit compacts when
+/// they are kept verbatim (the span itself, not copied, when none are).
+fn older_tokens(span: &SpanTargets, recent: usize) -> Result<std::borrow::Cow<'_, SpanTargets>> {
+    if recent == 0 {
+        return Ok(std::borrow::Cow::Borrowed(span));
+    }
+    Ok(std::borrow::Cow::Owned(span.select(&(0..span.len() - recent).collect::<Vec<_>>())?))
+}
+
+/// Appends the span's last `recent` tokens to each of a layer's head
+/// choices, verbatim ([`keep_verbatim`]).
+fn keep_recent(heads: &mut [HeadChoice], span: &SpanTargets, layer: usize, recent: usize) -> Result<()> {
+    if recent == 0 {
+        return Ok(());
+    }
+    for (head, choice) in heads.iter_mut().enumerate() {
+        keep_verbatim(choice, &head_matrix(&span.values[layer], head)?, recent);
+    }
+    Ok(())
 }
 
 /// Appends the span's last `recent` entries to a head's choice as they
@@ -255,7 +274,12 @@ fn keep_verbatim(choice: &mut HeadChoice, span_values: &DMatrix<f64>, recent: us
 fn choices_and_error(fits: Vec<Vec<HeadFit>>) -> (Vec<Vec<HeadChoice>>, f64) {
     let errors: Vec<f64> = fits.iter().flatten().map(|fit| fit.output_error).collect();
     let choices = fits.iter().map(|layer| layer.iter().map(HeadChoice::from).collect()).collect();
-    (choices, errors.iter().sum::<f64>() / errors.len().max(1) as f64)
+    (choices, mean(&errors))
+}
+
+/// The heads' mean output error (0 for none).
+fn mean(errors: &[f64]) -> f64 {
+    errors.iter().sum::<f64>() / errors.len().max(1) as f64
 }
 
 /// A layer's cache: the prefix's entries (their biases, or 0), then the
