@@ -58,9 +58,10 @@ pub struct MatchingSettings {
     /// layers below already compacted (one pass; spread budgets then
     /// weigh heads by a first, ordinary repeat pass). On 250-token spans
     /// with spread budgets it kept 48 of 70 facts at 4.8x against 35
-    /// off-policy, 59 against 57 at 3.2x and 28 against 21 at 6.4x
-    /// (experiments/benchmark/README.md); off by default
-    /// until other ratios and longer spans are measured.
+    /// off-policy, 28 against 21 at 6.4x, the same 67 at 1.6x and 59
+    /// against 57 at 3.2x; on ~900-token spans 27 against 26 of 33 at 4.8x
+    /// (experiments/benchmark/README.md). Off by default: it helped at one
+    /// ratio of short spans only, and costs about 1.5 times the seconds.
     pub on_policy: bool,
     /// Share of each head's entries spent on the span's last tokens, kept
     /// verbatim (their own keys and values, bias 0); the rest of the span
