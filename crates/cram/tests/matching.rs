@@ -263,7 +263,7 @@ fn the_reverse_start_anchors_the_recipe_at_the_tokens_most_heads_keep() {
     let init = cram::registry::init("attention-matching", 0).unwrap();
     let recipe = cram::Recipe { init, optimizer: cram::OptimizerConfig { lr: 0.05, steps: Some(3), ..Default::default() }, ..cram::Recipe::published(4.0) };
     let fitted = cram::FittedRecipe { settings: MatchingSettings::default(), recipe }.compress(&model, &prefix, &span, &mut |_, _| {}).unwrap();
-    assert_eq!(fitted.report.method, "fitted-recipe+attention-matching-init");
+    assert_eq!(fitted.report.method, "fitted-recipe+attention-matching-spread-init");
     assert_eq!(fitted.positions, anchors.iter().map(|&i| span.positions[i]).collect::<Vec<_>>());
     assert!(fitted.biases.is_some() && fitted.report.fit_error.is_some_and(|e| e.is_finite()));
 }
@@ -433,6 +433,20 @@ fn context_queries_from_the_targets_forward_equal_a_second_forward() {
     }
 }
 
+/// Per layer, the repeat pass's pooled queries (as `method` samples them)
+/// computed by a plain forward over the prefix and `method`'s whole
+/// compaction of the span: what each layer's on-policy queries must be,
+/// since layer l's queries read only the layers below.
+fn repeat_queries_over_compaction(model: &Model, prefix: &KvCache, span: &SpanTargets, method: &AttentionMatching) -> Vec<Tensor> {
+    use cram::matching::queries::{QuerySample, RepeatPass};
+    let mut compacted_cache = prefix.clone();
+    method.compress(model, prefix, span, &mut |_, _| {}).unwrap().append_to(&mut compacted_cache).unwrap();
+    let repeat = RepeatPass::new(model, prefix, span).unwrap();
+    let raw = model.qwen2.queries(&repeat.embeddings, &repeat.positions, Some(&compacted_cache)).unwrap();
+    let sample = QuerySample::new(model, repeat.positions.len(), method.settings.query_cap, method.settings.seed, &cpu()).unwrap();
+    raw.iter().map(|layer| sample.pool(&[layer]).unwrap()).collect()
+}
+
 /// On-policy fits against an independent reconstruction: every layer's
 /// on-policy queries are what a plain forward of the repeat pass computes
 /// over the final compacted cache (layer l's queries read only the layers
@@ -442,7 +456,7 @@ fn context_queries_from_the_targets_forward_equal_a_second_forward() {
 /// entry keeps the span, so the whole fit is the off-policy one.
 #[test]
 fn on_policy_fits_the_queries_of_the_compacted_layers_below() {
-    use cram::matching::queries::{QuerySample, QuerySource, RepeatPass};
+    use cram::matching::queries::QuerySource;
     let model = model(113);
     let (prefix, span) = span_after_system(&model);
     let on_policy = AttentionMatching { settings: MatchingSettings { on_policy: true, ..uniform() }, ratio: 3.0 };
@@ -451,13 +465,7 @@ fn on_policy_fits_the_queries_of_the_compacted_layers_below() {
     let t = cram::budget(span.len(), 3.0).unwrap();
     let (choices, _) = on_policy.choices(&model, &prefix, &span, t).unwrap();
 
-    let mut compacted_cache = prefix.clone();
-    on_policy.compress(&model, &prefix, &span, &mut |_, _| {}).unwrap().append_to(&mut compacted_cache).unwrap();
-    let repeat = RepeatPass::new(&model, &prefix, &span).unwrap();
-    let raw = model.qwen2.queries(&repeat.embeddings, &repeat.positions, Some(&compacted_cache)).unwrap();
-    let settings = &on_policy.settings;
-    let sample = QuerySample::new(&model, repeat.positions.len(), settings.query_cap, settings.seed, &cpu()).unwrap();
-    let queries: Vec<Tensor> = raw.iter().map(|layer| sample.pool(&[layer]).unwrap()).collect();
+    let queries = repeat_queries_over_compaction(&model, &prefix, &span, &on_policy);
     let (reconstructed, _) = off_policy.fit_heads(&model, &span, &queries, t).unwrap();
     let (off, _) = off_policy.choices(&model, &prefix, &span, t).unwrap();
     for (layer, heads) in choices.iter().enumerate() {
@@ -483,41 +491,65 @@ fn on_policy_fits_the_queries_of_the_compacted_layers_below() {
 }
 
 /// With a share of the entries kept verbatim, every head keeps the span's
-/// last tokens with their own keys and values and bias 0, and fits the
-/// older tokens into the rest of its budget; on-policy too, where layer 0
-/// (which reads no compacted layer) is the off-policy fit exactly.
+/// last tokens with their own keys and values and bias 0 at the end of its
+/// own entries, and fits the older tokens into the rest of its budget:
+/// with uniform and spread budgets, off-policy and on-policy.
 #[test]
 fn recent_tokens_are_kept_verbatim_in_every_head() {
+    use cram::matching::budgets::Budgets;
     let model = model(114);
     let (prefix, span) = span_after_system(&model);
     let (n, t) = (span.len(), cram::budget(span.len(), 2.0).unwrap());
-    let mut layer_zero = Vec::new();
-    for on_policy in [false, true] {
-        let method = AttentionMatching { settings: MatchingSettings { recent_share: 0.5, on_policy, ..uniform() }, ratio: 2.0 };
-        assert_eq!(method.name(), if on_policy { "attention-matching-on-policy-recent0.5" } else { "attention-matching-recent0.5" });
-        let recent = method.settings.recent_tokens(t, n);
-        assert_eq!(recent, t / 2);
-        let (choices, _) = method.choices(&model, &prefix, &span, t).unwrap();
-        for choice in choices.iter().flatten() {
-            assert_eq!(choice.kept.len(), t);
-            assert!(choice.kept[..t - recent].iter().all(|&i| i < n - recent), "fitted entries come from the older tokens");
-            assert_eq!(choice.kept[t - recent..], (n - recent..n).collect::<Vec<_>>()[..]);
+    for budgets in [Budgets::Uniform, Budgets::Spread] {
+        for on_policy in [false, true] {
+            let method = AttentionMatching { settings: MatchingSettings { recent_share: 0.5, on_policy, budgets, ..MatchingSettings::default() }, ratio: 2.0 };
+            let recent = method.settings.recent_tokens(t, n);
+            assert_eq!(recent, t / 2);
+            let (choices, _) = method.choices(&model, &prefix, &span, t).unwrap();
+            let total: usize = choices.iter().flatten().map(|choice| choice.kept.len()).sum();
+            assert_eq!(total, t * choices.iter().flatten().count(), "{}: t entries a head on average", method.name());
+            let compressed = method.compress(&model, &prefix, &span, &mut |_, _| {}).unwrap();
+            for (layer, heads) in choices.iter().enumerate() {
+                for (head, choice) in heads.iter().enumerate() {
+                    let count = choice.kept.len();
+                    assert!(budgets == Budgets::Spread || count == t);
+                    assert!(choice.kept[..count - recent].iter().all(|&i| i < n - recent), "fitted entries come from the older tokens");
+                    assert_eq!(choice.kept[count - recent..], (n - recent..n).collect::<Vec<_>>()[..]);
+                    let tail = |tensor: &Tensor, len: usize| tensor.narrow(1, head, 1).unwrap().narrow(2, len - recent, recent).unwrap();
+                    assert_eq!(max_abs_diff(&tail(&compressed.keys[layer], count), &tail(&span.keys[layer], n)), 0.0);
+                    assert_eq!(max_abs_diff(&tail(&compressed.values[layer], count), &tail(&span.values[layer], n)), 0.0);
+                    let biases = tail(&compressed.biases.as_ref().unwrap()[layer], count);
+                    assert!(biases.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|&b| b == 0.0));
+                }
+            }
         }
-        layer_zero.push(choices[0].clone());
-        let compressed = method.compress(&model, &prefix, &span, &mut |_, _| {}).unwrap();
-        assert_eq!(compressed.report.n_kept, t);
-        for layer in 0..span.keys.len() {
-            let tail = |tensor: &Tensor, len: usize| tensor.narrow(2, len - recent, recent).unwrap();
-            assert_eq!(max_abs_diff(&tail(&compressed.keys[layer], t), &tail(&span.keys[layer], n)), 0.0);
-            assert_eq!(max_abs_diff(&tail(&compressed.values[layer], t), &tail(&span.values[layer], n)), 0.0);
-            let biases = compressed.biases.as_ref().unwrap()[layer].narrow(2, t - recent, recent).unwrap();
-            assert!(biases.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|&b| b == 0.0));
-        }
-    }
-    for (off, on) in layer_zero[0].iter().zip(&layer_zero[1]) {
-        assert_eq!(off.kept, on.kept);
-        let (a, b) = (off.values.as_ref().unwrap(), on.values.as_ref().unwrap());
-        assert!((a - b).norm() <= 1e-4 * a.norm(), "layer 0 on-policy is the off-policy fit");
     }
     assert!(MatchingSettings { recent_share: 1.0, ..MatchingSettings::default() }.validate().is_err());
+}
+
+/// On-policy with a verbatim tail, against an independent reconstruction
+/// at every layer: the off-policy fit of the older tokens to the queries a
+/// plain forward computes over the final compaction (whose lower layers
+/// hold their tails), then the tail. Moving the tail after the layers
+/// above have read a layer would change them.
+#[test]
+fn on_policy_layers_read_the_tails_of_the_layers_below() {
+    let model = model(115);
+    let (prefix, span) = span_after_system(&model);
+    let (n, t) = (span.len(), cram::budget(span.len(), 2.0).unwrap());
+    let on_policy = AttentionMatching { settings: MatchingSettings { recent_share: 0.5, on_policy: true, ..uniform() }, ratio: 2.0 };
+    assert_eq!(on_policy.name(), "attention-matching-on-policy-recent0.5");
+    let recent = on_policy.settings.recent_tokens(t, n);
+    let (choices, _) = on_policy.choices(&model, &prefix, &span, t).unwrap();
+    let queries = repeat_queries_over_compaction(&model, &prefix, &span, &on_policy);
+    let older = span.select(&(0..n - recent).collect::<Vec<_>>()).unwrap();
+    let (reconstructed, _) = AttentionMatching { settings: uniform(), ratio: 2.0 }.fit_heads(&model, &older, &queries, t - recent).unwrap();
+    for (layer, heads) in choices.iter().enumerate() {
+        for (head, choice) in heads.iter().enumerate() {
+            let again = &reconstructed[layer][head];
+            assert_eq!(choice.kept[..t - recent], again.kept[..], "layer {layer} head {head}");
+            let (ours, theirs) = (choice.values.as_ref().unwrap().rows(0, t - recent).into_owned(), again.values.as_ref().unwrap());
+            assert!((&ours - theirs).norm() <= 1e-4 * theirs.norm(), "layer {layer} head {head}");
+        }
+    }
 }

@@ -33,6 +33,12 @@ impl From<&fit::HeadFit> for HeadChoice {
     }
 }
 
+/// The heads' mean relative output error on their reference queries (0
+/// for none): a compaction's `fit_error`.
+pub fn mean_error(errors: &[f64]) -> f64 {
+    errors.iter().sum::<f64>() / errors.len().max(1) as f64
+}
+
 /// One head's slice of per-layer (1, kv_heads, n, d) span tensors, as an
 /// (n, d) f64 matrix.
 pub fn head_matrix(per_layer: &Tensor, head: usize) -> Result<DMatrix<f64>> {

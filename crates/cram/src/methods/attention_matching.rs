@@ -1,6 +1,7 @@
 //! Attention matching (Zweiger et al., 2026): a compacted KV cache in
-//! closed form. Per layer and KV head, the span's `n / ratio` entries that
-//! reference queries attend to most keep their keys, get a logit bias that
+//! closed form. Per layer and KV head, the span entries that reference
+//! queries attend to most (`n / ratio` a head on average, shared among the
+//! heads by their budgets) keep their keys, get a logit bias that
 //! restores the span's attention mass, and get values fitted by least
 //! squares to the span's attention output ([`crate::matching::fit`]).
 
@@ -15,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::matching::budgets::{self, Budgets};
 use crate::matching::fit::{FitSettings, HeadFit, HeadProblem, KeySelection};
 use crate::matching::queries::{attention_over_span, context_queries, reference_queries, uses_context, uses_repeat, QuerySample, QuerySource, RepeatPass};
-use crate::matching::{compacted, head_matrix, layer_entries, HeadChoice};
+use crate::matching::{compacted, head_matrix, layer_entries, mean_error, HeadChoice};
 use crate::model::Model;
 use crate::recipe::init::Anchors;
 use crate::select::keep_top;
@@ -26,7 +27,7 @@ use crate::span::SpanTargets;
 pub struct AttentionMatching {
     /// The fit's knobs.
     pub settings: MatchingSettings,
-    /// Span tokens / entries kept per head.
+    /// Span tokens / entries kept per head (on average, with spread budgets).
     pub ratio: f64,
 }
 
@@ -63,9 +64,10 @@ pub struct MatchingSettings {
     /// (experiments/benchmark/README.md). Off by default: it helped at one
     /// ratio of short spans only, and costs about 1.5 times the seconds.
     pub on_policy: bool,
-    /// Share of each head's entries spent on the span's last tokens, kept
-    /// verbatim (their own keys and values, bias 0); the rest of the span
-    /// is fitted into the other entries. Eviction that keeps the recent
+    /// Share of the `n / ratio` entries a head holds on average spent on
+    /// the span's last tokens, kept verbatim in every head (their own keys
+    /// and values, bias 0); the rest of the span is fitted into the other
+    /// entries, shared among the heads by their budgets. Eviction that keeps the recent
     /// tokens recalls late facts that attention matching loses
     /// (experiments/benchmark/README.md, eviction-4.8-250); but on
     /// 250-token spans a share of 0.25 or 0.5 lost more older facts than
@@ -227,7 +229,7 @@ impl AttentionMatching {
             choices.push(heads);
             after_prefix(prefix, layer, keys, values, biases)
         })?;
-        Ok((choices, mean(&errors)))
+        Ok((choices, mean_error(&errors)))
     }
 
     /// One layer's heads fitted in parallel to its (kv_heads, m, d) queries.
@@ -275,13 +277,9 @@ fn keep_verbatim(choice: &mut HeadChoice, span_values: &DMatrix<f64>, recent: us
 fn choices_and_error(fits: Vec<Vec<HeadFit>>) -> (Vec<Vec<HeadChoice>>, f64) {
     let errors: Vec<f64> = fits.iter().flatten().map(|fit| fit.output_error).collect();
     let choices = fits.iter().map(|layer| layer.iter().map(HeadChoice::from).collect()).collect();
-    (choices, mean(&errors))
+    (choices, mean_error(&errors))
 }
 
-/// The heads' mean output error (0 for none).
-fn mean(errors: &[f64]) -> f64 {
-    errors.iter().sum::<f64>() / errors.len().max(1) as f64
-}
 
 /// A layer's cache: the prefix's entries (their biases, or 0), then the
 /// compacted ones.
@@ -386,8 +384,10 @@ pub struct MatchedKeys {
 }
 
 impl Anchors for MatchedKeys {
+    /// The name of the fit that votes (`attention-matching-spread` by
+    /// default), so a recipe started from it says which.
     fn name(&self) -> String {
-        "attention-matching".into()
+        AttentionMatching { settings: self.settings, ratio: 1.0 }.name()
     }
 
     fn anchors(&self, model: &Model, prefix: &KvCache, span: &SpanTargets, count: usize) -> Result<Vec<usize>> {

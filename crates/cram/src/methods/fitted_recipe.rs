@@ -14,7 +14,7 @@ use crate::cache::KvCache;
 use crate::compressor::{budget, CompressedSpan, Compressor};
 use crate::error::Result;
 use crate::matching::fit::HeadFit;
-use crate::matching::{head_matrix, head_tensor};
+use crate::matching::{head_matrix, head_tensor, mean_error};
 use crate::methods::attention_matching::MatchingSettings;
 use crate::model::Model;
 use crate::recipe::Recipe;
@@ -23,7 +23,9 @@ use crate::span::SpanTargets;
 /// The recipe, then values and biases fitted to its keys.
 #[derive(Debug, Clone)]
 pub struct FittedRecipe {
-    /// The reference queries and the fit's bounds (its key selection is unused).
+    /// The reference queries and the fit's bounds (its key selection,
+    /// budgets, `on_policy` and `recent_share` are unused: the keys are the
+    /// recipe's).
     pub settings: MatchingSettings,
     /// The recipe whose virtual tokens give the keys.
     pub recipe: Recipe,
@@ -66,7 +68,7 @@ impl Compressor for FittedRecipe {
             biases.push(Tensor::from_vec(layer_biases, (1, values.len(), compressed.len()), device)?);
         }
         compressed.biases = Some(biases);
-        compressed.report.fit_error = Some(errors.iter().sum::<f64>() / errors.len().max(1) as f64);
+        compressed.report.fit_error = Some(mean_error(&errors));
         Ok(compressed)
     }
 }
