@@ -337,7 +337,13 @@ fn sweep(config_path: &Path, out: &Path, shard: Shard, overrides: Overrides) -> 
 /// Joins shards' results into `dir`'s, saying what it found.
 fn merge_shards(dir: &Path, shard_dirs: &[PathBuf]) -> Result<()> {
     let merged = cram_eval::results::merge_results(dir, shard_dirs)?;
-    eprintln!("[report] {} cells merged from {} shard directories ({} identical lines met twice)", merged.cells, shard_dirs.len(), merged.duplicates);
+    eprintln!(
+        "[report] {} cells merged from {} shard directories ({} identical lines met twice), {} case files",
+        merged.cells,
+        shard_dirs.len(),
+        merged.duplicates,
+        merged.case_files
+    );
     if merged.configs_differ {
         eprintln!("[report] warning: the shards' config.toml differ (or one is missing): shards of different configs or overrides slice the cells differently, so some cells may be missing");
     }

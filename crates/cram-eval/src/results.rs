@@ -149,6 +149,8 @@ pub struct Merged {
     /// configs or overrides slice the cells differently, so some may be
     /// missing. When they agree, the merged folder gets a copy.
     pub configs_differ: bool,
+    /// Case files copied from the shards' `cases/` into the merged one.
+    pub case_files: usize,
 }
 
 /// Writes `out_dir/results.jsonl` as the union of its own lines (if any)
@@ -156,7 +158,10 @@ pub struct Merged {
 /// must be the same line in both: two different lines of one cell are an
 /// error naming both places. The shards' files are only read (a shard may
 /// still be running): a last line cut short is left out, not removed.
+/// The shards' case files go to `out_dir/cases/` too, where the report
+/// reads each fact's kind and placement ([`merge_cases`]).
 pub fn merge_results(out_dir: &Path, shard_dirs: &[PathBuf]) -> Result<Merged> {
+    let cases = merge_cases(out_dir, shard_dirs)?;
     let out_path = out_dir.join("results.jsonl");
     let mut merged: Vec<(CellResult, serde_json::Value, PathBuf)> = Vec::new();
     let mut index_of: HashMap<String, usize> = HashMap::new();
@@ -188,7 +193,51 @@ pub fn merge_results(out_dir: &Path, shard_dirs: &[PathBuf]) -> Result<Merged> {
     let results: Vec<CellResult> = merged.into_iter().map(|(result, _, _)| result).collect();
     write_results(&out_path, &results)?;
     let configs_differ = !copy_common_config(out_dir, shard_dirs)?;
-    Ok(Merged { cells: results.len(), duplicates, configs_differ })
+    let cases_dir = out_dir.join("cases");
+    if !cases.is_empty() {
+        std::fs::create_dir_all(&cases_dir).map_err(|e| EvalError::io(&cases_dir, e))?;
+    }
+    for (name, (text, _)) in &cases {
+        let path = cases_dir.join(name);
+        std::fs::write(&path, text).map_err(|e| EvalError::io(&path, e))?;
+    }
+    Ok(Merged { cells: results.len(), duplicates, configs_differ, case_files: cases.len() })
+}
+
+/// The case files (`cases/*.json`) of the merged folder and of every shard,
+/// by file name, each with where it was first met; checked before anything
+/// is written. Shards of one sweep write the same cases, so a name met
+/// twice must hold the same text: two texts under one name are an error
+/// naming both places.
+fn merge_cases(out_dir: &Path, shard_dirs: &[PathBuf]) -> Result<std::collections::BTreeMap<String, (String, PathBuf)>> {
+    let mut cases: std::collections::BTreeMap<String, (String, PathBuf)> = std::collections::BTreeMap::new();
+    for dir in std::iter::once(out_dir).chain(shard_dirs.iter().map(PathBuf::as_path)) {
+        let cases_dir = dir.join("cases");
+        if !cases_dir.is_dir() {
+            continue;
+        }
+        let mut paths: Vec<PathBuf> = std::fs::read_dir(&cases_dir)
+            .map_err(|e| EvalError::io(&cases_dir, e))?
+            .map(|entry| entry.map(|entry| entry.path()).map_err(|e| EvalError::io(&cases_dir, e)))
+            .collect::<Result<_>>()?;
+        paths.retain(|path| path.extension().is_some_and(|ext| ext == "json"));
+        paths.sort();
+        for path in paths {
+            let name = path.file_name().expect("a listed file has a name").to_string_lossy().into_owned();
+            let text = std::fs::read_to_string(&path).map_err(|e| EvalError::io(&path, e))?;
+            match cases.get(&name) {
+                Some((first, _)) if *first == text => {}
+                Some((_, first_path)) => {
+                    let reason = format!("case file {name} differs from {}", first_path.display());
+                    return Err(EvalError::Transcript { path, reason });
+                }
+                None => {
+                    cases.insert(name, (text, path));
+                }
+            }
+        }
+    }
+    Ok(cases)
 }
 
 /// Copies the shards' `config.toml` into `out_dir` when they are all the
@@ -239,4 +288,43 @@ pub(crate) fn test_line(case: &str, method: &str, ratio: Option<f64>, n_tokens: 
         "loss_final": null, "steps": 0, "seconds": 0.0, "optimize_seconds": 0.0, "answer": "", "answers": answers, "loss_curve": [],
     }))
     .expect("a minimal results line")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shard(dir: &Path, lines: &[CellResult], cases: &[(&str, &str)]) -> PathBuf {
+        std::fs::create_dir_all(dir.join("cases")).unwrap();
+        write_results(&dir.join("results.jsonl"), lines).unwrap();
+        for (name, text) in cases {
+            std::fs::write(dir.join("cases").join(name), text).unwrap();
+        }
+        dir.to_path_buf()
+    }
+
+    /// The merged folder gets every shard's case files, each once; a file
+    /// that two shards hold with different texts is refused before
+    /// anything is written.
+    #[test]
+    fn merged_shards_bring_their_case_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let line = |case: &str| test_line(case, "full", None, 10, &[("f", true)]);
+        let first = shard(&dir.path().join("a"), &[line("c1")], &[("c1.json", "{\"id\": 1}"), ("shared.json", "same")]);
+        let second = shard(&dir.path().join("b"), &[line("c2")], &[("c2.json", "{\"id\": 2}"), ("shared.json", "same"), ("notes.txt", "not a case")]);
+        let merged_dir = dir.path().join("merged");
+        let merged = merge_results(&merged_dir, &[first.clone(), second]).unwrap();
+        assert_eq!((merged.cells, merged.case_files), (2, 3));
+        let mut names: Vec<String> = std::fs::read_dir(merged_dir.join("cases")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        names.sort();
+        assert_eq!(names, ["c1.json", "c2.json", "shared.json"]);
+        assert_eq!(std::fs::read_to_string(merged_dir.join("cases/c2.json")).unwrap(), "{\"id\": 2}");
+
+        let clash = shard(&dir.path().join("c"), &[line("c3")], &[("shared.json", "other")]);
+        let before = std::fs::read_to_string(merged_dir.join("results.jsonl")).unwrap();
+        let err = merge_results(&merged_dir, &[first, clash]).unwrap_err().to_string();
+        assert!(err.contains("shared.json") && err.contains("differs"), "{err}");
+        assert_eq!(std::fs::read_to_string(merged_dir.join("results.jsonl")).unwrap(), before);
+        assert!(!merged_dir.join("cases/c3.json").exists());
+    }
 }
