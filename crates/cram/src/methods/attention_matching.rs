@@ -280,7 +280,6 @@ fn choices_and_error(fits: Vec<Vec<HeadFit>>) -> (Vec<Vec<HeadChoice>>, f64) {
     (choices, mean_error(&errors))
 }
 
-
 /// A layer's cache: the prefix's entries (their biases, or 0), then the
 /// compacted ones.
 fn after_prefix(prefix: &KvCache, layer: usize, keys: Tensor, values: Tensor, biases: Tensor) -> Result<(Tensor, Tensor, Option<Tensor>)> {
