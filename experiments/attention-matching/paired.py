@@ -10,8 +10,11 @@ use all the facts two methods share.
 """
 import collections
 import json
-import math
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from stats import mcnemar  # noqa: E402
 
 
 def main(run, ratio, methods):
@@ -39,9 +42,7 @@ def main(run, ratio, methods):
         a, b = (verdicts[(method, ratio)] for method in methods[:2])
         only_a = sum(a[key] and not b[key] for key in common)
         only_b = sum(b[key] and not a[key] for key in common)
-        discordant, smaller = only_a + only_b, min(only_a, only_b)
-        p = min(1.0, 2 * sum(math.comb(discordant, k) for k in range(smaller + 1)) / 2**discordant) if discordant else 1.0
-        print(f"  only {methods[0]}: {only_a}, only {methods[1]}: {only_b}, McNemar p = {p:.2g}")
+        print(f"  only {methods[0]}: {only_a}, only {methods[1]}: {only_b}, McNemar p = {mcnemar(only_a, only_b):.2g}")
 
 
 if __name__ == "__main__":

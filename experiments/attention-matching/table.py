@@ -9,7 +9,12 @@ usage: python3 experiments/attention-matching/table.py   (from the repository ro
 """
 import glob
 import json
+import sys
 from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from stats import mcnemar  # noqa: E402
 
 RATIOS = [1.6, 2.4, 3.2, 4.8, 6.4]
 SHORT = {"t8-claude-md", "t18-auth-middleware"}
@@ -74,16 +79,6 @@ def verdicts(rows, cases):
                 for fact, ok in answer["facts"]:
                     out[(r["method"], r["ratio"])][(r["case"], answer["question_id"], fact)] = ok
     return out
-
-
-def mcnemar(b, c):
-    """Exact two-sided McNemar p-value: b and c discordant pairs."""
-    from math import comb
-    n = b + c
-    if n == 0:
-        return 1.0
-    tail = sum(comb(n, k) for k in range(0, min(b, c) + 1)) / 2 ** n
-    return min(1.0, 2 * tail)
 
 
 def paired(v, mine, other, ratios):

@@ -10,8 +10,11 @@ discordant pairs).
 
 import collections
 import json
-from math import comb
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from stats import mcnemar  # noqa: E402
 
 HERE = Path(__file__).parent
 EXPERIMENTS = HERE.parent
@@ -39,14 +42,6 @@ def verdicts(path):
             for fact, recalled in answer["facts"]:
                 facts[(row["case"], method_name(row), row["ratio"], fact)] = recalled
     return facts
-
-
-def mcnemar(b, c):
-    n = b + c
-    if n == 0:
-        return 1.0
-    tail = sum(comb(n, k) for k in range(0, min(b, c) + 1)) / 2**n
-    return min(1.0, 2 * tail)
 
 
 def main():
