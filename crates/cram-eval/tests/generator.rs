@@ -1,7 +1,7 @@
 //! The case generator: deterministic, leak-free, facts placed where asked,
 //! confusable defaults never scored as recalled; and sweeps that generate.
 
-use cram_eval::generator::facts::ALL_KINDS;
+use cram_eval::generator::facts::{FactKind, ALL_KINDS};
 use cram_eval::generator::{generate, GeneratorSettings, Placement, CHARS_PER_TOKEN};
 use cram_eval::render::Rendering;
 use cram_eval::sweep::SweepConfig;
@@ -53,6 +53,79 @@ fn the_answer_is_recalled_and_neither_the_default_nor_a_distractor_is() {
         }
     }
     assert!(distractors > 0, "no near-miss distractor was planted in 40 cases");
+}
+
+/// Libraries by the job a dependency question names and their language
+/// (this test's own list, not the generator's).
+const SAME_JOB: [(&str, &str, &[&str]); 24] = [
+    ("tests", "js", &["jest", "vitest", "mocha", "ava", "jasmine"]),
+    ("tests", "py", &["pytest", "nose"]),
+    ("tests", "go", &["testify", "ginkgo"]),
+    ("serve HTTP", "js", &["express", "fastify", "koa", "hapi"]),
+    ("serve HTTP", "py", &["fastapi", "flask", "django", "uvicorn"]),
+    ("serve HTTP", "rust", &["axum", "actix-web"]),
+    ("serve HTTP", "go", &["gin", "echo"]),
+    ("dates", "js", &["moment", "dayjs", "date-fns", "luxon"]),
+    ("dates", "py", &["arrow", "pendulum"]),
+    ("dates", "rust", &["chrono"]),
+    ("SQL", "js", &["knex", "kysely", "sequelize", "prisma", "typeorm"]),
+    ("SQL", "py", &["sqlalchemy"]),
+    ("validate", "js", &["joi", "zod", "yup", "ajv"]),
+    ("validate", "py", &["pydantic", "pydantic-settings", "marshmallow"]),
+    ("logs", "js", &["winston", "pino", "bunyan"]),
+    ("logs", "py", &["loguru", "structlog"]),
+    ("logs", "go", &["zerolog", "logrus", "zap"]),
+    ("HTTP requests", "js", &["axios", "undici", "got", "node-fetch"]),
+    ("HTTP requests", "py", &["requests", "httpx", "aiohttp"]),
+    ("hash passwords", "js", &["bcrypt", "bcryptjs", "argon2"]),
+    ("JSON", "py", &["orjson", "ujson", "simplejson"]),
+    ("data frames", "py", &["pandas", "polars"]),
+    ("TLS", "rust", &["rustls", "openssl", "native-tls"]),
+    ("database", "rust", &["sqlx", "diesel"]),
+];
+
+/// The language a question names, if any.
+fn language(question: &str) -> Option<&'static str> {
+    [("Node.js", "js"), ("JavaScript", "js"), ("Python", "py"), ("Rust", "rust"), (" Go", "go")]
+        .into_iter()
+        .find_map(|(word, language)| question.contains(word).then_some(language))
+}
+
+/// Whether a manifest in `span` lists `library` (package.json, pyproject,
+/// Cargo.toml or go.mod entry).
+fn lists(span: &str, library: &str) -> bool {
+    [format!("\"{library}\""), format!("\"{library}>="), format!("\"{library}=="), format!("\n{library} = "), format!("/{library} v")].iter().any(|entry| span.contains(entry.as_str()))
+}
+
+/// A dependency question has one answer in its span: no other library
+/// there does the job it asks about, in the language it names (in any
+/// language, where it names none). Long spans hold several manifests.
+#[test]
+fn no_other_library_in_the_span_answers_a_dependency_question() {
+    let mut checked = 0;
+    for seed in 0..4 {
+        // Libraries (and the versions that name one) only, so that each span holds many.
+        let kinds = vec![FactKind::Dependency, FactKind::Version];
+        let asked = GeneratorSettings { seed, count: 25, span_tokens: 1000, facts: 8, kinds, ..settings(seed, Placement::Spread) };
+        for generated in generate(&asked).unwrap() {
+            let case = generated.to_case().unwrap();
+            let span = Rendering::Chatml.messages(&case.transcript.messages, &case.split.compress);
+            for (question, fact) in case.questions.iter().flat_map(|question| question.facts.iter().map(move |fact| (question, fact))) {
+                if fact.kind.as_deref() != Some("dependency") {
+                    continue;
+                }
+                let answer = fact.expect_any[0].as_str();
+                let asked_language = language(&question.question);
+                for (job, _, libraries) in SAME_JOB.iter().filter(|(job, lang, _)| question.question.contains(job) && asked_language.is_none_or(|l| l == *lang)) {
+                    for library in libraries.iter().filter(|library| **library != answer) {
+                        assert!(!lists(&span, library), "{}: `{}` ({job}) has {library} beside {answer} in its span", generated.id, question.question);
+                    }
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked > 300, "only {checked} dependency questions checked");
 }
 
 /// The answer's offset in the rendered span (characters), independently of

@@ -110,7 +110,11 @@ impl Document {
 }
 
 /// Filler entries of `kind`: plausible lines of the same kind that state
-/// nothing a question asks.
+/// nothing a question asks. No filler library does a job a dependency
+/// question asks about (serving HTTP, tests, dates, SQL, validation...):
+/// a 1,000-token span holds several manifests, and `fastapi` in a
+/// pyproject answered "which library serves HTTP?" as well as the planted
+/// `fastify` (experiments/benchmark/README.md, facts8-1000).
 pub fn filler_entry(kind: DocKind, rng: &mut Rng) -> String {
     match kind {
         DocKind::PackageJson => {
@@ -118,15 +122,15 @@ pub fn filler_entry(kind: DocKind, rng: &mut Rng) -> String {
             format!("    \"{name}\": \"^{}\"", version(rng))
         }
         DocKind::Pyproject => {
-            let name = rng.choose(&["fastapi", "sqlalchemy", "alembic", "uvicorn", "pydantic-settings", "tenacity", "click", "rich", "jinja2", "python-dotenv"]);
+            let name = rng.choose(&["attrs", "packaging", "alembic", "platformdirs", "typing-extensions", "tenacity", "click", "rich", "jinja2", "python-dotenv"]);
             format!("  \"{name}>={}\"", version(rng))
         }
         DocKind::CargoToml => {
-            let name = rng.choose(&["serde", "serde_json", "tokio", "clap", "thiserror", "regex", "once_cell", "chrono", "uuid", "bytes"]);
+            let name = rng.choose(&["serde", "serde_json", "tokio", "clap", "thiserror", "regex", "once_cell", "itertools", "uuid", "bytes"]);
             format!("{name} = \"{}\"", version(rng))
         }
         DocKind::GoMod => {
-            let name = rng.choose(&["github.com/google/uuid", "github.com/spf13/cobra", "golang.org/x/sync", "github.com/stretchr/testify", "gopkg.in/yaml.v3"]);
+            let name = rng.choose(&["github.com/google/uuid", "github.com/spf13/cobra", "golang.org/x/sync", "github.com/pkg/errors", "gopkg.in/yaml.v3"]);
             format!("\t{name} v{}", version(rng))
         }
         DocKind::Compose => {

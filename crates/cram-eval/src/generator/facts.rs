@@ -115,21 +115,23 @@ fn project(rng: &mut Rng) -> &'static str {
 type Library = (&'static str, &'static str, &'static str, bool, DocKind);
 
 fn dependency(used: &[&'static str], rng: &mut Rng) -> Option<PlantedFact> {
+    // Every purpose names its language: a long span holds manifests of
+    // several, and "which library runs its tests?" had an answer in each.
     // The default is rejected only where no correct answer would contain
     // it: "logging" or "requests" can sit in a right answer's sentence.
     const LIBRARIES: [(&str, Library); 16] = [
-        ("npm-hash", ("hash passwords", "bcryptjs", "bcrypt", false, DocKind::PackageJson)),
-        ("npm-test", ("run its tests", "vitest", "Jest", true, DocKind::PackageJson)),
-        ("npm-log", ("write its logs", "pino", "winston", true, DocKind::PackageJson)),
-        ("npm-http", ("serve HTTP", "fastify", "Express", true, DocKind::PackageJson)),
-        ("npm-validate", ("validate request bodies", "zod", "Joi", false, DocKind::PackageJson)),
-        ("npm-dates", ("format dates", "dayjs", "Moment", true, DocKind::PackageJson)),
-        ("npm-client", ("make outgoing HTTP requests", "undici", "axios", true, DocKind::PackageJson)),
-        ("npm-sql", ("build SQL queries", "kysely", "Knex", true, DocKind::PackageJson)),
+        ("npm-hash", ("hash passwords in Node.js", "bcryptjs", "bcrypt", false, DocKind::PackageJson)),
+        ("npm-test", ("run its JavaScript tests", "vitest", "Jest", true, DocKind::PackageJson)),
+        ("npm-log", ("write its logs in Node.js", "pino", "winston", true, DocKind::PackageJson)),
+        ("npm-http", ("serve HTTP in Node.js", "fastify", "Express", true, DocKind::PackageJson)),
+        ("npm-validate", ("validate request bodies in Node.js", "zod", "Joi", false, DocKind::PackageJson)),
+        ("npm-dates", ("format dates in JavaScript", "dayjs", "Moment", true, DocKind::PackageJson)),
+        ("npm-client", ("make outgoing HTTP requests in Node.js", "undici", "axios", true, DocKind::PackageJson)),
+        ("npm-sql", ("build SQL queries in Node.js", "kysely", "Knex", true, DocKind::PackageJson)),
         ("py-log", ("write its logs in Python", "loguru", "logging", false, DocKind::Pyproject)),
         ("py-http", ("make HTTP requests in Python", "httpx", "requests", false, DocKind::Pyproject)),
         ("py-json", ("serialise JSON in Python", "orjson", "json", false, DocKind::Pyproject)),
-        ("py-frames", ("handle data frames", "polars", "pandas", true, DocKind::Pyproject)),
+        ("py-frames", ("handle data frames in Python", "polars", "pandas", true, DocKind::Pyproject)),
         ("py-lint", ("lint its Python code", "ruff", "flake8", true, DocKind::Pyproject)),
         ("rust-tls", ("handle TLS in Rust", "rustls", "openssl", true, DocKind::CargoToml)),
         ("rust-db", ("talk to the database from Rust", "sqlx", "diesel", true, DocKind::CargoToml)),
@@ -271,7 +273,8 @@ fn identifier(used: &[&'static str], rng: &mut Rng) -> Option<PlantedFact> {
 
 fn pinned_version(used: &[&'static str], rng: &mut Rng) -> Option<PlantedFact> {
     const PACKAGES: [(&str, (&str, DocKind)); 4] = [
-        ("version-express", ("express", DocKind::PackageJson)),
+        // Not a library a dependency question asks for (express serves HTTP).
+        ("version-react", ("react", DocKind::PackageJson)),
         ("version-typescript", ("typescript", DocKind::PackageJson)),
         ("version-django", ("django", DocKind::Pyproject)),
         ("version-celery", ("celery", DocKind::Pyproject)),
