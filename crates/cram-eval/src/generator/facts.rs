@@ -116,7 +116,8 @@ type Library = (&'static str, &'static str, &'static str, bool, DocKind);
 
 fn dependency(used: &[&'static str], rng: &mut Rng) -> Option<PlantedFact> {
     // Every purpose names its language: a long span holds manifests of
-    // several, and "which library runs its tests?" had an answer in each.
+    // several, and a question that named none could be answered from
+    // another language's manifest (undici asked, httpx beside it).
     // The default is rejected only where no correct answer would contain
     // it: "logging" or "requests" can sit in a right answer's sentence.
     const LIBRARIES: [(&str, Library); 16] = [
