@@ -13,8 +13,13 @@ from pathlib import Path
 
 
 def main(source, dest, pairs):
+    malformed = [pair for pair in pairs if "=" not in pair]
+    if malformed or not pairs:
+        sys.exit(f"rename.py: give renames as OLD=NEW (got {malformed or 'none'})")
     renames = dict(pair.split("=", 1) for pair in pairs)
     source, dest = Path(source), Path(dest)
+    if not (source / "results.jsonl").is_file():
+        sys.exit(f"rename.py: {source} has no results.jsonl")
     dest.mkdir(parents=True, exist_ok=True)
     if (source / "cases").is_dir():
         shutil.copytree(source / "cases", dest / "cases", dirs_exist_ok=True)
