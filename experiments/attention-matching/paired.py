@@ -10,6 +10,7 @@ use all the facts two methods share.
 """
 import collections
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -35,9 +36,9 @@ def main(run, ratio, methods):
     for method in methods:
         own = cells[(method, ratio)]
         errors = [cell["fit_error"] for cell in own if cell.get("fit_error") is not None]
-        seconds = sorted(cell["compress_seconds"] for cell in own)
+        seconds = [cell["compress_seconds"] for cell in own]
         fit = f", mean fit error {sum(errors) / len(errors):.3f}" if errors else ""
-        print(f"  {method}: {sum(verdicts[(method, ratio)][key] for key in common)}{fit}, median compress {seconds[len(seconds) // 2]:.1f} s over {len(own)} cells")
+        print(f"  {method}: {sum(verdicts[(method, ratio)][key] for key in common)}{fit}, median compress {statistics.median(seconds):.1f} s over {len(own)} cells")
     if len(methods) >= 2:
         a, b = (verdicts[(method, ratio)] for method in methods[:2])
         only_a = sum(a[key] and not b[key] for key in common)
