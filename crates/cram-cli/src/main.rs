@@ -199,6 +199,9 @@ enum Command {
         /// Skip the batched timing.
         #[arg(long)]
         no_together: bool,
+        /// Answers decoded together in the second answer timing (0 skips it).
+        #[arg(long, default_value_t = 8)]
+        answer_rows: usize,
         /// CPU threads (default: all cores).
         #[arg(long)]
         threads: Option<usize>,
@@ -263,7 +266,7 @@ fn main() -> Result<()> {
             eprintln!("[generate-cases] {} cases in {}", paths.len(), out.display());
             Ok(())
         }
-        Command::Bench { model, synthetic, dtype, compress_steps, virtual_tokens, prefix, ratio, steps, together, no_together, threads, transcript, methods, out } => {
+        Command::Bench { model, synthetic, dtype, compress_steps, virtual_tokens, prefix, ratio, steps, together, no_together, answer_rows, threads, transcript, methods, out } => {
             if let Some(threads) = threads {
                 // Read by candle's CPU kernels and rayon; set before either starts.
                 std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
@@ -273,6 +276,7 @@ fn main() -> Result<()> {
                 ratio,
                 steps,
                 answer_tokens: 32,
+                answer_rows,
                 together_ratios: if no_together { Vec::new() } else { together },
                 compression_steps: compress_steps,
                 methods,
@@ -395,14 +399,14 @@ fn bench(model_args: &ModelArgs, weights: &BenchWeights, dtype: Option<&str>, si
         cram_eval::bench::warm_up(&model, &ids, smallest, settings)?;
     }
     println!(
-        "{:>9} {:>6} {:>10} {:>9} {:>8} {:>9} {:>9} {:>10} {:>12} {:>10} {:>9} {:>8}",
-        "n_virtual", "span", "targets_s", "step_s", "GFLOP/s", "peak_MiB", "gpu_MiB", "together_s", "together/one", "compress_s", "answer/s", "threads"
+        "{:>9} {:>6} {:>10} {:>9} {:>8} {:>9} {:>9} {:>10} {:>12} {:>10} {:>9} {:>11} {:>8}",
+        "n_virtual", "span", "targets_s", "step_s", "GFLOP/s", "peak_MiB", "gpu_MiB", "together_s", "together/one", "compress_s", "answer/s", "rows_ans/s", "threads"
     );
     for &n_virtual in sizes {
         let record = cram_eval::bench::measure(&model, &ids, n_virtual, settings)?;
         let optional = |value: Option<f64>, precision: usize| value.map_or("-".into(), |v| format!("{v:.precision$}"));
         println!(
-            "{:>9} {:>6} {:>10.3} {:>9.3} {:>8.1} {:>9} {:>9} {:>10} {:>12} {:>10} {:>9.1} {:>8}",
+            "{:>9} {:>6} {:>10.3} {:>9.3} {:>8.1} {:>9} {:>9} {:>10} {:>12} {:>10} {:>9.1} {:>11} {:>8}",
             record.n_virtual,
             record.span_tokens,
             record.target_forward_seconds,
@@ -414,6 +418,7 @@ fn bench(model_args: &ModelArgs, weights: &BenchWeights, dtype: Option<&str>, si
             optional(record.together_over_single, 2),
             optional(record.compression_seconds, 2),
             record.answer_tokens_per_second,
+            optional(record.answer_tokens_per_second_together, 1),
             record.threads,
         );
         if let Some(error) = &record.together_error {
@@ -492,7 +497,7 @@ fn check(model_args: &ModelArgs, spec: &CheckSpec, out: Option<PathBuf>) -> Resu
     let model = load_model(model_args)?;
     let mut records = Vec::new();
     for rendering in [Rendering::Chatml, Rendering::TurnMarkers] {
-        let settings = AskSettings { rendering, per_fact: spec.per_fact, max_new_tokens: spec.max_new_tokens };
+        let settings = AskSettings { rendering, per_fact: spec.per_fact, max_new_tokens: spec.max_new_tokens, ..AskSettings::default() };
         for (label, condition) in [("full", Condition::Full), ("none", Condition::NoContext)] {
             let started = std::time::Instant::now();
             let run = run_case(&model, case, &settings, condition, &mut |_, _| {})?.remove(0);

@@ -40,6 +40,9 @@ pub struct BenchSettings {
     pub steps: usize,
     /// Tokens generated in the answer timing.
     pub answer_tokens: usize,
+    /// Answers decoded together in the second answer timing (a case's
+    /// questions, [`generate::greedy_together`]); 0 skips it.
+    pub answer_rows: usize,
     /// Ratios optimized together in the batched timing (empty: skipped).
     pub together_ratios: Vec<f64>,
     /// Also run a whole compression of this many steps (targets, start,
@@ -58,6 +61,7 @@ impl Default for BenchSettings {
             ratio: 3.2,
             steps: 8,
             answer_tokens: 32,
+            answer_rows: 8,
             together_ratios: vec![1.6, 2.4, 3.2, 4.8, 6.4],
             compression_steps: None,
             methods: Vec::new(),
@@ -167,6 +171,10 @@ pub struct BenchRecord {
     pub compression_seconds: Option<f64>,
     pub answer_tokens: usize,
     pub answer_tokens_per_second: f64,
+    /// Answers decoded together in the second timing.
+    pub answer_rows: usize,
+    /// Tokens of all those answers a second, decoded together.
+    pub answer_tokens_per_second_together: Option<f64>,
     /// [`BenchSettings::methods`]' compactions of the span.
     pub compactions: Vec<CompactionTiming>,
 }
@@ -270,7 +278,12 @@ pub fn measure(model: &Model, ids: &[u32], n_virtual: usize, settings: &BenchSet
 
     let compression_seconds =
         settings.compression_steps.map(|steps| time_compression(model, &prefix, span_ids, span_positions, n_virtual, settings.ratio, steps)).transpose()?;
-    let (answer_seconds, answer_tokens) = time_answer(qwen, compressed, &tokens[..8.min(tokens.len())], settings.answer_tokens)?;
+    let prompt = &tokens[..8.min(tokens.len())];
+    let (answer_seconds, answer_tokens) = time_answer(qwen, compressed.clone(), prompt, settings.answer_tokens)?;
+    let answer_tokens_per_second_together = (settings.answer_rows > 0)
+        .then(|| time_answers_together(qwen, &compressed, prompt, settings.answer_rows, settings.answer_tokens))
+        .transpose()?
+        .map(|(seconds, tokens)| tokens as f64 / seconds);
     let compactions = settings.methods.iter().map(|spec| time_compaction(model, &prefix, span_ids, span_positions, &*settings.compressor(spec)?)).collect::<Result<_>>()?;
     let flops = step_flops(qwen.config(), n_virtual, prefix.len());
     Ok(BenchRecord {
@@ -302,6 +315,8 @@ pub fn measure(model: &Model, ids: &[u32], n_virtual: usize, settings: &BenchSet
         compression_seconds,
         answer_tokens,
         answer_tokens_per_second: answer_tokens as f64 / answer_seconds,
+        answer_rows: settings.answer_rows,
+        answer_tokens_per_second_together,
         compactions,
     })
 }
@@ -380,6 +395,16 @@ fn time_answer(model: &Qwen2, mut cache: KvCache, prompt: &[u32], max_tokens: us
     Ok((started.elapsed().as_secs_f64(), answer.len()))
 }
 
+/// `rows` answers of exactly `max_tokens` tokens each, decoded together
+/// after the same prompt; returns seconds and tokens generated in all.
+fn time_answers_together(model: &Qwen2, cache: &KvCache, prompt: &[u32], rows: usize, max_tokens: usize) -> Result<(f64, usize)> {
+    let prompts = vec![prompt.to_vec(); rows];
+    let started = Instant::now();
+    let answers = generate::greedy_together(model, cache, &prompts, cache.next_position(), max_tokens, &[])?;
+    model.device().synchronize()?;
+    Ok((started.elapsed().as_secs_f64(), answers.iter().map(Vec::len).sum()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -398,6 +423,7 @@ mod tests {
         assert_eq!(names, ["kvzip", "attention-matching-context-spread"]);
         assert!(record.compactions.iter().all(|c| c.n_kept == kept && c.seconds > 0.0));
         assert!(record.compactions[0].fit_error.is_none() && record.compactions[1].fit_error.is_some());
+        assert!(record.answer_tokens_per_second_together.is_some_and(|rate| rate > 0.0), "8 answers decoded together are timed");
     }
 
     #[test]

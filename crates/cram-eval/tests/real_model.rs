@@ -34,11 +34,28 @@ fn the_small_model_knows_the_t8_facts_only_from_the_span() {
     let cases = load_case_file(&cases_path).unwrap();
     let t8 = cases.iter().find(|c| c.id == "t8-claude-md").unwrap();
 
-    let settings = AskSettings { rendering: Rendering::Chatml, per_fact: true, max_new_tokens: 48 };
+    let settings = AskSettings { rendering: Rendering::Chatml, per_fact: true, max_new_tokens: 48, ..AskSettings::default() };
     let full = run_case(&model, t8, &settings, Condition::Full, &mut |_, _| {}).unwrap().remove(0).answers;
     show("full", &full);
     let none = run_case(&model, t8, &settings, Condition::NoContext, &mut |_, _| {}).unwrap().remove(0).answers;
     show("none", &none);
     assert_eq!(facts_score(&full), (3, 3), "with the span in context every fact is found");
     assert_eq!(facts_score(&none), (0, 3), "without the span the model falls back to defaults");
+}
+
+/// On the real model, answers decoded together are the ones decoded one
+/// after another: batching changes summation order only, and on these
+/// answers no near-tie flips.
+#[test]
+fn the_real_model_answers_the_same_decoded_together() {
+    let model = default_model();
+    let cases_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../eval/bearing/bearing-questions.json");
+    let cases = load_case_file(&cases_path).unwrap();
+    let t8 = cases.iter().find(|c| c.id == "t8-claude-md").unwrap();
+    let answers = |together: bool| {
+        let settings = AskSettings { rendering: Rendering::Chatml, per_fact: true, max_new_tokens: 48, together };
+        let run = run_case(&model, t8, &settings, Condition::Full, &mut |_, _| {}).unwrap().remove(0);
+        run.answers.into_iter().map(|a| a.answer).collect::<Vec<_>>()
+    };
+    assert_eq!(answers(true), answers(false));
 }

@@ -147,6 +147,24 @@ impl<'m> Session<'m> {
         tokenizer.decode(&answer)
     }
 
+    /// [`Session::ask`] for each of `prompts`, their answers decoded
+    /// together ([`generate::greedy_together`]): several times faster than
+    /// one after another where decoding is bound by reading the weights
+    /// (a CPU, or a GPU at batch 1), and the same answers but for rounding.
+    pub fn ask_together(&self, prompts: &[String], max_new_tokens: usize) -> Result<Vec<String>> {
+        let tokenizer = &self.model.tokenizer;
+        let prompt_ids = prompts.iter().map(|prompt| tokenizer.encode(prompt)).collect::<Result<Vec<_>>>()?;
+        let answers = generate::greedy_together(
+            &self.model.qwen2,
+            &self.cache,
+            &prompt_ids,
+            self.cache.next_position(),
+            max_new_tokens,
+            &tokenizer.stop_ids(),
+        )?;
+        answers.iter().map(|answer| tokenizer.decode(answer)).collect()
+    }
+
     /// The running cache.
     pub fn cache(&self) -> &KvCache {
         &self.cache

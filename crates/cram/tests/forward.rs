@@ -185,3 +185,129 @@ fn greedy_decoding_over_the_cache_matches_recomputing_from_scratch() -> anyhow::
     assert!(stopped.is_empty(), "a stop token ends decoding before it is emitted");
     Ok(())
 }
+
+/// A cache of `TOKENS` whose entries carry random logit biases, and that
+/// cache followed by each prompt, as decoding several answers starts.
+fn shared_and_prompted(model: &cram::Qwen2, prompts: &[Vec<u32>]) -> anyhow::Result<(KvCache, Vec<KvCache>)> {
+    let output = model.forward(&model.embed(&TOKENS)?, &positions(0.0, TOKENS.len()), None, Logits::None)?;
+    let kv_heads = output.keys[0].dim(1)?;
+    let biases = (0..output.keys.len())
+        .map(|_| Tensor::randn(0f32, 1.0, (1, kv_heads, TOKENS.len()), &cpu()))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let mut shared = KvCache::new();
+    shared.append_biased(&output.keys, &output.values, Some(&biases), &positions(0.0, TOKENS.len()))?;
+    let prompted = prompts
+        .iter()
+        .map(|prompt| {
+            let mut own = shared.clone();
+            let at = positions(shared.next_position(), prompt.len());
+            let output = model.forward(&model.embed(prompt)?, &at, Some(&shared), Logits::None)?;
+            own.append(&output.keys, &output.values, &at)?;
+            Ok(own)
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok((shared, prompted))
+}
+
+/// Caches of different lengths stacked as rows, the shorter ones filled
+/// with noise (not zeros: only the padding mask may hide them).
+struct Stacked {
+    keys: Vec<Tensor>,
+    values: Vec<Tensor>,
+    biases: Vec<Tensor>,
+    entries: usize,
+}
+
+impl Stacked {
+    fn new(caches: &[KvCache]) -> anyhow::Result<Self> {
+        let entries = caches.iter().map(KvCache::len).max().unwrap();
+        let fill = |tensor: &Tensor| -> anyhow::Result<Tensor> {
+            let (_, kv_heads, held, head_dim) = tensor.dims4()?;
+            if held == entries {
+                return Ok(tensor.clone());
+            }
+            Ok(Tensor::cat(&[tensor, &Tensor::randn(0f32, 3.0, (1, kv_heads, entries - held, head_dim), &cpu())?], 2)?)
+        };
+        let stack = |part: fn(&KvCache) -> &[Tensor], layer: usize| -> anyhow::Result<Tensor> {
+            Ok(Tensor::cat(&caches.iter().map(|c| fill(&part(c)[layer])).collect::<anyhow::Result<Vec<_>>>()?, 0)?)
+        };
+        let layers = caches[0].num_layers();
+        let longest = caches.iter().find(|c| c.len() == entries).unwrap();
+        Ok(Self {
+            keys: (0..layers).map(|l| stack(KvCache::keys, l)).collect::<anyhow::Result<_>>()?,
+            values: (0..layers).map(|l| stack(KvCache::values, l)).collect::<anyhow::Result<_>>()?,
+            biases: longest.biases().unwrap().to_vec(),
+            entries,
+        })
+    }
+}
+
+impl cram::Context for Stacked {
+    fn entries(&self) -> usize {
+        self.entries
+    }
+    fn layers(&self) -> usize {
+        self.keys.len()
+    }
+    fn layer(&self, index: usize) -> Option<(&Tensor, &Tensor)> {
+        Some((&self.keys[index], &self.values[index]))
+    }
+    fn bias(&self, index: usize) -> Option<&Tensor> {
+        Some(&self.biases[index])
+    }
+}
+
+/// Rows of different lengths, each at its own position, in one forward:
+/// each row's logits and new K/V are those of its own forward alone, the
+/// others' entries and the padding unseen, the shared entries' biases applied.
+#[test]
+fn rows_decoded_together_match_each_row_alone() -> anyhow::Result<()> {
+    let model = synthetic::model(&synthetic::tiny_config(), 13, &cpu())?;
+    let prompts = vec![vec![5, 6, 7, 8, 9], vec![11, 12], vec![20, 21, 22, 23, 24, 25, 26]];
+    let (shared, prompted) = shared_and_prompted(&model, &prompts)?;
+    let stacked = Stacked::new(&prompted)?;
+    let padding: Vec<f32> = prompted
+        .iter()
+        .flat_map(|c| (0..stacked.entries).map(move |e| if e < c.len() { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
+    let padding = Tensor::from_vec(padding, (prompts.len(), stacked.entries), &cpu())?;
+    let next_tokens = [4u32, 9, 31];
+    let row_positions: Vec<f32> = prompts.iter().map(|p| shared.next_position() + p.len() as f32 + 0.5).collect();
+
+    let embeddings = model.embed(&next_tokens)?.transpose(0, 1)?.contiguous()?;
+    let together = model.forward_rows(&embeddings, &row_positions, &stacked, &padding, Logits::Last)?;
+    for (row, own) in prompted.iter().enumerate() {
+        let alone = model.forward(&model.embed(&next_tokens[row..=row])?, &row_positions[row..=row], Some(own), Logits::Last)?;
+        let logits_diff = max_abs_diff(&together.logits.as_ref().unwrap().narrow(0, row, 1)?, alone.logits.as_ref().unwrap());
+        assert!(logits_diff <= 1e-4, "row {row}: logits differ by {logits_diff}");
+        for (layer, (keys, alone_keys)) in together.keys.iter().zip(&alone.keys).enumerate() {
+            let diff = max_abs_diff(&keys.narrow(0, row, 1)?, alone_keys);
+            assert!(diff <= 1e-4, "row {row}, layer {layer}: new key differs by {diff}");
+        }
+    }
+    Ok(())
+}
+
+/// Answers decoded together are the answers decoded one at a time (in
+/// f64, where summation order cannot flip a token), rows finishing at
+/// different steps: at a stop token, at the length cap, or at once.
+#[test]
+fn answers_decoded_together_are_those_decoded_one_at_a_time() -> anyhow::Result<()> {
+    let config = synthetic::tiny_config();
+    let model = synthetic::model_from_weights(&config, &synthetic::named_weights(&config, 13, &cpu())?, &cpu(), candle_core::DType::F64)?;
+    let prompts = vec![vec![5, 6, 7, 8, 9], vec![11, 12], vec![20, 21, 22, 23, 24, 25, 26], vec![40]];
+    let (shared, _) = shared_and_prompted(&model, &prompts)?;
+    let first = shared.next_position();
+    let one_at_a_time = |stop: &[u32]| -> anyhow::Result<Vec<Vec<u32>>> {
+        prompts.iter().map(|p| Ok(generate::greedy(&model, &mut shared.clone(), p, first, 8, stop)?)).collect()
+    };
+    let unstopped = one_at_a_time(&[])?;
+    // A stop token from inside one answer, and the first token of another.
+    let stop = [unstopped[0][3], unstopped[3][0]];
+    let alone = one_at_a_time(&stop)?;
+    assert!(alone.iter().map(Vec::len).collect::<std::collections::HashSet<_>>().len() > 1, "rows should end at different steps: {alone:?}");
+    let together = generate::greedy_together(&model, &shared, &prompts, first, 8, &stop)?;
+    assert_eq!(together, alone);
+    assert_eq!(generate::greedy_together(&model, &shared, &prompts, first, 8, &[])?, unstopped);
+    Ok(())
+}

@@ -40,3 +40,11 @@ for steps in 2 6; do
   done
 done
 # then decode-split-before.jsonl = the nosplit lines, decode-split-after.jsonl = the split lines.
+
+# Session of 2026-11-30 (evening). Answers decoded together: one answer, then 8
+# answers of 32 tokens decoded together, after a 1,000-token prefix and 64
+# virtual tokens; /tmp/cram-s6b is a release build of the commit that brought
+# `[ask] together`; run twice.
+for run in 1 2; do
+  /tmp/cram-s6b bench --virtual 64 --prefix 1000 --steps 2 --no-together --threads 2 --answer-rows 8 --out $out/answers-together.jsonl
+done

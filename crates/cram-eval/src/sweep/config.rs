@@ -75,19 +75,28 @@ pub struct AskConfig {
     /// Ask one fact at a time when a question is a run of `?` sentences.
     pub per_fact: bool,
     pub max_new_tokens: usize,
+    /// Decode a case's answers together (see [`AskSettings::together`]);
+    /// `false` decodes them one after another, as every build up to
+    /// a01fa7c did (the runs recorded before answers were decoded together).
+    pub together: bool,
 }
 
 impl Default for AskConfig {
     fn default() -> Self {
-        let AskSettings { per_fact, max_new_tokens, .. } = AskSettings::default();
-        Self { rendering: None, per_fact, max_new_tokens }
+        let AskSettings { per_fact, max_new_tokens, together, .. } = AskSettings::default();
+        Self { rendering: None, per_fact, max_new_tokens, together }
     }
 }
 
 impl AskConfig {
     /// The settings `case` is asked with.
     pub fn for_case(&self, case: &Case) -> AskSettings {
-        AskSettings { rendering: self.rendering.unwrap_or(case.rendering), per_fact: self.per_fact, max_new_tokens: self.max_new_tokens }
+        AskSettings {
+            rendering: self.rendering.unwrap_or(case.rendering),
+            per_fact: self.per_fact,
+            max_new_tokens: self.max_new_tokens,
+            together: self.together,
+        }
     }
 }
 

@@ -148,8 +148,8 @@ impl DecoderLayer {
     }
 
     /// hidden_states (b, n, hidden) after the `cached` (K, V) of this layer
-    /// ((1, kv, L, d) each, shared by the batch) and their logit biases
-    /// ((1, kv, L) f32), up to `depth`.
+    /// ((1, kv, L, d) each, shared by the batch, or (b, kv, L, d), a row's
+    /// own) and their logit biases ((1, kv, L) f32), up to `depth`.
     pub(super) fn forward(
         &self,
         hidden_states: &Tensor,
@@ -211,9 +211,10 @@ pub(super) struct Exec {
     pub(super) softmax_dtype: DType,
 }
 
-/// A batch-1 cache tensor (1, kv, L, d) seen by a batch of `batch` sequences.
+/// A cache tensor (1, kv, L, d) seen by a batch of `batch` sequences; one
+/// that already holds a row per sequence as it is.
 fn expand_batch(cached: &Tensor, batch: usize) -> Result<Tensor> {
-    if batch == 1 {
+    if cached.dim(0)? == batch {
         return Ok(cached.clone());
     }
     let (_, kv_heads, len, head_dim) = cached.dims4()?;

@@ -9,7 +9,7 @@ mod qwen2;
 pub mod rope;
 
 pub use config::Qwen2Config;
-pub use qwen2::{ForwardOutput, Logits, Placement, Qwen2};
+pub use qwen2::{Context, ForwardOutput, Logits, Placement, Qwen2};
 
 use std::fs::File;
 use std::io::BufReader;

@@ -9,7 +9,8 @@ use super::rope::Rotation;
 #[derive(Debug, Clone)]
 pub struct Placement {
     pub(super) rotation: Rotation,
-    /// (n_new, cached + n_new) in the softmax dtype; None for one token.
+    /// (n_new, cached + n_new) in the softmax dtype, or (batch, 1, 1, 1,
+    /// cached + 1) for rows decoded together; None for one token.
     pub(super) mask: Option<Tensor>,
     pub(super) n_new: usize,
     pub(super) cached: usize,

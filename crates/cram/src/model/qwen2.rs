@@ -39,6 +39,40 @@ pub struct ForwardOutput {
     pub logits: Option<Tensor>,
 }
 
+/// What a forward's new tokens attend to before themselves, layer by
+/// layer: a [`KvCache`], or the caches of several sequences decoded
+/// together, laid side by side ([`crate::generate::greedy_together`]).
+pub trait Context {
+    /// Entries per layer (every layer holds as many).
+    fn entries(&self) -> usize;
+    /// Layers held (0 while empty).
+    fn layers(&self) -> usize;
+    /// Layer `index`'s keys and values, (1 or batch, kv_heads, entries,
+    /// head_dim); a batch-1 context is shared by every sequence of the batch.
+    fn layer(&self, index: usize) -> Option<(&Tensor, &Tensor)>;
+    /// Layer `index`'s logit biases, (1, kv_heads, entries) f32; `None`
+    /// while every bias is 0.
+    fn bias(&self, index: usize) -> Option<&Tensor>;
+}
+
+impl Context for KvCache {
+    fn entries(&self) -> usize {
+        self.len()
+    }
+
+    fn layers(&self) -> usize {
+        self.num_layers()
+    }
+
+    fn layer(&self, index: usize) -> Option<(&Tensor, &Tensor)> {
+        KvCache::layer(self, index)
+    }
+
+    fn bias(&self, index: usize) -> Option<&Tensor> {
+        self.biases().map(|biases| &biases[index])
+    }
+}
+
 /// The frozen Qwen2 weights and the differentiable forward over them.
 #[derive(Debug, Clone)]
 pub struct Qwen2 {
@@ -181,7 +215,27 @@ impl Qwen2 {
         cache: Option<&KvCache>,
         logits: Logits,
     ) -> Result<ForwardOutput> {
-        Ok(self.run(embeddings, placement, cache, logits, Keep::Nothing)?.0)
+        Ok(self.run(embeddings, placement, cache.map(|c| c as &dyn Context), logits, Keep::Nothing)?.0)
+    }
+
+    /// One new token for each of `batch` sequences decoded together:
+    /// embeddings (batch, 1, hidden), each row at its own position
+    /// (`positions`, batch), after its own entries of `context` (layers of
+    /// batch rows). `padding` (batch, entries) f32 is 0 over a row's own
+    /// entries and -inf over the rows' padding, so sequences of different
+    /// lengths share one tensor. What greedy decoding of several prompts
+    /// over one cache needs: each step reads the weights once for all rows.
+    pub fn forward_rows(&self, embeddings: &Tensor, positions: &[f32], context: &dyn Context, padding: &Tensor, logits: Logits) -> Result<ForwardOutput> {
+        let rows = positions.len();
+        if padding.dims() != [rows, context.entries()] {
+            return Err(Error::Invalid(format!("padding {:?} does not fit {rows} rows of {} entries", padding.dims(), context.entries())));
+        }
+        let rotation = Rotation::new(positions, self.config.head_dim(), self.config.rope_theta, self.dtype, &self.device)?.one_per_row()?;
+        // Each row sees its own entries and itself.
+        let own_column = Tensor::zeros((rows, 1), padding.dtype(), &self.device)?;
+        let mask = Tensor::cat(&[padding, &own_column], 1)?.reshape((rows, 1, 1, 1, context.entries() + 1))?.to_dtype(self.softmax_dtype())?;
+        let placement = Placement { rotation, mask: Some(mask), n_new: 1, cached: context.entries() };
+        Ok(self.run(embeddings, &placement, Some(context), logits, Keep::Nothing)?.0)
     }
 
     /// Every layer's attention probabilities of the new tokens over the
@@ -194,7 +248,7 @@ impl Qwen2 {
         cache: Option<&KvCache>,
     ) -> Result<Vec<Tensor>> {
         let placement = self.placement(positions, &[positions.len()], cache.map_or(0, KvCache::len))?;
-        Ok(self.run(embeddings, &placement, cache, Logits::None, Keep::Attention)?.1)
+        Ok(self.run(embeddings, &placement, cache.map(|c| c as &dyn Context), Logits::None, Keep::Attention)?.1)
     }
 
     /// Every layer's post-RoPE queries of the new tokens, (batch, heads, n,
@@ -207,7 +261,7 @@ impl Qwen2 {
     /// tokens (batch, heads, n, head_dim) from the same pass.
     pub fn forward_with_queries(&self, embeddings: &Tensor, positions: &[f32], cache: Option<&KvCache>, logits: Logits) -> Result<(ForwardOutput, Vec<Tensor>)> {
         let placement = self.placement(positions, &[positions.len()], cache.map_or(0, KvCache::len))?;
-        self.run(embeddings, &placement, cache, logits, Keep::Queries)
+        self.run(embeddings, &placement, cache.map(|c| c as &dyn Context), logits, Keep::Queries)
     }
 
     /// A forward of new tokens whose cache is chosen layer by layer:
@@ -255,7 +309,7 @@ impl Qwen2 {
     /// The forward; with `keep`, also each layer's attention probabilities
     /// (batch, heads, n, cached + n) in f32, or its post-RoPE queries
     /// (batch, heads, n, d).
-    fn run(&self, embeddings: &Tensor, placement: &Placement, cache: Option<&KvCache>, logits: Logits, keep: Keep) -> Result<(ForwardOutput, Vec<Tensor>)> {
+    fn run(&self, embeddings: &Tensor, placement: &Placement, cache: Option<&dyn Context>, logits: Logits, keep: Keep) -> Result<(ForwardOutput, Vec<Tensor>)> {
         let (_, n_new, hidden) = embeddings.dims3()?;
         if n_new != placement.n_new || hidden != self.config.hidden_size {
             return Err(Error::Invalid(format!(
@@ -265,13 +319,13 @@ impl Qwen2 {
                 self.config.hidden_size
             )));
         }
-        let cached = cache.map_or(0, KvCache::len);
+        let cached = cache.map_or(0, |c| c.entries());
         if cached != placement.cached {
             return Err(Error::Invalid(format!("cache holds {cached} entries, placement was made for {}", placement.cached)));
         }
         if let Some(cache) = cache {
-            if cache.num_layers() != self.layers.len() && !cache.is_empty() {
-                return Err(Error::Invalid(format!("cache has {} layers, model {}", cache.num_layers(), self.layers.len())));
+            if cache.layers() != self.layers.len() && cached > 0 {
+                return Err(Error::Invalid(format!("cache has {} layers, model {}", cache.layers(), self.layers.len())));
             }
         }
         // Without logits the last layer stops early: at its K/V, or at its
@@ -288,7 +342,7 @@ impl Qwen2 {
         let mut kept = Vec::new();
         for (index, layer) in self.layers.iter().enumerate() {
             let depth = if index + 1 == self.layers.len() { last_depth } else { Depth::Full };
-            let bias = cache.and_then(KvCache::biases).map(|biases| &biases[index]);
+            let bias = cache.and_then(|c| c.bias(index));
             let output = layer.forward(&hidden_states, placement, cache.and_then(|c| c.layer(index)), bias, depth, exec)?;
             keys.push(output.key);
             values.push(output.value);

@@ -42,6 +42,14 @@ impl Rotation {
         })
     }
 
+    /// The tables as (n, 1, 1, head_dim): row i of a batch of n sequences
+    /// of one new token each, (n, heads, 1, head_dim), turns by position i.
+    pub fn one_per_row(self) -> Result<Self> {
+        let (rows, head_dim) = self.cos.dims2()?;
+        let per_row = |table: Tensor| table.reshape((rows, 1, 1, head_dim));
+        Ok(Self { cos: per_row(self.cos)?, sin: per_row(self.sin)? })
+    }
+
     /// Rotates x: (batch, heads, n, head_dim) by the table's n positions.
     pub fn apply(&self, xs: &Tensor) -> Result<Tensor> {
         let rotated = rotate_half(xs)?;
