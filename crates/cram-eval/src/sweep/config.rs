@@ -76,8 +76,8 @@ pub struct AskConfig {
     pub per_fact: bool,
     pub max_new_tokens: usize,
     /// Decode a case's answers together (see [`AskSettings::together`]);
-    /// `false` decodes them one after another, as every build up to
-    /// a01fa7c did (the runs recorded before answers were decoded together).
+    /// `false` decodes them one after another, as every build before
+    /// 49399ab did (the runs recorded before answers were decoded together).
     pub together: bool,
 }
 
