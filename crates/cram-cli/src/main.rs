@@ -421,6 +421,9 @@ fn bench(model_args: &ModelArgs, weights: &BenchWeights, dtype: Option<&str>, si
             optional(record.answer_tokens_per_second_together, 1),
             record.threads,
         );
+        if let Some(error) = &record.answer_together_error {
+            eprintln!("[bench] {n_virtual} virtual tokens: the answers together failed: {error}");
+        }
         if let Some(error) = &record.together_error {
             eprintln!("[bench] {n_virtual} virtual tokens: the ratios together failed: {error}");
         }

@@ -175,6 +175,9 @@ pub struct BenchRecord {
     pub answer_rows: usize,
     /// Tokens of all those answers a second, decoded together.
     pub answer_tokens_per_second_together: Option<f64>,
+    /// Why the answers could not be decoded together (the rest of the
+    /// record stands).
+    pub answer_together_error: Option<String>,
     /// [`BenchSettings::methods`]' compactions of the span.
     pub compactions: Vec<CompactionTiming>,
 }
@@ -280,10 +283,13 @@ pub fn measure(model: &Model, ids: &[u32], n_virtual: usize, settings: &BenchSet
         settings.compression_steps.map(|steps| time_compression(model, &prefix, span_ids, span_positions, n_virtual, settings.ratio, steps)).transpose()?;
     let prompt = &tokens[..8.min(tokens.len())];
     let (answer_seconds, answer_tokens) = time_answer(qwen, compressed.clone(), prompt, settings.answer_tokens)?;
-    let answer_tokens_per_second_together = (settings.answer_rows > 0)
+    let (answer_tokens_per_second_together, answer_together_error) = match (settings.answer_rows > 0)
         .then(|| time_answers_together(qwen, &compressed, prompt, settings.answer_rows, settings.answer_tokens))
-        .transpose()?
-        .map(|(seconds, tokens)| tokens as f64 / seconds);
+    {
+        Some(Ok((seconds, tokens))) => (Some(tokens as f64 / seconds), None),
+        Some(Err(error)) => (None, Some(error.to_string())),
+        None => (None, None),
+    };
     let compactions = settings.methods.iter().map(|spec| time_compaction(model, &prefix, span_ids, span_positions, &*settings.compressor(spec)?)).collect::<Result<_>>()?;
     let flops = step_flops(qwen.config(), n_virtual, prefix.len());
     Ok(BenchRecord {
@@ -317,6 +323,7 @@ pub fn measure(model: &Model, ids: &[u32], n_virtual: usize, settings: &BenchSet
         answer_tokens_per_second: answer_tokens as f64 / answer_seconds,
         answer_rows: settings.answer_rows,
         answer_tokens_per_second_together,
+        answer_together_error,
         compactions,
     })
 }

@@ -30,6 +30,7 @@ pub const CHECKS: &[(&str, fn(&Fixture) -> Result<Verdict>)] = &[
     ("session-save-load", session_save_load),
     ("compressors", compressors),
     ("greedy-over-cache", greedy_over_cache),
+    ("answers-together", answers_together),
 ];
 
 /// Ratio of the compressions checked.
@@ -342,6 +343,27 @@ fn greedy_over_cache(fixture: &Fixture) -> Result<Verdict> {
         Some(step) => fixture.dtype != DType::F32 && margins[step] < BF16_TIE,
     };
     Ok(Verdict { passed, detail: json!({ "cached": cached, "recomputed": recomputed, "first_difference": first_difference, "relative_top2_margins": margins }) })
+}
+
+/// Prompts of different lengths answered together over one cache give the
+/// answers each gets alone. The first tokens come from the same per-prompt
+/// forward and must be equal in any dtype; later ones from batched steps,
+/// which may sum in another order: equal in f32 (a near-tie flip would
+/// show here first), reported in bf16, where such a flip is expected.
+fn answers_together(fixture: &Fixture) -> Result<Verdict> {
+    const NEW_TOKENS: usize = 6;
+    let model = fixture.qwen();
+    let ids = fixture.ids(16);
+    let cache = prefix_cache(model, &ids[..8], &consecutive(0, 8))?;
+    let prompts = vec![ids[8..13].to_vec(), ids[13..15].to_vec(), ids[8..16].to_vec()];
+    let alone = prompts
+        .iter()
+        .map(|prompt| generate::greedy(model, &mut cache.clone(), prompt, 8.0, NEW_TOKENS, &[]))
+        .collect::<cram::Result<Vec<_>>>()?;
+    let together = generate::greedy_together(model, &cache, &prompts, 8.0, NEW_TOKENS, &[])?;
+    let first_tokens_equal = alone.iter().zip(&together).all(|(a, t)| a.first() == t.first());
+    let passed = first_tokens_equal && (fixture.dtype != DType::F32 || alone == together);
+    Ok(Verdict { passed, detail: json!({ "alone": alone, "together": together }) })
 }
 
 /// A scratch folder under the system's temporary folder, removed when dropped.
