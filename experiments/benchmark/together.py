@@ -1,7 +1,8 @@
 """Answers of two runs of the same cells, side by side: how many are
 identical, which differ (and whether the fact's score moved), and the
 seconds each cell spent outside its compaction (on the suffix and the
-answers), recorded `seconds` minus `compress_seconds`.
+answers): the recorded `answer_seconds`, or for lines written before it
+was recorded, `seconds` minus `compress_seconds`.
 
     python3 experiments/benchmark/together.py BEFORE AFTER
 """
@@ -30,7 +31,8 @@ def main():
     answer_seconds = {"before": [], "after": []}
     for key in shared:
         for label, run in (("before", before), ("after", after)):
-            answer_seconds[label].append(run[key]["seconds"] - run[key]["compress_seconds"])
+            line = run[key]
+            answer_seconds[label].append(line.get("answer_seconds", line["seconds"] - line["compress_seconds"]))
         for old, new in zip(before[key]["answers"], after[key]["answers"]):
             if old["answer"] == new["answer"]:
                 same += 1

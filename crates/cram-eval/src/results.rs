@@ -46,15 +46,21 @@ pub struct CellResult {
     /// Optimization steps, summed over compressed turns.
     pub steps: usize,
     /// Wall time of the whole cell (compression and answers), time before
-    /// a resume included.
+    /// a resume included. Since the cells of a case share its first turn's
+    /// forward, only the first cell of the case that needed it ran it.
     pub seconds: f64,
     /// Seconds spent optimizing.
     pub optimize_seconds: f64,
     /// Seconds compressing (the span's forward, scoring, fitting or
     /// optimizing), summed over compressed turns; 0 in a batch, whose
-    /// optimization is `optimize_seconds`.
+    /// optimization is `optimize_seconds`. A forward shared by the cells of
+    /// a case counts in each: this is what the compaction costs alone.
     #[serde(default)]
     pub compress_seconds: f64,
+    /// Seconds on the suffix and the answers (absent from lines written
+    /// before it was recorded: there `seconds - compress_seconds` was it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer_seconds: Option<f64>,
     /// Every answer, joined (the full records are in `answers`).
     pub answer: String,
     pub answers: Vec<Answered>,

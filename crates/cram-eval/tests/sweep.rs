@@ -568,3 +568,45 @@ fn shards_merged_give_the_report_of_the_whole_sweep() {
     let err = merge_results(&merged_dir, &[dir.path().join("no-such-shard")]).unwrap_err().to_string();
     assert!(err.contains("no-such-shard") && err.contains("not a sweep's output folder"), "{err}");
 }
+
+/// The cells of one case share its span's forward (one per set of needs)
+/// and give each what the cell gives run alone: the same answers and
+/// entries; each line records its answering seconds apart.
+#[test]
+fn cells_sharing_a_span_forward_give_what_each_gives_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model_dir, cases) = fixture(dir.path());
+    let path = dir.path().join("sweep.toml");
+    std::fs::write(&path, format!(
+        "model = {model_dir:?}\nmethods = [\"streaming\", \"snapkv\", \"attention-matching\", {{ method = \"attention-matching\", queries = \"context\" }}, \"kvzip\"]\n\
+         baselines = [\"truncated\"]\nratios = [2.0, 4.0]\n\
+         [[cases]]\nfile = {cases:?}\n\n[ask]\nrendering = \"chatml\"\nper_fact = true\nmax_new_tokens = 4\n"
+    )).unwrap();
+    let config = SweepConfig::load(&path).unwrap();
+    let out = dir.path().join("out");
+    run_sweep(&config, &path, &out, &mut |_| Ok(())).unwrap();
+    let lines = read_results(&out.join("results.jsonl")).unwrap();
+    assert_eq!(lines.len(), 11, "5 methods at 2 ratios, and the truncated span");
+
+    let model = cram::Model::load(&cram::ModelSource::safetensors_dir(&model_dir), &candle_core::Device::Cpu).unwrap();
+    let case = &config.load_cases(&path).unwrap()[0];
+    for line in &lines {
+        let ratio = line.cell.ratio.unwrap_or(1.0);
+        let compressor: Box<dyn cram::Compressor> = match line.cell.method.as_str() {
+            "truncated" => Box::new(cram::Truncate),
+            // The span's own queries: targets of other needs than the rest.
+            "attention-matching-context-spread" => {
+                let knobs = serde_json::json!({ "queries": "context" });
+                cram::registry::method("attention-matching").unwrap().build(&cram::registry::MethodOptions { knobs, ..cram::registry::MethodOptions::new(ratio) }).unwrap()
+            }
+            "attention-matching-spread" => cram::registry::method("attention-matching").unwrap().build(&cram::registry::MethodOptions::new(ratio)).unwrap(),
+            name => cram::registry::method(name).unwrap().build(&cram::registry::MethodOptions::new(ratio)).unwrap(),
+        };
+        let alone = cram_eval::evaluate::run_case(&model, case, &config.ask.for_case(case), cram_eval::evaluate::Condition::Compressed(compressor.as_ref()), &mut |_, _| {})
+            .unwrap()
+            .remove(0);
+        let answers = |answered: &[cram_eval::evaluate::Answered]| answered.iter().map(|a| a.answer.clone()).collect::<Vec<_>>();
+        assert_eq!((answers(&line.answers), line.n_virtual), (answers(&alone.answers), alone.n_kept), "{} at {ratio}", line.cell.method);
+        assert!(line.answer_seconds.is_some_and(|seconds| seconds > 0.0));
+    }
+}

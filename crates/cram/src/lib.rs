@@ -84,6 +84,6 @@ pub use recipe::positions::PositionMode;
 pub use recipe::settings::{Checkpointing, EarlyStop, OptimizerConfig};
 pub use recipe::{compress_together, Recipe, VirtualStart};
 pub use scoring::{KeyNorm, Scorer, SnapKv, Streaming, ValueUniqueness};
-pub use session::{Session, Turn};
+pub use session::{Session, Turn, TurnTargets};
 pub use span::SpanTargets;
 pub use tokenizer::Tokenizer;

@@ -8,8 +8,8 @@ use std::collections::HashMap;
 
 use common::{cpu, max_abs_diff, positions};
 use cram::{
-    synthetic, Compressor, Error, Evict, KvCache, Logits, Model, OptimizerConfig, Qwen2, Recipe, Scorer, Session, SpanTargets,
-    Truncate,
+    synthetic, AttentionMatching, Compressor, Error, Evict, KvCache, Logits, MatchingSettings, Model, OptimizerConfig, Qwen2, Recipe, Scorer,
+    Session, SpanTargets, Truncate,
 };
 
 const SYSTEM: &str = "t5 t9 t14 t2";
@@ -198,4 +198,37 @@ fn a_cache_file_without_a_next_position_continues_after_its_last_entry() {
     let (loaded, metadata) = KvCache::load(&path, &cpu(), candle_core::DType::F32).unwrap();
     assert!(metadata.is_empty());
     assert_eq!(loaded.next_position(), 8.0);
+}
+
+/// A turn's targets computed once serve several compressors, each on its
+/// own copy of the session, and give each the cache its own
+/// `push_compressed` gives, bit for bit; targets that do not fit the
+/// session, or lack what a compressor reads, are refused.
+#[test]
+fn targets_computed_once_compress_a_turn_as_each_compressor_alone_would() {
+    let model = model(1);
+    let session = Session::new(&model, SYSTEM).unwrap();
+    let targets = session.turn_targets(TURN_1, false, false).unwrap();
+    let evict = Evict::new(Earliest, 3.0);
+    let matching = AttentionMatching { settings: MatchingSettings::default(), ratio: 3.0 };
+    assert!(!matching.needs_span_queries() && !matching.needs_surprisal(), "the default fit reads the targets computed here");
+    let compressors: [&dyn Compressor; 3] = [&Truncate, &evict, &matching];
+    for compressor in compressors {
+        let mut alone = session.clone();
+        alone.push_compressed(TURN_1, compressor, &mut |_, _| {}).unwrap();
+        let mut shared = session.clone();
+        let report = shared.push_compressed_targets(&targets, compressor, &mut |_, _| {}).unwrap();
+        assert_eq!(report.n_kept, alone.turns()[1].n_kept);
+        assert_eq!((shared.cache().positions(), shared.next_position()), (alone.cache().positions(), alone.next_position()));
+        for layer in 0..alone.cache().num_layers() {
+            let ((keys, values), (alone_keys, alone_values)) = (shared.cache().layer(layer).unwrap(), alone.cache().layer(layer).unwrap());
+            assert_eq!((max_abs_diff(keys, alone_keys), max_abs_diff(values, alone_values)), (0.0, 0.0), "{}", compressor.name());
+        }
+    }
+    let mut moved_on = session.clone();
+    moved_on.push_verbatim(TURN_2).unwrap();
+    let error = moved_on.push_compressed_targets(&targets, &Truncate, &mut |_, _| {}).unwrap_err();
+    assert!(error.to_string().contains("targets computed after 4 entries"), "{error}");
+    let error = session.clone().push_compressed_targets(&targets, &quick_recipe(3.0), &mut |_, _| {}).unwrap_err();
+    assert!(error.to_string().contains("lack"), "{error}");
 }

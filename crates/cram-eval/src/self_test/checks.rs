@@ -345,8 +345,8 @@ fn greedy_over_cache(fixture: &Fixture) -> Result<Verdict> {
     Ok(Verdict { passed, detail: json!({ "cached": cached, "recomputed": recomputed, "first_difference": first_difference, "relative_top2_margins": margins }) })
 }
 
-/// Prompts of different lengths answered together over one cache give the
-/// answers each gets alone. The first tokens come from the same per-prompt
+/// Prompts of different lengths answered together over one cache (with
+/// logit biases) give the answers each gets alone. The first tokens come from the same per-prompt
 /// forward and must be equal in any dtype; later ones from batched steps,
 /// which may sum in another order: equal in f32 (a near-tie flip would
 /// show here first), reported in bf16, where such a flip is expected.
@@ -354,7 +354,11 @@ fn answers_together(fixture: &Fixture) -> Result<Verdict> {
     const NEW_TOKENS: usize = 6;
     let model = fixture.qwen();
     let ids = fixture.ids(16);
-    let cache = prefix_cache(model, &ids[..8], &consecutive(0, 8))?;
+    // A prefix whose entries carry logit biases, as a fitted cache does.
+    let plain = prefix_cache(model, &ids[..8], &consecutive(0, 8))?;
+    let biases = plain.keys().iter().map(|keys| Ok(Tensor::randn(0f32, 1.0, &keys.dims()[..3], keys.device())?)).collect::<Result<Vec<_>>>()?;
+    let mut cache = KvCache::new();
+    cache.append_biased(plain.keys(), plain.values(), Some(&biases), plain.positions())?;
     let prompts = vec![ids[8..13].to_vec(), ids[13..15].to_vec(), ids[8..16].to_vec()];
     let alone = prompts
         .iter()

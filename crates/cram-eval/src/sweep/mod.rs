@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use cram::{Checkpointing, Model};
 
+use crate::evaluate::FirstTurnTargets;
 use crate::models;
 use crate::results::{append_result, read_results, Cell};
 use crate::{EvalError, Result};
@@ -79,8 +80,10 @@ pub fn run_shard(
         let checkpoints = out_dir.join("checkpoints");
         let config = &config.checkpointing_to(&checkpoints);
         let model = load_model(config)?;
+        // Units run case by case: a case's first turn's targets serve all its units.
+        let mut first_turn = FirstTurnTargets::default();
         for unit in plan::work_units(config, &model, &cases, &pending)? {
-            let results = run::run_unit(&model, config, &unit, on_event)?;
+            let results = run::run_unit(&model, config, &unit, &mut first_turn, on_event)?;
             for result in &results {
                 append_result(&results_path, result)?;
                 on_event(&SweepEvent::CellFinished { result })?;

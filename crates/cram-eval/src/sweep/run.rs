@@ -9,7 +9,7 @@ use cram::Model;
 
 use super::config::SweepConfig;
 use super::plan::{self, WorkUnit};
-use crate::evaluate::{facts_score, run_case, CaseRun};
+use crate::evaluate::{facts_score, run_case_sharing, CaseRun, FirstTurnTargets};
 use crate::memory;
 use crate::results::{Cell, CellResult};
 use crate::{EvalError, Result};
@@ -27,8 +27,16 @@ pub enum SweepEvent<'a> {
 }
 
 /// Compresses a unit's case once for all its cells, answers each cell's
-/// questions, and returns their lines in the unit's order.
-pub fn run_unit(model: &Model, config: &SweepConfig, unit: &WorkUnit, on_event: &mut dyn FnMut(&SweepEvent) -> Result<()>) -> Result<Vec<CellResult>> {
+/// questions, and returns their lines in the unit's order. The case's
+/// first turn's targets come from `first_turn` when an earlier unit of the
+/// same case computed them.
+pub fn run_unit(
+    model: &Model,
+    config: &SweepConfig,
+    unit: &WorkUnit,
+    first_turn: &mut FirstTurnTargets,
+    on_event: &mut dyn FnMut(&SweepEvent) -> Result<()>,
+) -> Result<Vec<CellResult>> {
     let started = Instant::now();
     memory::reset_peak_rss();
     let compression = plan::compression(config, unit)?;
@@ -36,12 +44,13 @@ pub fn run_unit(model: &Model, config: &SweepConfig, unit: &WorkUnit, on_event: 
     on_event(&SweepEvent::UnitStarted { cells: unit.cells.iter().map(|(cell, _)| cell).collect(), steps })?;
     let mut step_error = None;
     let mut on_step = step_reporter(on_event, &mut step_error);
-    let runs = run_case(model, unit.case, &config.ask.for_case(unit.case), compression.condition(), &mut on_step)?;
+    let runs = run_case_sharing(model, unit.case, &config.ask.for_case(unit.case), compression.condition(), first_turn, &mut on_step)?;
     drop(on_step);
     if let Some(error) = step_error {
         return Err(error);
     }
-    // The runs answered one after another once the span was compressed.
+    // The runs answered one after another once the span was compressed
+    // (with the first turn's targets, when an earlier unit had them).
     let compression_seconds = started.elapsed().as_secs_f64() - runs.iter().map(|run| run.answer_seconds).sum::<f64>();
     let batch_cells = unit.cells.len();
     Ok(unit
@@ -97,6 +106,7 @@ fn cell_result(model: &Model, cell: &Cell, run: CaseRun, seconds: f64) -> CellRe
         // lines of cells that do not optimize would then print.
         optimize_seconds: optimizations.iter().fold(0.0, |total, o| total + o.seconds),
         compress_seconds: run.compressions.iter().fold(0.0, |total, c| total + c.seconds),
+        answer_seconds: Some(run.answer_seconds),
         answer,
         loss_curve: optimizations.iter().flat_map(|o| o.loss_curve.iter().copied()).collect(),
         turn_losses,

@@ -192,8 +192,9 @@ impl DecoderLayer {
 }
 
 /// The placement's mask with the cached entries' logit biases added:
-/// bias (1, kv, L) -> (1, kv, 1, n_new or 1, L + n_new), broadcast over the
-/// query heads of each KV head's group (the new tokens' columns get 0).
+/// bias (1, kv, L) -> (1, kv, 1, n_new or 1, L + n_new), or (rows, kv, 1,
+/// 1, L + 1) with the per-row mask of rows decoded together, broadcast over
+/// the query heads of each KV head's group (the new tokens' columns get 0).
 fn biased_mask(placement: &Placement, bias: &Tensor, dtype: DType) -> Result<Tensor> {
     let (_, kv_heads, cached) = bias.dims3()?;
     let new_columns = Tensor::zeros((1, kv_heads, placement.n_new), bias.dtype(), bias.device())?;

@@ -17,8 +17,10 @@ pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
 }
 
 /// Softmax over the last dimension of `scores + mask`, with a backward pass.
-/// `mask` (rows, columns) broadcasts over the leading dimensions of `scores`
-/// (..., rows, columns) and holds 0 or -inf; every row must keep one entry.
+/// `mask` is any shape that broadcasts to `scores` ((rows, columns) over
+/// the leading dimensions, or one per batch row); it holds -inf where a
+/// score is hidden and 0 or a finite logit bias elsewhere; every row must
+/// keep one entry.
 ///
 /// One op rather than a chain of candle ops: autograd then keeps only the
 /// scores and the probabilities for the backward, not the masked, shifted

@@ -230,6 +230,13 @@ impl Qwen2 {
         if padding.dims() != [rows, context.entries()] {
             return Err(Error::Invalid(format!("padding {:?} does not fit {rows} rows of {} entries", padding.dims(), context.entries())));
         }
+        let context_rows = context.layer(0).map(|(keys, _)| keys.dim(0)).transpose()?;
+        if embeddings.dims3()?.0 != rows || context_rows.is_some_and(|held| held != 1 && held != rows) {
+            return Err(Error::Invalid(format!(
+                "{rows} rows decoded together need embeddings of {rows} rows (got {:?}) over a context of 1 or {rows} (got {context_rows:?})",
+                embeddings.dims()
+            )));
+        }
         let rotation = Rotation::new(positions, self.config.head_dim(), self.config.rope_theta, self.dtype, &self.device)?.one_per_row()?;
         // Each row sees its own entries and itself.
         let own_column = Tensor::zeros((rows, 1), padding.dtype(), &self.device)?;

@@ -12,9 +12,10 @@ use crate::error::Result;
 /// cos and sin tables for a list of positions.
 #[derive(Debug, Clone)]
 pub struct Rotation {
-    /// (n, head_dim): the half-dimension angles repeated for both halves.
+    /// (n, head_dim): the half-dimension angles repeated for both halves;
+    /// (n, 1, 1, head_dim) after [`Rotation::one_per_row`].
     cos: Tensor,
-    /// (n, head_dim)
+    /// Shaped as `cos`.
     sin: Tensor,
 }
 
@@ -50,7 +51,8 @@ impl Rotation {
         Ok(Self { cos: per_row(self.cos)?, sin: per_row(self.sin)? })
     }
 
-    /// Rotates x: (batch, heads, n, head_dim) by the table's n positions.
+    /// Rotates x: (batch, heads, n, head_dim) by the table's n positions
+    /// (or each of n rows of one token by its own, after `one_per_row`).
     pub fn apply(&self, xs: &Tensor) -> Result<Tensor> {
         let rotated = rotate_half(xs)?;
         Ok(xs.broadcast_mul(&self.cos)?.add(&rotated.broadcast_mul(&self.sin)?)?)
