@@ -1,6 +1,7 @@
 //! Asking a case's questions over a context (full, none, or a compressed
 //! span) and scoring the answers.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::time::Instant;
 
@@ -22,8 +23,9 @@ pub struct AskSettings {
     pub max_new_tokens: usize,
     /// Decode a case's answers together, a batched step for all
     /// ([`Session::ask_together`]), rather than one after another: the
-    /// same answers but where rounding flips a near-tie, faster (a sweep
-    /// cell at 1,000 tokens spent 2.3 times less on its 8 answers).
+    /// same answers but where rounding flips a near-tie, faster (a 0.5B
+    /// sweep cell at 1,000 tokens on a 2-core CPU spent 2.3 times less on
+    /// its 8 answers).
     pub together: bool,
 }
 
@@ -77,27 +79,43 @@ pub struct CaseRun {
 /// prefix, so the turn's forward is the same for all (a sweep's methods and
 /// ratios of one case), and is run once for each set of needs (surprisal,
 /// queries). Later turns follow compressed turns, which differ by condition.
+/// One model only: the key is the case and its rendered text. Held until
+/// another case comes: at 4,000 tokens, several hundred MB for the 0.5B
+/// with queries (each layer's), a few GB for the 7B.
 #[derive(Default)]
 pub struct FirstTurnTargets {
-    /// The case and the turn's rendered text they are for.
+    /// The case, its rendered prefix and first turn they are for.
     case_id: String,
+    prefix: String,
     text: String,
     /// By (with surprisal, with queries).
     by_needs: HashMap<(bool, bool), TurnTargets>,
 }
 
 impl FirstTurnTargets {
+    /// Forgets what it holds unless it is for this case: the next case's
+    /// baselines then run without the last case's targets in memory.
+    fn forget_other_cases(&mut self, case: &Case) {
+        if self.case_id != case.id {
+            *self = Self::default();
+        }
+    }
+
+    /// Forgets what it holds unless it is for this case, prefix and turn.
+    fn keep_only(&mut self, case: &Case, prefix: &str, text: &str) {
+        if (self.case_id.as_str(), self.prefix.as_str(), self.text.as_str()) != (case.id.as_str(), prefix, text) {
+            *self = Self { case_id: case.id.clone(), prefix: prefix.to_string(), text: text.to_string(), by_needs: HashMap::new() };
+        }
+    }
+
     /// The first turn's targets with `compressor`'s needs, computed over
-    /// `session` (the case's prefix) unless already held for `case`.
-    fn for_turn(&mut self, case: &Case, session: &Session, text: &str, compressor: &dyn Compressor) -> Result<&TurnTargets> {
-        if self.case_id != case.id || self.text != text {
-            *self = Self { case_id: case.id.clone(), text: text.to_string(), by_needs: HashMap::new() };
-        }
+    /// `session` (the case's prefix) unless already held.
+    fn for_turn(&mut self, session: &Session, text: &str, compressor: &dyn Compressor) -> Result<&TurnTargets> {
         let needs = (compressor.needs_surprisal(), compressor.needs_span_queries());
-        if !self.by_needs.contains_key(&needs) {
-            self.by_needs.insert(needs, session.turn_targets(text, needs.0, needs.1)?);
-        }
-        Ok(&self.by_needs[&needs])
+        Ok(match self.by_needs.entry(needs) {
+            Entry::Occupied(held) => held.into_mut(),
+            Entry::Vacant(slot) => slot.insert(session.turn_targets(text, needs.0, needs.1)?),
+        })
     }
 }
 
@@ -132,7 +150,9 @@ pub fn run_case_sharing(
     first_turn: &mut FirstTurnTargets,
     on_step: &mut dyn FnMut(usize, f32),
 ) -> Result<Vec<CaseRun>> {
-    let prefix = Session::new(model, &settings.rendering.messages(&case.transcript.messages, &case.split.prefix))?;
+    first_turn.forget_other_cases(case);
+    let prefix_text = settings.rendering.messages(&case.transcript.messages, &case.split.prefix);
+    let prefix = Session::new(model, &prefix_text)?;
     let mut n_tokens = 0;
     let mut sessions = match condition {
         Condition::Together(recipes) => {
@@ -159,7 +179,8 @@ pub fn run_case_sharing(
                     // Nothing, and what follows closes the gap.
                     Condition::NoContext | Condition::Together(_) => {}
                     Condition::Compressed(compressor) if index == 0 => {
-                        let targets = first_turn.for_turn(case, &session, &text, compressor)?;
+                        first_turn.keep_only(case, &prefix_text, &text);
+                        let targets = first_turn.for_turn(&session, &text, compressor)?;
                         session.push_compressed_targets(targets, compressor, on_step)?;
                     }
                     Condition::Compressed(compressor) => {

@@ -37,7 +37,8 @@ pub struct RatioPoint {
     pub asked: usize,
     /// The seeds pooled.
     pub seeds: usize,
-    /// Mean wall time of one cell (one case, one seed), seconds.
+    /// Mean seconds of one cell (one case, one seed) run alone
+    /// ([`crate::results::CellResult::seconds_alone`]).
     pub seconds_per_cell: f64,
     /// Mean optimization steps of one cell.
     pub steps_per_cell: f64,
@@ -55,7 +56,7 @@ pub fn facts_by_ratio(results: &[CellResult]) -> Vec<RatioPoint> {
     let mut costs: BTreeMap<MethodRatio, Vec<(f64, usize)>> = BTreeMap::new();
     for result in results {
         let key = (result.cell.method.clone(), result.cell.ratio.map(f64::to_bits));
-        costs.entry(key.clone()).or_default().push((result.seconds, result.steps));
+        costs.entry(key.clone()).or_default().push((result.seconds_alone(), result.steps));
         let per_seed = grouped.entry(key).or_default().entry(result.cell.seed).or_default();
         per_seed.0 += result.facts_correct;
         per_seed.1 += result.facts_total;

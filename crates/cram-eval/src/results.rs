@@ -46,8 +46,10 @@ pub struct CellResult {
     /// Optimization steps, summed over compressed turns.
     pub steps: usize,
     /// Wall time of the whole cell (compression and answers), time before
-    /// a resume included. Since the cells of a case share its first turn's
-    /// forward, only the first cell of the case that needed it ran it.
+    /// a resume included. A case's cells share its first turn's forward
+    /// (one per set of needs, cells optimised together aside): only the
+    /// first cell that needed it ran it ([`CellResult::seconds_alone`]
+    /// counts it in every cell).
     pub seconds: f64,
     /// Seconds spent optimizing.
     pub optimize_seconds: f64,
@@ -280,6 +282,19 @@ pub fn append_result(path: &Path, result: &CellResult) -> Result<()> {
     file.write_all(line.as_bytes()).and_then(|_| file.sync_data()).map_err(|e| EvalError::io(path, e))
 }
 
+impl CellResult {
+    /// What the cell costs run alone: its compaction, a shared forward
+    /// included, and its answers. A cell that compressed nothing, or was
+    /// optimised in a batch, or was written before `answer_seconds` was
+    /// recorded: its wall time.
+    pub fn seconds_alone(&self) -> f64 {
+        match self.answer_seconds {
+            Some(answering) if self.compress_seconds > 0.0 => self.compress_seconds + answering,
+            _ => self.seconds,
+        }
+    }
+}
+
 /// A minimal results line for tests: `case`, `method` at `ratio` (seed 0)
 /// over a span of `n_tokens`, one question per fact with its verdict.
 #[cfg(test)]
@@ -299,6 +314,18 @@ pub(crate) fn test_line(case: &str, method: &str, ratio: Option<f64>, n_tokens: 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A cell that used a shared forward costs, alone, its compaction
+    /// (forward counted) and its answers; other cells their wall time.
+    #[test]
+    fn a_cell_alone_costs_its_compaction_and_answers_or_its_wall_time() {
+        let shared = CellResult { seconds: 20.0, compress_seconds: 17.0, answer_seconds: Some(11.0), ..test_line("c", "snapkv", Some(2.0), 10, &[]) };
+        assert_eq!(shared.seconds_alone(), 28.0);
+        let older = CellResult { answer_seconds: None, ..shared.clone() };
+        assert_eq!(older.seconds_alone(), 20.0);
+        let baseline = CellResult { compress_seconds: 0.0, ..shared };
+        assert_eq!(baseline.seconds_alone(), 20.0);
+    }
 
     fn shard(dir: &Path, lines: &[CellResult], cases: &[(&str, &str)]) -> PathBuf {
         std::fs::create_dir_all(dir.join("cases")).unwrap();

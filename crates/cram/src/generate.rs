@@ -40,9 +40,9 @@ pub fn greedy(
 /// each prompt is fed alone, as [`greedy`] feeds it, and the answers are
 /// then decoded together, one token of every unfinished answer a step.
 /// Decoding one token reads every weight of the model for one row; a step
-/// for all rows reads them once (on the 2-core CPU, 8 answers together
-/// decode 1.8 times the tokens a second of one alone: the products at 8
-/// rows, not the reading, then bound the step). The answers agree with
+/// for all rows reads them once (for the 0.5B on a 2-core CPU, 8 answers
+/// together decode 1.8 times the tokens a second of one alone: the
+/// products at 8 rows, not the reading, then bound the step). The answers agree with
 /// [`greedy`]'s to rounding: a batched product may sum in another order,
 /// which can flip a near-tie between two tokens. Each row holds its own
 /// copy of the shared cache: memory grows with the rows.

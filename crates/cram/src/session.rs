@@ -41,8 +41,8 @@ pub struct TurnTargets {
     /// Seconds their forward took.
     seconds: f64,
     /// The session they were computed over: its entries and next position.
-    after: usize,
-    from: f32,
+    entries_before: usize,
+    next_position: f32,
 }
 
 /// A running conversation over a frozen model.
@@ -103,37 +103,50 @@ impl<'m> Session<'m> {
 
     /// The targets of rendered text as the next turn, what
     /// [`Session::push_compressed`] computes first: computed once, they
-    /// serve every compressor of the turn (each on its own copy of this
-    /// session, [`Session::push_compressed_targets`]), where the turn's
-    /// forward would otherwise run once per compressor.
+    /// serve every compressor of the turn with these needs (each on its
+    /// own clone of this session, [`Session::push_compressed_targets`]),
+    /// where the turn's forward would otherwise run once per compressor.
     pub fn turn_targets(&self, text: &str, with_surprisal: bool, with_queries: bool) -> Result<TurnTargets> {
         let started = std::time::Instant::now();
         let span = self.span_targets(text, with_surprisal, with_queries)?;
-        Ok(TurnTargets { span, with_surprisal, with_queries, seconds: started.elapsed().as_secs_f64(), after: self.cache.len(), from: self.next_position() })
+        let seconds = started.elapsed().as_secs_f64();
+        Ok(TurnTargets { span, with_surprisal, with_queries, seconds, entries_before: self.cache.len(), next_position: self.next_position() })
     }
 
     /// [`Session::push_compressed`] from targets computed by
-    /// [`Session::turn_targets`] over this session as it stands (a copy
-    /// of it does). The report's seconds count the targets' forward too, so
-    /// a compaction costs the same whether its targets were shared or not.
+    /// [`Session::turn_targets`] over this session as it stands, or over a
+    /// clone of it that has not changed since, with exactly the
+    /// compressor's needs (extra queries would change how some methods
+    /// read the span). The check here compares lengths and positions, not
+    /// contents: targets of another session of the same length pass it.
+    /// The report's seconds count the targets' forward too, so a
+    /// compaction costs the same whether its targets were shared or not.
     pub fn push_compressed_targets(
         &mut self,
         targets: &TurnTargets,
         compressor: &dyn Compressor,
         on_step: &mut dyn FnMut(usize, f32),
     ) -> Result<CompressionReport> {
-        if (targets.after, targets.from) != (self.cache.len(), self.next_position()) {
+        if (targets.entries_before, targets.next_position) != (self.cache.len(), self.next_position()) {
             return Err(Error::Invalid(format!(
-                "targets computed after {} entries, from position {}, pushed onto a session of {} entries at {}",
-                targets.after,
-                targets.from,
+                "targets computed after {} entries, at position {}, pushed onto a session of {} entries at position {}: compute them over this session (`turn_targets`)",
+                targets.entries_before,
+                targets.next_position,
                 self.cache.len(),
                 self.next_position()
             )));
         }
-        let missing = |needed: bool, held: bool| needed && !held;
-        if missing(compressor.needs_surprisal(), targets.with_surprisal) || missing(compressor.needs_span_queries(), targets.with_queries) {
-            return Err(Error::Invalid(format!("{} needs targets with surprisal or queries that these lack", compressor.name())));
+        let with = |held: bool| if held { "with" } else { "without" };
+        let needs = (compressor.needs_surprisal(), compressor.needs_span_queries());
+        if needs != (targets.with_surprisal, targets.with_queries) {
+            return Err(Error::Invalid(format!(
+                "{} needs targets {} surprisal and {} the span's queries; these were computed {} surprisal and {} queries",
+                compressor.name(),
+                with(needs.0),
+                with(needs.1),
+                with(targets.with_surprisal),
+                with(targets.with_queries),
+            )));
         }
         let started = std::time::Instant::now();
         let mut compressed = compressor.compress(self.model, &self.cache, &targets.span, on_step)?;
@@ -200,8 +213,8 @@ impl<'m> Session<'m> {
 
     /// [`Session::ask`] for each of `prompts`, their answers decoded
     /// together ([`generate::greedy_together`]): the same answers but for
-    /// rounding, faster (on the 2-core CPU, 1.8 times the tokens a second
-    /// for 8 answers).
+    /// rounding, faster (for the 0.5B on a 2-core CPU after 1,000 tokens,
+    /// 1.8 times the tokens a second for 8 answers).
     pub fn ask_together(&self, prompts: &[String], max_new_tokens: usize) -> Result<Vec<String>> {
         let tokenizer = &self.model.tokenizer;
         let prompt_ids = prompts.iter().map(|prompt| tokenizer.encode(prompt)).collect::<Result<Vec<_>>>()?;

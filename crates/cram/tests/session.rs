@@ -230,5 +230,8 @@ fn targets_computed_once_compress_a_turn_as_each_compressor_alone_would() {
     let error = moved_on.push_compressed_targets(&targets, &Truncate, &mut |_, _| {}).unwrap_err();
     assert!(error.to_string().contains("targets computed after 4 entries"), "{error}");
     let error = session.clone().push_compressed_targets(&targets, &quick_recipe(3.0), &mut |_, _| {}).unwrap_err();
-    assert!(error.to_string().contains("lack"), "{error}");
+    assert!(error.to_string().contains("needs targets with surprisal"), "{error}");
+    let with_queries = session.turn_targets(TURN_1, false, true).unwrap();
+    let error = session.clone().push_compressed_targets(&with_queries, &Truncate, &mut |_, _| {}).unwrap_err();
+    assert!(error.to_string().contains("computed without surprisal and with queries"), "{error}");
 }
