@@ -16,13 +16,13 @@ fn the_self_test_passes_on_the_cpu_with_a_json_line_per_check() {
     assert!(output.status.success(), "self-test failed: {stderr}");
     let stdout = String::from_utf8_lossy(&output.stdout);
     let records: Vec<serde_json::Value> = stdout.lines().map(|line| serde_json::from_str(line).expect("each line is JSON")).collect();
-    // Two models, two dtypes, twelve checks each.
-    assert_eq!(records.len(), 2 * 2 * 12, "{stdout}");
+    // Two models, two dtypes, thirteen checks each.
+    assert_eq!(records.len(), 2 * 2 * 13, "{stdout}");
     for record in &records {
         let expected = if record["dtype"] == "bf16" { "skipped" } else { "passed" };
         assert_eq!(record["outcome"], expected, "{record}");
     }
     // The file holds the same lines.
     assert_eq!(std::fs::read_to_string(&lines_file).unwrap(), stdout);
-    assert!(stderr.contains("24 passed, 0 failed, 0 errors, 24 skipped"), "{stderr}");
+    assert!(stderr.contains("26 passed, 0 failed, 0 errors, 26 skipped"), "{stderr}");
 }
