@@ -288,6 +288,26 @@ fn rows_decoded_together_match_each_row_alone() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `answer` up to (not including) its first token in `stop`.
+fn cut_at_stop(answer: &[u32], stop: &[u32]) -> Vec<u32> {
+    answer.iter().take_while(|token| !stop.contains(token)).copied().collect()
+}
+
+/// Two stop tokens, the first token of one answer and a token met later in
+/// another, chosen from the unstopped answers so that one row stops at once,
+/// one mid-way and one runs to the cap of `cap` tokens. Chosen, not fixed,
+/// because which tokens a random model repeats depends on its weights.
+fn stops_ending_rows_at_different_steps(unstopped: &[Vec<u32>], cap: usize) -> Option<[u32; 2]> {
+    let at_once = unstopped.iter().filter_map(|answer| answer.first().copied());
+    let later: Vec<u32> = unstopped.iter().flat_map(|answer| answer.iter().skip(1).copied()).collect();
+    at_once
+        .flat_map(|first| later.iter().map(move |&mid| [first, mid]))
+        .find(|stop| {
+            let lengths: Vec<usize> = unstopped.iter().map(|answer| cut_at_stop(answer, stop).len()).collect();
+            lengths.contains(&0) && lengths.contains(&cap) && lengths.iter().any(|length| (1..cap).contains(length))
+        })
+}
+
 /// Answers decoded together are the answers decoded one at a time (in
 /// f64, where summation order cannot flip a token), rows finishing at
 /// different steps: at a stop token, at the length cap, or at once.
@@ -302,11 +322,10 @@ fn answers_decoded_together_are_those_decoded_one_at_a_time() -> anyhow::Result<
         prompts.iter().map(|p| Ok(generate::greedy(&model, &mut shared.clone(), p, first, 8, stop)?)).collect()
     };
     let unstopped = one_at_a_time(&[])?;
-    // A stop token from inside one answer, and the first token of another.
-    let stop = [unstopped[0][3], unstopped[3][0]];
+    let stop = stops_ending_rows_at_different_steps(&unstopped, 8)
+        .unwrap_or_else(|| panic!("no two stop tokens end one row at once, one mid-way and leave one to the cap: {unstopped:?}"));
     let alone = one_at_a_time(&stop)?;
-    let ends_mid_batch = alone.iter().any(|answer| (1..8).contains(&answer.len()));
-    assert!(ends_mid_batch && alone.iter().any(|answer| answer.len() == 8), "a row should stop while others go on: {alone:?}");
+    assert_eq!(alone, unstopped.iter().map(|answer| cut_at_stop(answer, &stop)).collect::<Vec<_>>(), "stop tokens {stop:?}");
     let together = generate::greedy_together(&model, &shared, &prompts, first, 8, &stop)?;
     assert_eq!(together, alone);
     assert_eq!(generate::greedy_together(&model, &shared, &prompts, first, 8, &[])?, unstopped);
