@@ -77,7 +77,7 @@ pub use methods::fitted_recipe::FittedRecipe;
 pub use methods::hybrid::{Hybrid, HybridSettings};
 pub use methods::kvzip::{KvZip, KvZipSettings};
 pub use methods::summary::{Summarize, SummarySettings};
-pub use model::{Context, ForwardOutput, Logits, Model, ModelSource, Placement, Qwen2, Qwen2Config};
+pub use model::{ForwardOutput, Logits, Model, ModelSource, Placement, Qwen2, Qwen2Config, RowEntries};
 pub use recipe::init::{Anchors, Init};
 pub use recipe::pooling::Pooling;
 pub use recipe::positions::PositionMode;

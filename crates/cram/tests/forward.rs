@@ -8,7 +8,7 @@ mod common;
 use candle_core::{Tensor, Var, D};
 use common::reference::{heads_of, max_diff_3, Reference};
 use common::{candle_transformers_logits, cpu, max_abs_diff, write_safetensors_dir};
-use cram::{generate, synthetic, KvCache, Logits, Model, ModelSource};
+use cram::{generate, synthetic, KvCache, Logits, Model, ModelSource, RowEntries};
 
 const TOKENS: [u32; 9] = [3, 17, 42, 8, 8, 60, 1, 33, 21];
 
@@ -209,73 +209,50 @@ fn shared_and_prompted(model: &cram::Qwen2, prompts: &[Vec<u32>]) -> anyhow::Res
     Ok((shared, prompted))
 }
 
-/// Caches of different lengths stacked as rows, the shorter ones filled
-/// with noise (not zeros: only the padding mask may hide them).
-struct Stacked {
-    keys: Vec<Tensor>,
-    values: Vec<Tensor>,
-    biases: Vec<Tensor>,
-    entries: usize,
-}
-
-impl Stacked {
-    fn new(caches: &[KvCache]) -> anyhow::Result<Self> {
-        let entries = caches.iter().map(KvCache::len).max().unwrap();
-        let fill = |tensor: &Tensor| -> anyhow::Result<Tensor> {
-            let (_, kv_heads, held, head_dim) = tensor.dims4()?;
-            if held == entries {
-                return Ok(tensor.clone());
-            }
-            Ok(Tensor::cat(&[tensor, &Tensor::randn(0f32, 3.0, (1, kv_heads, entries - held, head_dim), &cpu())?], 2)?)
-        };
-        let stack = |part: fn(&KvCache) -> &[Tensor], layer: usize| -> anyhow::Result<Tensor> {
-            Ok(Tensor::cat(&caches.iter().map(|c| fill(&part(c)[layer])).collect::<anyhow::Result<Vec<_>>>()?, 0)?)
-        };
-        let layers = caches[0].num_layers();
-        let longest = caches.iter().find(|c| c.len() == entries).unwrap();
-        Ok(Self {
-            keys: (0..layers).map(|l| stack(KvCache::keys, l)).collect::<anyhow::Result<_>>()?,
-            values: (0..layers).map(|l| stack(KvCache::values, l)).collect::<anyhow::Result<_>>()?,
-            biases: longest.biases().unwrap().to_vec(),
-            entries,
-        })
-    }
-}
-
-impl cram::Context for Stacked {
-    fn entries(&self) -> usize {
-        self.entries
-    }
-    fn layers(&self) -> usize {
-        self.keys.len()
-    }
-    fn layer(&self, index: usize) -> Option<(&Tensor, &Tensor)> {
-        Some((&self.keys[index], &self.values[index]))
-    }
-    fn bias(&self, index: usize) -> Option<&Tensor> {
-        Some(&self.biases[index])
-    }
+/// The rows' own entries (each prompted cache past the shared one)
+/// stacked, the shorter rows padded with noise (not zeros: only the padding
+/// mask may hide them).
+fn own_entries_padded_with_noise(shared: &KvCache, prompted: &[KvCache]) -> anyhow::Result<RowEntries> {
+    let entries = prompted.iter().map(|cache| cache.len() - shared.len()).max().unwrap();
+    let own_part = |tensor: &Tensor| -> anyhow::Result<Tensor> {
+        let (_, kv_heads, held, head_dim) = tensor.dims4()?;
+        let own = tensor.narrow(2, shared.len(), held - shared.len())?;
+        if own.dim(2)? == entries {
+            return Ok(own);
+        }
+        let noise = Tensor::randn(0f32, 3.0, (1, kv_heads, entries - own.dim(2)?, head_dim), &cpu())?;
+        Ok(Tensor::cat(&[&own, &noise], 2)?)
+    };
+    let stack = |part: fn(&KvCache) -> &[Tensor], layer: usize| -> anyhow::Result<Tensor> {
+        Ok(Tensor::cat(&prompted.iter().map(|c| own_part(&part(c)[layer])).collect::<anyhow::Result<Vec<_>>>()?, 0)?)
+    };
+    let layers = shared.num_layers();
+    let padding: Vec<f32> = prompted
+        .iter()
+        .flat_map(|c| (0..entries).map(move |e| if e < c.len() - shared.len() { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
+    Ok(RowEntries::new(
+        (0..layers).map(|l| stack(KvCache::keys, l)).collect::<anyhow::Result<_>>()?,
+        (0..layers).map(|l| stack(KvCache::values, l)).collect::<anyhow::Result<_>>()?,
+        Tensor::from_vec(padding, (prompted.len(), entries), &cpu())?,
+    )?)
 }
 
 /// Rows of different lengths, each at its own position, in one forward:
 /// each row's logits and new K/V are those of its own forward alone, the
-/// others' entries and the padding unseen, the shared entries' biases applied.
+/// shared cache (read once for all rows) with its entries' biases applied,
+/// the other rows' entries and the padding unseen.
 #[test]
 fn rows_decoded_together_match_each_row_alone() -> anyhow::Result<()> {
     let model = synthetic::model(&synthetic::tiny_config(), 13, &cpu())?;
     let prompts = vec![vec![5, 6, 7, 8, 9], vec![11, 12], vec![20, 21, 22, 23, 24, 25, 26]];
     let (shared, prompted) = shared_and_prompted(&model, &prompts)?;
-    let stacked = Stacked::new(&prompted)?;
-    let padding: Vec<f32> = prompted
-        .iter()
-        .flat_map(|c| (0..stacked.entries).map(move |e| if e < c.len() { 0.0 } else { f32::NEG_INFINITY }))
-        .collect();
-    let padding = Tensor::from_vec(padding, (prompts.len(), stacked.entries), &cpu())?;
+    let own = own_entries_padded_with_noise(&shared, &prompted)?;
     let next_tokens = [4u32, 9, 31];
     let row_positions: Vec<f32> = prompts.iter().map(|p| shared.next_position() + p.len() as f32 + 0.5).collect();
 
     let embeddings = model.embed(&next_tokens)?.transpose(0, 1)?.contiguous()?;
-    let together = model.forward_rows(&embeddings, &row_positions, &stacked, &padding, Logits::Last)?;
+    let together = model.forward_rows(&embeddings, &row_positions, Some(&shared), &own, Logits::Last)?;
     for (row, own) in prompted.iter().enumerate() {
         let alone = model.forward(&model.embed(&next_tokens[row..=row])?, &row_positions[row..=row], Some(own), Logits::Last)?;
         let logits_diff = max_abs_diff(&together.logits.as_ref().unwrap().narrow(0, row, 1)?, alone.logits.as_ref().unwrap());
@@ -335,5 +312,9 @@ fn answers_decoded_together_are_those_decoded_one_at_a_time() -> anyhow::Result<
     assert_eq!(generate::greedy_together(&model, &shared, &prompts, first, 1, &[])?, first_tokens);
     assert!(generate::greedy_together(&model, &shared, &[], first, 8, &[])?.is_empty());
     assert_eq!(generate::greedy_together(&model, &shared, &prompts[1..2], first, 8, &stop)?, alone[1..2].to_vec());
+    // No shared cache: each row attends to its own entries only.
+    let empty = KvCache::new();
+    let without_cache = prompts.iter().map(|p| generate::greedy(&model, &mut empty.clone(), p, 0.0, 8, &[])).collect::<Result<Vec<_>, _>>()?;
+    assert_eq!(generate::greedy_together(&model, &empty, &prompts, 0.0, 8, &[])?, without_cache);
     Ok(())
 }

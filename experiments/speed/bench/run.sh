@@ -48,3 +48,12 @@ done
 for run in 1 2; do
   /tmp/cram-s6b bench --virtual 64 --prefix 1000 --steps 2 --no-together --threads 2 --answer-rows 8 --out $out/answers-together.jsonl
 done
+
+# Session of 2026-12-01. Rows decoded together read the shared cache once
+# (model/rows.rs, `Attended::AfterShared`) instead of each holding a copy.
+# /tmp/cram-s7 is a release build of 8c407ad (before), /tmp/cram-s8a one of the
+# change (after); one run each, 1 thread, while two sweeps ran on both cores.
+for build in s7 s8a; do
+  /usr/bin/time -v /tmp/cram-$build bench --virtual 64 --prefix 1000 --steps 2 --no-together --threads 1 --answer-rows 8 --out /tmp/ab/$build.jsonl
+done
+# then shared-once-before.jsonl = s7's line, shared-once-after.jsonl = s8a's.

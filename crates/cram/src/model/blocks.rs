@@ -8,7 +8,7 @@ use super::config::Qwen2Config;
 use super::ops::{masked_softmax_last_dim, rms_norm, Linear, WeightGrad};
 use super::placement::Placement;
 use super::rope::Rotation;
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// Grouped-query self-attention's frozen projections.
 #[derive(Debug, Clone)]
@@ -53,29 +53,101 @@ impl Attention {
         Ok((rotation.apply(&query)?, rotation.apply(&key)?, value))
     }
 
-    /// Attention probabilities without copying K/V per query head: the
-    /// query heads that share a KV head are stacked along the sequence axis.
-    /// query (b, heads, n, d); keys (b, kv, L, d) -> (b, kv, groups, n, L) in `softmax_dtype`.
-    fn probabilities(&self, query: &Tensor, keys: &Tensor, mask: Option<&Tensor>, softmax_dtype: DType) -> Result<Tensor> {
+    /// query (b, heads, n, d) -> (b, kv, groups * n, d), scaled by
+    /// 1/sqrt(d): the query heads that share a KV head stacked along the
+    /// sequence axis, so K/V are never copied per query head. Scaling the
+    /// (small) query rather than the (large) scores.
+    fn grouped_query(&self, query: &Tensor) -> Result<Tensor> {
         let (batch, _, n_new, _) = query.dims4()?;
         let groups = self.heads / self.kv_heads;
-        let total = keys.dim(2)?;
-        // Scaling the (small) query rather than the (large) scores.
-        let grouped_query = (query / (self.head_dim as f64).sqrt())?.reshape((batch, self.kv_heads, groups * n_new, self.head_dim))?;
-        let scores = grouped_query.matmul(&keys.t()?)?;
-        let scores = scores.to_dtype(softmax_dtype)?.reshape((batch, self.kv_heads, groups, n_new, total))?;
+        Ok((query / (self.head_dim as f64).sqrt())?.reshape((batch, self.kv_heads, groups * n_new, self.head_dim))?)
+    }
+
+    /// Attention probabilities of query (b, heads, n, d) over what it
+    /// attends to -> (b, kv, groups, n, L) in `softmax_dtype`.
+    fn probabilities(&self, query: &Tensor, attended: &Attended, mask: Option<&Tensor>, softmax_dtype: DType) -> Result<Tensor> {
+        let (batch, _, n_new, _) = query.dims4()?;
+        let grouped_query = self.grouped_query(query)?;
+        let scores = match attended {
+            Attended::Joined { keys, .. } => grouped_query.matmul(&keys.t()?)?,
+            Attended::AfterShared { shared_keys, own_keys, .. } => {
+                let shared = unfold_rows(&fold_rows(&grouped_query)?.matmul(&shared_keys.t()?)?, batch)?;
+                Tensor::cat(&[&shared, &grouped_query.matmul(&own_keys.t()?)?], 3)?
+            }
+        };
+        let total = scores.dim(3)?;
+        let scores = scores.to_dtype(softmax_dtype)?.reshape((batch, self.kv_heads, self.heads / self.kv_heads, n_new, total))?;
         masked_softmax_last_dim(&scores, mask)
     }
 
-    /// probabilities (b, kv, groups, n, L); values (b, kv, L, d) -> the
-    /// output projection of what was attended, (b, n, hidden).
-    fn forward(&self, probabilities: &Tensor, values: &Tensor, weight_grad: WeightGrad) -> Result<Tensor> {
+    /// probabilities (b, kv, groups, n, L) over what was attended -> the
+    /// output projection of the weighted values, (b, n, hidden).
+    fn forward(&self, probabilities: &Tensor, attended: &Attended, weight_grad: WeightGrad) -> Result<Tensor> {
         let (batch, kv_heads, groups, n_new, total) = probabilities.dims5()?;
-        let grouped = probabilities.to_dtype(values.dtype())?.reshape((batch, kv_heads, groups * n_new, total))?;
-        let attended = grouped.matmul(values)?; // (b, kv, groups * n, d)
-        let attended = attended.reshape((batch, self.heads, n_new, self.head_dim))?.transpose(1, 2)?;
-        self.o_proj.forward(&attended.reshape((batch, n_new, self.heads * self.head_dim))?, weight_grad)
+        let grouped = |values: &Tensor| probabilities.to_dtype(values.dtype())?.reshape((batch, kv_heads, groups * n_new, total));
+        let weighted = match attended {
+            Attended::Joined { values, .. } => grouped(values)?.matmul(values)?, // (b, kv, groups * n, d)
+            Attended::AfterShared { shared_values, own_values, .. } => {
+                let grouped = grouped(own_values)?;
+                let shared_len = shared_values.dim(2)?;
+                let shared = unfold_rows(&fold_rows(&grouped.narrow(3, 0, shared_len)?)?.matmul(shared_values)?, batch)?;
+                let own = grouped.narrow(3, shared_len, total - shared_len)?.contiguous()?.matmul(own_values)?;
+                (shared + own)?
+            }
+        };
+        let weighted = weighted.reshape((batch, self.heads, n_new, self.head_dim))?.transpose(1, 2)?;
+        self.o_proj.forward(&weighted.reshape((batch, n_new, self.heads * self.head_dim))?, weight_grad)
     }
+}
+
+/// What a block's new tokens attend to, their own K/V last.
+pub(super) enum Attended {
+    /// Keys and values (b or 1, kv, L, d), each row's or one set for all.
+    Joined { keys: Tensor, values: Tensor },
+    /// Keys and values every row shares, (1, kv, S, d), then each row's own
+    /// (b, kv, L, d): rows decoded together after one cache read it once
+    /// (the rows folded into the query axis), never a copy per row.
+    AfterShared { shared_keys: Tensor, shared_values: Tensor, own_keys: Tensor, own_values: Tensor },
+}
+
+impl Attended {
+    /// The `cached` entries (shared by the batch of `batch` rows, or a
+    /// row's own), the rows' `own` entries after them, then the new tokens'
+    /// `key` and `value` (b, kv, n, d).
+    fn new(cached: Option<(&Tensor, &Tensor)>, own: Option<(&Tensor, &Tensor)>, key: Tensor, value: Tensor, batch: usize) -> Result<Self> {
+        let after = |(keys, values): (&Tensor, &Tensor)| -> Result<(Tensor, Tensor)> {
+            Ok((Tensor::cat(&[keys, &key], 2)?, Tensor::cat(&[values, &value], 2)?))
+        };
+        Ok(match (cached, own) {
+            (Some((shared_keys, shared_values)), Some(own)) => {
+                let (own_keys, own_values) = after(own)?;
+                Self::AfterShared { shared_keys: shared_keys.clone(), shared_values: shared_values.clone(), own_keys, own_values }
+            }
+            (None, Some(own)) => {
+                let (keys, values) = after(own)?;
+                Self::Joined { keys, values }
+            }
+            (Some((keys, values)), None) => {
+                let (keys, values) = after((&expand_batch(keys, batch)?, &expand_batch(values, batch)?))?;
+                Self::Joined { keys, values }
+            }
+            (None, None) => Self::Joined { keys: key, values: value },
+        })
+    }
+}
+
+/// (b, kv, x, y) -> (1, kv, b * x, y): the rows stacked along the third
+/// axis within each KV head, so one product against a (1, kv, ., .) tensor
+/// serves every row.
+fn fold_rows(tensor: &Tensor) -> Result<Tensor> {
+    let (batch, kv_heads, x, y) = tensor.dims4()?;
+    Ok(tensor.transpose(0, 1)?.reshape((1, kv_heads, batch * x, y))?)
+}
+
+/// Undoes [`fold_rows`]: (1, kv, b * x, y) -> (b, kv, x, y).
+fn unfold_rows(tensor: &Tensor, batch: usize) -> Result<Tensor> {
+    let (_, kv_heads, folded, y) = tensor.dims4()?;
+    Ok(tensor.reshape((kv_heads, batch, folded / batch, y))?.transpose(0, 1)?)
 }
 
 /// The SwiGLU feed-forward block's frozen weights.
@@ -149,13 +221,17 @@ impl DecoderLayer {
 
     /// hidden_states (b, n, hidden) after the `cached` (K, V) of this layer
     /// ((1, kv, L, d) each, shared by the batch, or (b, kv, L, d), a row's
-    /// own) and their logit biases ((1, kv, L) f32), up to `depth`.
+    /// own) and their logit biases ((1, kv, L) f32), then, for rows decoded
+    /// together, each row's `own` entries ((b, kv, M, d), masked by the
+    /// placement), up to `depth`.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn forward(
         &self,
         hidden_states: &Tensor,
         placement: &Placement,
         cached: Option<(&Tensor, &Tensor)>,
         cached_bias: Option<&Tensor>,
+        own: Option<(&Tensor, &Tensor)>,
         depth: Depth,
         exec: Exec,
     ) -> Result<LayerOutput> {
@@ -166,23 +242,17 @@ impl DecoderLayer {
         if depth == Depth::KeysAndValues {
             return Ok(output);
         }
-        let (all_keys, all_values) = match cached {
-            Some((cached_keys, cached_values)) => (
-                Tensor::cat(&[&expand_batch(cached_keys, batch)?, &key], 2)?,
-                Tensor::cat(&[&expand_batch(cached_values, batch)?, &value], 2)?,
-            ),
-            None => (key, value),
-        };
+        let attended = Attended::new(cached, own, key, value, batch)?;
         let mask = match cached_bias {
             Some(bias) => Some(biased_mask(placement, bias, exec.softmax_dtype)?),
             None => placement.mask.clone(),
         };
-        let probabilities = self.attention.probabilities(&query, &all_keys, mask.as_ref(), exec.softmax_dtype)?;
+        let probabilities = self.attention.probabilities(&query, &attended, mask.as_ref(), exec.softmax_dtype)?;
         if depth == Depth::Attention {
             output.probabilities = Some(probabilities);
             return Ok(output);
         }
-        let attended = self.attention.forward(&probabilities, &all_values, exec.weight_grad)?;
+        let attended = self.attention.forward(&probabilities, &attended, exec.weight_grad)?;
         output.probabilities = Some(probabilities);
         let hidden_states = (hidden_states + attended)?;
         let normed = rms_norm(&hidden_states, &self.post_attention_norm, self.rms_norm_eps)?;
@@ -193,12 +263,15 @@ impl DecoderLayer {
 
 /// The placement's mask with the cached entries' logit biases added:
 /// bias (1, kv, L) -> (1, kv, 1, n_new or 1, L + n_new), or (rows, kv, 1,
-/// 1, L + 1) with the per-row mask of rows decoded together, broadcast over
-/// the query heads of each KV head's group (the new tokens' columns get 0).
+/// 1, L + M + 1) with the per-row mask of rows decoded together, broadcast
+/// over the query heads of each KV head's group (the columns after the
+/// biased entries, the rows' own and the new tokens', get 0).
 fn biased_mask(placement: &Placement, bias: &Tensor, dtype: DType) -> Result<Tensor> {
-    let (_, kv_heads, cached) = bias.dims3()?;
-    let new_columns = Tensor::zeros((1, kv_heads, placement.n_new), bias.dtype(), bias.device())?;
-    let bias = Tensor::cat(&[bias, &new_columns], 2)?.reshape((1, kv_heads, 1, 1, cached + placement.n_new))?.to_dtype(dtype)?;
+    let (_, kv_heads, biased) = bias.dims3()?;
+    let total = placement.cached + placement.n_new;
+    let unbiased = total.checked_sub(biased).ok_or_else(|| Error::Invalid(format!("{biased} biases for {} cached entries", placement.cached)))?;
+    let unbiased = Tensor::zeros((1, kv_heads, unbiased), bias.dtype(), bias.device())?;
+    let bias = Tensor::cat(&[bias, &unbiased], 2)?.reshape((1, kv_heads, 1, 1, total))?.to_dtype(dtype)?;
     Ok(match &placement.mask {
         Some(mask) => bias.broadcast_add(mask)?,
         None => bias,

@@ -7,9 +7,11 @@ pub mod ops;
 mod placement;
 mod qwen2;
 pub mod rope;
+mod rows;
 
 pub use config::Qwen2Config;
-pub use qwen2::{Context, ForwardOutput, Logits, Placement, Qwen2};
+pub use qwen2::{ForwardOutput, Logits, Placement, Qwen2};
+pub use rows::RowEntries;
 
 use std::fs::File;
 use std::io::BufReader;

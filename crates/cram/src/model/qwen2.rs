@@ -14,6 +14,7 @@ use super::config::Qwen2Config;
 use crate::cache::KvCache;
 use super::ops::{rms_norm, Linear, WeightGrad};
 use super::rope::Rotation;
+use super::rows::RowEntries;
 use crate::error::{Error, Result};
 
 /// Which logits a forward computes.
@@ -37,40 +38,6 @@ pub struct ForwardOutput {
     pub values: Vec<Tensor>,
     /// (batch, n, vocab) for [`Logits::All`], (batch, 1, vocab) for [`Logits::Last`].
     pub logits: Option<Tensor>,
-}
-
-/// What a forward's new tokens attend to before themselves, layer by
-/// layer: a [`KvCache`], or the caches of several sequences decoded
-/// together, laid side by side ([`crate::generate::greedy_together`]).
-pub trait Context {
-    /// Entries per layer (every layer holds as many).
-    fn entries(&self) -> usize;
-    /// Layers held (0 while empty).
-    fn layers(&self) -> usize;
-    /// Layer `index`'s keys and values, (1 or batch, kv_heads, entries,
-    /// head_dim); a batch-1 context is shared by every sequence of the batch.
-    fn layer(&self, index: usize) -> Option<(&Tensor, &Tensor)>;
-    /// Layer `index`'s logit biases, (1, kv_heads, entries) f32; `None`
-    /// while every bias is 0.
-    fn bias(&self, index: usize) -> Option<&Tensor>;
-}
-
-impl Context for KvCache {
-    fn entries(&self) -> usize {
-        self.len()
-    }
-
-    fn layers(&self) -> usize {
-        self.num_layers()
-    }
-
-    fn layer(&self, index: usize) -> Option<(&Tensor, &Tensor)> {
-        KvCache::layer(self, index)
-    }
-
-    fn bias(&self, index: usize) -> Option<&Tensor> {
-        self.biases().map(|biases| &biases[index])
-    }
 }
 
 /// The frozen Qwen2 weights and the differentiable forward over them.
@@ -215,34 +182,42 @@ impl Qwen2 {
         cache: Option<&KvCache>,
         logits: Logits,
     ) -> Result<ForwardOutput> {
-        Ok(self.run(embeddings, placement, cache.map(|c| c as &dyn Context), logits, Keep::Nothing)?.0)
+        Ok(self.run(embeddings, placement, cache, None, logits, Keep::Nothing)?.0)
     }
 
-    /// One new token for each of `batch` sequences decoded together:
-    /// embeddings (batch, 1, hidden), each row at its own position
-    /// (`positions`, batch), after its own entries of `context` (layers of
-    /// batch rows). `padding` (batch, entries) f32 is 0 over a row's own
-    /// entries and -inf over the rows' padding, so sequences of different
-    /// lengths share one tensor. What greedy decoding of several prompts
-    /// over one cache needs: each step reads the weights once for all rows.
-    pub fn forward_rows(&self, embeddings: &Tensor, positions: &[f32], context: &dyn Context, padding: &Tensor, logits: Logits) -> Result<ForwardOutput> {
+    /// One new token for each of `rows` sequences decoded together:
+    /// embeddings (rows, 1, hidden), each row at its own position
+    /// (`positions`, rows), after the entries of `shared` (one cache every
+    /// row sees, read once for all: never copied per row) and then its own
+    /// entries in `own` (its prompt and answer so far, padded). What greedy
+    /// decoding of several prompts over one cache needs: each step reads the
+    /// weights once for all rows.
+    pub fn forward_rows(&self, embeddings: &Tensor, positions: &[f32], shared: Option<&KvCache>, own: &RowEntries, logits: Logits) -> Result<ForwardOutput> {
         let rows = positions.len();
-        if padding.dims() != [rows, context.entries()] {
-            return Err(Error::Invalid(format!("padding {:?} does not fit {rows} rows of {} entries", padding.dims(), context.entries())));
-        }
-        let context_rows = context.layer(0).map(|(keys, _)| keys.dim(0)).transpose()?;
-        if embeddings.dims3()?.0 != rows || context_rows.is_some_and(|held| held != 1 && held != rows) {
+        if embeddings.dims3()?.0 != rows || own.rows() != rows {
             return Err(Error::Invalid(format!(
-                "{rows} rows decoded together need embeddings of {rows} rows (got {:?}) over a context of 1 or {rows} (got {context_rows:?})",
-                embeddings.dims()
+                "{rows} rows decoded together need embeddings of {rows} rows (got {:?}) and {rows} rows of own entries (got {})",
+                embeddings.dims(),
+                own.rows()
             )));
         }
+        if own.layers() != self.layers.len() {
+            return Err(Error::Invalid(format!("row entries have {} layers, model {}", own.layers(), self.layers.len())));
+        }
+        if let Some((keys, _)) = shared.and_then(|cache| cache.layer(0)) {
+            if keys.dim(0)? != 1 {
+                return Err(Error::Invalid(format!("the cache rows share holds one sequence, not {}", keys.dim(0)?)));
+            }
+        }
+        let shared_entries = shared.map_or(0, KvCache::len);
         let rotation = Rotation::new(positions, self.config.head_dim(), self.config.rope_theta, self.dtype, &self.device)?.one_per_row()?;
-        // Each row sees its own entries and itself.
-        let own_column = Tensor::zeros((rows, 1), padding.dtype(), &self.device)?;
-        let mask = Tensor::cat(&[padding, &own_column], 1)?.reshape((rows, 1, 1, 1, context.entries() + 1))?.to_dtype(self.softmax_dtype())?;
-        let placement = Placement { rotation, mask: Some(mask), n_new: 1, cached: context.entries() };
-        Ok(self.run(embeddings, &placement, Some(context), logits, Keep::Nothing)?.0)
+        // Each row sees the shared entries, its own and itself.
+        let shared_columns = Tensor::zeros((rows, shared_entries), DType::F32, &self.device)?;
+        let own_column = Tensor::zeros((rows, 1), DType::F32, &self.device)?;
+        let columns = shared_entries + own.len() + 1;
+        let mask = Tensor::cat(&[&shared_columns, own.padding(), &own_column], 1)?.reshape((rows, 1, 1, 1, columns))?.to_dtype(self.softmax_dtype())?;
+        let placement = Placement { rotation, mask: Some(mask), n_new: 1, cached: shared_entries + own.len() };
+        Ok(self.run(embeddings, &placement, shared, Some(own), logits, Keep::Nothing)?.0)
     }
 
     /// Every layer's attention probabilities of the new tokens over the
@@ -255,7 +230,7 @@ impl Qwen2 {
         cache: Option<&KvCache>,
     ) -> Result<Vec<Tensor>> {
         let placement = self.placement(positions, &[positions.len()], cache.map_or(0, KvCache::len))?;
-        Ok(self.run(embeddings, &placement, cache.map(|c| c as &dyn Context), Logits::None, Keep::Attention)?.1)
+        Ok(self.run(embeddings, &placement, cache, None, Logits::None, Keep::Attention)?.1)
     }
 
     /// Every layer's post-RoPE queries of the new tokens, (batch, heads, n,
@@ -268,7 +243,7 @@ impl Qwen2 {
     /// tokens (batch, heads, n, head_dim) from the same pass.
     pub fn forward_with_queries(&self, embeddings: &Tensor, positions: &[f32], cache: Option<&KvCache>, logits: Logits) -> Result<(ForwardOutput, Vec<Tensor>)> {
         let placement = self.placement(positions, &[positions.len()], cache.map_or(0, KvCache::len))?;
-        self.run(embeddings, &placement, cache.map(|c| c as &dyn Context), logits, Keep::Queries)
+        self.run(embeddings, &placement, cache, None, logits, Keep::Queries)
     }
 
     /// A forward of new tokens whose cache is chosen layer by layer:
@@ -294,13 +269,13 @@ impl Qwen2 {
         for (index, layer) in self.layers.iter().enumerate() {
             // The projections run twice (here and in the full block): a few
             // percent of a block, for not splitting the block's forward.
-            let query = layer.forward(&hidden_states, &placement, None, None, Depth::KeysAndValues, exec)?.query.detach();
+            let query = layer.forward(&hidden_states, &placement, None, None, None, Depth::KeysAndValues, exec)?.query.detach();
             let (keys, values, bias) = cache_for(index, &query)?;
             if keys.dim(2)? != cached || values.dim(2)? != cached {
                 return Err(Error::Invalid(format!("layer {index}'s cache has {} entries, the forward was placed after {cached}", keys.dim(2)?)));
             }
             if index + 1 < self.layers.len() {
-                let output = layer.forward(&hidden_states, &placement, Some((&keys, &values)), bias.as_ref(), Depth::Full, exec)?;
+                let output = layer.forward(&hidden_states, &placement, Some((&keys, &values)), bias.as_ref(), None, Depth::Full, exec)?;
                 hidden_states = output.hidden_states.ok_or_else(|| Error::Invalid("a full block returned no hidden states".into()))?;
             }
         }
@@ -316,7 +291,15 @@ impl Qwen2 {
     /// The forward; with `keep`, also each layer's attention probabilities
     /// (batch, heads, n, cached + n) in f32, or its post-RoPE queries
     /// (batch, heads, n, d).
-    fn run(&self, embeddings: &Tensor, placement: &Placement, cache: Option<&dyn Context>, logits: Logits, keep: Keep) -> Result<(ForwardOutput, Vec<Tensor>)> {
+    fn run(
+        &self,
+        embeddings: &Tensor,
+        placement: &Placement,
+        cache: Option<&KvCache>,
+        own: Option<&RowEntries>,
+        logits: Logits,
+        keep: Keep,
+    ) -> Result<(ForwardOutput, Vec<Tensor>)> {
         let (_, n_new, hidden) = embeddings.dims3()?;
         if n_new != placement.n_new || hidden != self.config.hidden_size {
             return Err(Error::Invalid(format!(
@@ -326,13 +309,13 @@ impl Qwen2 {
                 self.config.hidden_size
             )));
         }
-        let cached = cache.map_or(0, |c| c.entries());
+        let cached = cache.map_or(0, KvCache::len) + own.map_or(0, RowEntries::len);
         if cached != placement.cached {
             return Err(Error::Invalid(format!("cache holds {cached} entries, placement was made for {}", placement.cached)));
         }
         if let Some(cache) = cache {
-            if cache.layers() != self.layers.len() && cached > 0 {
-                return Err(Error::Invalid(format!("cache has {} layers, model {}", cache.layers(), self.layers.len())));
+            if cache.num_layers() != self.layers.len() && !cache.is_empty() {
+                return Err(Error::Invalid(format!("cache has {} layers, model {}", cache.num_layers(), self.layers.len())));
             }
         }
         // Without logits the last layer stops early: at its K/V, or at its
@@ -349,8 +332,9 @@ impl Qwen2 {
         let mut kept = Vec::new();
         for (index, layer) in self.layers.iter().enumerate() {
             let depth = if index + 1 == self.layers.len() { last_depth } else { Depth::Full };
-            let bias = cache.and_then(|c| c.bias(index));
-            let output = layer.forward(&hidden_states, placement, cache.and_then(|c| c.layer(index)), bias, depth, exec)?;
+            let bias = cache.and_then(|c| c.biases()).map(|biases| &biases[index]);
+            let own_layer = own.and_then(|own| own.layer(index));
+            let output = layer.forward(&hidden_states, placement, cache.and_then(|c| c.layer(index)), bias, own_layer, depth, exec)?;
             keys.push(output.key);
             values.push(output.value);
             if keep == Keep::Queries {
