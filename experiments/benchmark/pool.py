@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """Keeps, in a folder merged by `cram report DIR --merge ...`, the baselines
-and the 3.2x cells of the methods every pooled case set ran, and writes the
-config.toml that makes the report calibrate (the merged folders' configs
-differ, so `--merge` copied none).
+and the cells at RATIO (3.2x unless named) of the methods every pooled case
+set ran, and writes the config.toml that makes the report calibrate (the
+merged folders' configs differ, so `--merge` copied none).
 
-usage: python3 experiments/benchmark/pool.py DIR
+usage: python3 experiments/benchmark/pool.py DIR [RATIO ...]
 """
 import json
 import sys
@@ -13,20 +13,20 @@ METHODS = {"attention-matching-spread", "attention-matching-spread-on-policy", "
 BASELINES = {"full", "none", "truncated"}
 
 
-def main(folder):
+def main(folder, ratios):
     kept = []
     for line in open(f"{folder}/results.jsonl"):
         cell = json.loads(line)
-        if cell["method"] in BASELINES or (cell["method"] in METHODS and cell["ratio"] == 3.2):
+        if cell["method"] in BASELINES or (cell["method"] in METHODS and cell["ratio"] in ratios):
             kept.append(line)
     with open(f"{folder}/results.jsonl", "w") as out:
         out.writelines(kept)
     with open(f"{folder}/config.toml", "w") as out:
         out.write("# Pooled by experiments/benchmark/pool.py from the run folders named in\n"
-                  "# experiments/benchmark/README.md (pooled-3.2-250): only `calibrate` is read.\n"
+                  "# experiments/benchmark/README.md: only `calibrate` is read.\n"
                   "calibrate = true\n")
     print(f"{len(kept)} cells kept")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], [float(ratio) for ratio in sys.argv[2:]] or [3.2])
