@@ -41,7 +41,8 @@ pub fn greedy(
 /// then decoded together, one token of every unfinished answer a step.
 /// Decoding one token reads every weight of the model for one row; a step
 /// for all rows reads them once (for the 0.5B on a 2-core CPU, 8 answers
-/// together decode 1.8 times the tokens a second of one alone). The rows
+/// together decoded 1.8 times the tokens a second of one alone;
+/// `experiments/speed/`). The rows
 /// read `cache` once a step, held once: memory grows with each row's own
 /// entries (prompt and answer), not with copies of the cache. The answers
 /// agree with [`greedy`]'s to rounding: a batched product may sum in

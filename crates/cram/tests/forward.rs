@@ -186,16 +186,17 @@ fn greedy_decoding_over_the_cache_matches_recomputing_from_scratch() -> anyhow::
     Ok(())
 }
 
-/// A cache of `TOKENS` whose entries carry random logit biases, and that
-/// cache followed by each prompt, as decoding several answers starts.
-fn shared_and_prompted(model: &cram::Qwen2, prompts: &[Vec<u32>]) -> anyhow::Result<(KvCache, Vec<KvCache>)> {
+/// A cache of `TOKENS`, its entries carrying random logit biases if
+/// `biased`, and that cache followed by each prompt, as decoding several
+/// answers starts.
+fn shared_and_prompted(model: &cram::Qwen2, prompts: &[Vec<u32>], biased: bool) -> anyhow::Result<(KvCache, Vec<KvCache>)> {
     let output = model.forward(&model.embed(&TOKENS)?, &positions(0.0, TOKENS.len()), None, Logits::None)?;
     let kv_heads = output.keys[0].dim(1)?;
     let biases = (0..output.keys.len())
         .map(|_| Tensor::randn(0f32, 1.0, (1, kv_heads, TOKENS.len()), &cpu()))
         .collect::<candle_core::Result<Vec<_>>>()?;
     let mut shared = KvCache::new();
-    shared.append_biased(&output.keys, &output.values, Some(&biases), &positions(0.0, TOKENS.len()))?;
+    shared.append_biased(&output.keys, &output.values, biased.then_some(biases.as_slice()), &positions(0.0, TOKENS.len()))?;
     let prompted = prompts
         .iter()
         .map(|prompt| {
@@ -240,28 +241,46 @@ fn own_entries_padded_with_noise(shared: &KvCache, prompted: &[KvCache]) -> anyh
 
 /// Rows of different lengths, each at its own position, in one forward:
 /// each row's logits and new K/V are those of its own forward alone, the
-/// shared cache (read once for all rows) with its entries' biases applied,
-/// the other rows' entries and the padding unseen.
+/// shared cache read once for all rows (with and without logit biases on
+/// its entries), the other rows' entries and the padding unseen.
 #[test]
 fn rows_decoded_together_match_each_row_alone() -> anyhow::Result<()> {
     let model = synthetic::model(&synthetic::tiny_config(), 13, &cpu())?;
     let prompts = vec![vec![5, 6, 7, 8, 9], vec![11, 12], vec![20, 21, 22, 23, 24, 25, 26]];
-    let (shared, prompted) = shared_and_prompted(&model, &prompts)?;
-    let own = own_entries_padded_with_noise(&shared, &prompted)?;
-    let next_tokens = [4u32, 9, 31];
-    let row_positions: Vec<f32> = prompts.iter().map(|p| shared.next_position() + p.len() as f32 + 0.5).collect();
+    for biased in [true, false] {
+        let (shared, prompted) = shared_and_prompted(&model, &prompts, biased)?;
+        let own = own_entries_padded_with_noise(&shared, &prompted)?;
+        let next_tokens = [4u32, 9, 31];
+        let row_positions: Vec<f32> = prompts.iter().map(|p| shared.next_position() + p.len() as f32 + 0.5).collect();
 
-    let embeddings = model.embed(&next_tokens)?.transpose(0, 1)?.contiguous()?;
-    let together = model.forward_rows(&embeddings, &row_positions, Some(&shared), &own, Logits::Last)?;
-    for (row, own) in prompted.iter().enumerate() {
-        let alone = model.forward(&model.embed(&next_tokens[row..=row])?, &row_positions[row..=row], Some(own), Logits::Last)?;
-        let logits_diff = max_abs_diff(&together.logits.as_ref().unwrap().narrow(0, row, 1)?, alone.logits.as_ref().unwrap());
-        assert!(logits_diff <= 1e-4, "row {row}: logits differ by {logits_diff}");
-        for (layer, (keys, alone_keys)) in together.keys.iter().zip(&alone.keys).enumerate() {
-            let diff = max_abs_diff(&keys.narrow(0, row, 1)?, alone_keys);
-            assert!(diff <= 1e-4, "row {row}, layer {layer}: new key differs by {diff}");
+        let embeddings = model.embed(&next_tokens)?.transpose(0, 1)?.contiguous()?;
+        let together = model.forward_rows(&embeddings, &row_positions, Some(&shared), &own, Logits::Last)?;
+        for (row, own) in prompted.iter().enumerate() {
+            let alone = model.forward(&model.embed(&next_tokens[row..=row])?, &row_positions[row..=row], Some(own), Logits::Last)?;
+            let logits_diff = max_abs_diff(&together.logits.as_ref().unwrap().narrow(0, row, 1)?, alone.logits.as_ref().unwrap());
+            assert!(logits_diff <= 1e-4, "biased {biased}, row {row}: logits differ by {logits_diff}");
+            for (layer, (keys, alone_keys)) in together.keys.iter().zip(&alone.keys).enumerate() {
+                let diff = max_abs_diff(&keys.narrow(0, row, 1)?, alone_keys);
+                assert!(diff <= 1e-4, "biased {biased}, row {row}, layer {layer}: new key differs by {diff}");
+            }
         }
     }
+    Ok(())
+}
+
+/// A layer's logit biases must cover its cached entries exactly: one
+/// short would bias the wrong columns.
+#[test]
+fn biases_of_another_length_than_the_cache_are_an_error() -> anyhow::Result<()> {
+    let model = synthetic::model(&synthetic::tiny_config(), 13, &cpu())?;
+    let cached = model.forward(&model.embed(&TOKENS)?, &positions(0.0, TOKENS.len()), None, Logits::None)?;
+    let kv_heads = cached.keys[0].dim(1)?;
+    let result = model.forward_layer_by_layer(&model.embed(&[3, 4])?, &positions(TOKENS.len() as f32, 2), TOKENS.len(), |layer, _| {
+        let short_bias = Tensor::zeros((1, kv_heads, TOKENS.len() - 1), candle_core::DType::F32, &cpu())?;
+        Ok((cached.keys[layer].clone(), cached.values[layer].clone(), Some(short_bias)))
+    });
+    let error = result.expect_err("a bias one short of the cache must be refused").to_string();
+    assert!(error.contains("logit biases"), "{error}");
     Ok(())
 }
 
@@ -293,7 +312,7 @@ fn answers_decoded_together_are_those_decoded_one_at_a_time() -> anyhow::Result<
     let config = synthetic::tiny_config();
     let model = synthetic::model_from_weights(&config, &synthetic::named_weights(&config, 13, &cpu())?, &cpu(), candle_core::DType::F64)?;
     let prompts = vec![vec![5, 6, 7, 8, 9], vec![11, 12], vec![20, 21, 22, 23, 24, 25, 26], vec![40]];
-    let (shared, _) = shared_and_prompted(&model, &prompts)?;
+    let (shared, _) = shared_and_prompted(&model, &prompts, true)?;
     let first = shared.next_position();
     let one_at_a_time = |stop: &[u32]| -> anyhow::Result<Vec<Vec<u32>>> {
         prompts.iter().map(|p| Ok(generate::greedy(&model, &mut shared.clone(), p, first, 8, stop)?)).collect()

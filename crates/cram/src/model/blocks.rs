@@ -102,7 +102,7 @@ impl Attention {
 
 /// What a block's new tokens attend to, their own K/V last.
 pub(super) enum Attended {
-    /// Keys and values (b or 1, kv, L, d), each row's or one set for all.
+    /// Keys and values (b, kv, L, d), earlier entries and the new tokens' joined.
     Joined { keys: Tensor, values: Tensor },
     /// Keys and values every row shares, (1, kv, S, d), then each row's own
     /// (b, kv, L, d): rows decoded together after one cache read it once
@@ -111,17 +111,17 @@ pub(super) enum Attended {
 }
 
 impl Attended {
-    /// The `cached` entries (shared by the batch of `batch` rows, or a
-    /// row's own), the rows' `own` entries after them, then the new tokens'
-    /// `key` and `value` (b, kv, n, d).
-    fn new(cached: Option<(&Tensor, &Tensor)>, own: Option<(&Tensor, &Tensor)>, key: Tensor, value: Tensor, batch: usize) -> Result<Self> {
+    /// What the `before` entries and the new tokens' `key` and `value`
+    /// (b, kv, n, d) give a batch of `batch` rows.
+    fn new(before: &Before, key: Tensor, value: Tensor, batch: usize) -> Result<Self> {
         let after = |(keys, values): (&Tensor, &Tensor)| -> Result<(Tensor, Tensor)> {
             Ok((Tensor::cat(&[keys, &key], 2)?, Tensor::cat(&[values, &value], 2)?))
         };
-        Ok(match (cached, own) {
+        Ok(match (before.shared, before.own) {
             (Some((shared_keys, shared_values)), Some(own)) => {
                 let (own_keys, own_values) = after(own)?;
-                Self::AfterShared { shared_keys: shared_keys.clone(), shared_values: shared_values.clone(), own_keys, own_values }
+                // The products read them directly (no join copies them any more).
+                Self::AfterShared { shared_keys: shared_keys.contiguous()?, shared_values: shared_values.contiguous()?, own_keys, own_values }
             }
             (None, Some(own)) => {
                 let (keys, values) = after(own)?;
@@ -134,6 +134,18 @@ impl Attended {
             (None, None) => Self::Joined { keys: key, values: value },
         })
     }
+}
+
+/// What a block's new tokens attend to before themselves.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Before<'a> {
+    /// This layer's cached keys and values, (1, kv, S, d), seen by every row.
+    pub(super) shared: Option<(&'a Tensor, &'a Tensor)>,
+    /// Their logit biases, (1, kv, S) f32; `None` while all are 0.
+    pub(super) bias: Option<&'a Tensor>,
+    /// For rows decoded together, each row's own entries after the shared
+    /// ones, (b, kv, M, d), masked by the placement.
+    pub(super) own: Option<(&'a Tensor, &'a Tensor)>,
 }
 
 /// (b, kv, x, y) -> (1, kv, b * x, y): the rows stacked along the third
@@ -219,22 +231,8 @@ impl DecoderLayer {
         })
     }
 
-    /// hidden_states (b, n, hidden) after the `cached` (K, V) of this layer
-    /// ((1, kv, L, d) each, shared by the batch, or (b, kv, L, d), a row's
-    /// own) and their logit biases ((1, kv, L) f32), then, for rows decoded
-    /// together, each row's `own` entries ((b, kv, M, d), masked by the
-    /// placement), up to `depth`.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn forward(
-        &self,
-        hidden_states: &Tensor,
-        placement: &Placement,
-        cached: Option<(&Tensor, &Tensor)>,
-        cached_bias: Option<&Tensor>,
-        own: Option<(&Tensor, &Tensor)>,
-        depth: Depth,
-        exec: Exec,
-    ) -> Result<LayerOutput> {
+    /// hidden_states (b, n, hidden) after what comes `before` them, up to `depth`.
+    pub(super) fn forward(&self, hidden_states: &Tensor, placement: &Placement, before: Before, depth: Depth, exec: Exec) -> Result<LayerOutput> {
         let batch = hidden_states.dim(0)?;
         let normed = rms_norm(hidden_states, &self.input_norm, self.rms_norm_eps)?;
         let (query, key, value) = self.attention.project(&normed, &placement.rotation, exec.weight_grad)?;
@@ -242,10 +240,13 @@ impl DecoderLayer {
         if depth == Depth::KeysAndValues {
             return Ok(output);
         }
-        let attended = Attended::new(cached, own, key, value, batch)?;
-        let mask = match cached_bias {
-            Some(bias) => Some(biased_mask(placement, bias, exec.softmax_dtype)?),
-            None => placement.mask.clone(),
+        let attended = Attended::new(&before, key, value, batch)?;
+        let mask = match (before.bias, before.shared) {
+            (Some(bias), Some((keys, _))) if bias.dim(2)? != keys.dim(2)? => {
+                return Err(Error::Invalid(format!("{} logit biases for {} cached entries", bias.dim(2)?, keys.dim(2)?)));
+            }
+            (Some(bias), _) => Some(biased_mask(placement, bias, exec.softmax_dtype)?),
+            (None, _) => placement.mask.clone(),
         };
         let probabilities = self.attention.probabilities(&query, &attended, mask.as_ref(), exec.softmax_dtype)?;
         if depth == Depth::Attention {
@@ -285,8 +286,8 @@ pub(super) struct Exec {
     pub(super) softmax_dtype: DType,
 }
 
-/// A cache tensor (1, kv, L, d) seen by a batch of `batch` sequences; one
-/// that already holds a row per sequence as it is.
+/// A cache tensor (1, kv, L, d) seen by a batch of `batch` sequences (as
+/// it is for a batch of one).
 fn expand_batch(cached: &Tensor, batch: usize) -> Result<Tensor> {
     if cached.dim(0)? == batch {
         return Ok(cached.clone());

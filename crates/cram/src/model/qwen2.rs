@@ -8,7 +8,7 @@
 
 use candle_core::{DType, Device, Tensor, D};
 
-use super::blocks::{DecoderLayer, Depth, Exec};
+use super::blocks::{Before, DecoderLayer, Depth, Exec};
 pub use super::placement::Placement;
 use super::config::Qwen2Config;
 use crate::cache::KvCache;
@@ -269,13 +269,14 @@ impl Qwen2 {
         for (index, layer) in self.layers.iter().enumerate() {
             // The projections run twice (here and in the full block): a few
             // percent of a block, for not splitting the block's forward.
-            let query = layer.forward(&hidden_states, &placement, None, None, None, Depth::KeysAndValues, exec)?.query.detach();
+            let query = layer.forward(&hidden_states, &placement, Before::default(), Depth::KeysAndValues, exec)?.query.detach();
             let (keys, values, bias) = cache_for(index, &query)?;
             if keys.dim(2)? != cached || values.dim(2)? != cached {
                 return Err(Error::Invalid(format!("layer {index}'s cache has {} entries, the forward was placed after {cached}", keys.dim(2)?)));
             }
             if index + 1 < self.layers.len() {
-                let output = layer.forward(&hidden_states, &placement, Some((&keys, &values)), bias.as_ref(), None, Depth::Full, exec)?;
+                let before = Before { shared: Some((&keys, &values)), bias: bias.as_ref(), own: None };
+                let output = layer.forward(&hidden_states, &placement, before, Depth::Full, exec)?;
                 hidden_states = output.hidden_states.ok_or_else(|| Error::Invalid("a full block returned no hidden states".into()))?;
             }
         }
@@ -332,9 +333,12 @@ impl Qwen2 {
         let mut kept = Vec::new();
         for (index, layer) in self.layers.iter().enumerate() {
             let depth = if index + 1 == self.layers.len() { last_depth } else { Depth::Full };
-            let bias = cache.and_then(|c| c.biases()).map(|biases| &biases[index]);
-            let own_layer = own.and_then(|own| own.layer(index));
-            let output = layer.forward(&hidden_states, placement, cache.and_then(|c| c.layer(index)), bias, own_layer, depth, exec)?;
+            let before = Before {
+                shared: cache.and_then(|c| c.layer(index)),
+                bias: cache.and_then(|c| c.biases()).map(|biases| &biases[index]),
+                own: own.and_then(|own| own.layer(index)),
+            };
+            let output = layer.forward(&hidden_states, placement, before, depth, exec)?;
             keys.push(output.key);
             values.push(output.value);
             if keep == Keep::Queries {
