@@ -42,11 +42,11 @@ pub fn greedy(
 /// Decoding one token reads every weight of the model for one row; a step
 /// for all rows reads them once (for the 0.5B on a 2-core CPU, 8 answers
 /// together decoded 1.8 times the tokens a second of one alone;
-/// `experiments/speed/`). The rows
-/// read `cache` once a step, held once: memory grows with each row's own
-/// entries (prompt and answer), not with copies of the cache. The answers
-/// agree with [`greedy`]'s to rounding: a batched product may sum in
-/// another order, which can flip a near-tie between two tokens.
+/// `experiments/speed/`). The rows read `cache` once a step, held once:
+/// memory grows with each row's own entries (prompt and answer), not with
+/// copies of the cache. The answers agree with [`greedy`]'s to rounding: a
+/// batched product may sum in another order, which can flip a near-tie
+/// between two tokens.
 pub fn greedy_together(
     model: &Qwen2,
     cache: &KvCache,
