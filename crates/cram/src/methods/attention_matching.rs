@@ -62,7 +62,8 @@ pub struct MatchingSettings {
     /// off-policy, 28 against 21 at 6.4x, the same 67 at 1.6x and 59
     /// against 57 at 3.2x; on ~900-token spans 27 against 26 of 33 at 4.8x
     /// (experiments/benchmark/README.md). Off by default: it helped at one
-    /// ratio of short spans only, and costs about 1.5 times the seconds.
+    /// ratio of short spans only, and costs about twice the seconds (3.3 s
+    /// against 1.8 s for a 250-token span; experiments/attention-matching/speed/).
     pub on_policy: bool,
     /// Share of the `n / ratio` entries a head holds on average spent on
     /// the span's last tokens, kept verbatim in every head (their own keys
@@ -304,8 +305,14 @@ fn head_budgets(model: &Model, span: &SpanTargets, t: usize, budgets: Budgets, q
         Budgets::Spread => {
             let mut weights = Vec::with_capacity(shape.iter().sum());
             for (layer, layer_queries) in queries()?.iter().enumerate() {
-                // (kv, m, n) -> (kv, n): each head's mean attention over the span.
-                let mean: Vec<Vec<f32>> = attention_over_span(layer_queries, &span.keys[layer], attention_scale(model))?.mean(1)?.to_vec2()?;
+                // (kv, m, n) -> (kv, n): each head's mean attention over the
+                // span, as a product with a row of 1 / m (candle's CPU sum
+                // over a middle axis walks it element by element, slower than
+                // the attention itself).
+                let attention = attention_over_span(layer_queries, &span.keys[layer], attention_scale(model))?;
+                let (kv_heads, m, _) = attention.dims3()?;
+                let mean_row = Tensor::full(1.0 / m as f32, (kv_heads, 1, m), attention.device())?;
+                let mean: Vec<Vec<f32>> = mean_row.matmul(&attention)?.squeeze(1)?.to_vec2()?;
                 weights.extend(mean.iter().map(|head| budgets::effective_keys(&head.iter().map(|&p| p as f64).collect::<Vec<_>>())));
             }
             budgets::allocate(t * weights.len(), &weights, span.len())?

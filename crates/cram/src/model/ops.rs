@@ -70,13 +70,30 @@ impl CustomOp1 for MaskedSoftmax {
         "masked-softmax"
     }
 
+    /// On the CPU the mask is added in one pass, then each row's max, exp,
+    /// sum and division run fused on one thread per row block
+    /// ([`softmax_rows`]): the storage-level chain of [`Self::softmax`]
+    /// makes four more passes over the scores, single-threaded each.
     fn cpu_fwd(&self, scores: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let Some(mask) = &self.mask else { return Self::softmax(scores, layout, None) };
-        let (storage, mask_layout) = mask.storage_and_layout();
-        match &*storage {
-            Storage::Cpu(mask) => Self::softmax(scores, layout, Some((mask, mask_layout))),
-            _ => candle_core::bail!("masked-softmax: scores on cpu, mask elsewhere"),
-        }
+        let shape = layout.shape().clone();
+        let dense = Layout::contiguous(&shape);
+        // Scores plus mask, or the scores themselves when dense; else a dense copy.
+        let input = match &self.mask {
+            Some(mask) => {
+                let (storage, mask_layout) = mask.storage_and_layout();
+                let Storage::Cpu(mask) = &*storage else { candle_core::bail!("masked-softmax: scores on cpu, mask elsewhere") };
+                Some(scores.binary_impl::<Add>(mask, layout, &mask_layout.broadcast_as(&shape)?)?)
+            }
+            None if layout.is_contiguous() && layout.start_offset() == 0 => None,
+            None => Some(scores.affine(layout, 1.0, 0.0)?),
+        };
+        let row_length = shape.dims().last().copied().unwrap_or(1);
+        let probabilities = match input.as_ref().unwrap_or(scores) {
+            CpuStorage::F32(rows) => CpuStorage::F32(softmax_rows(&rows[..shape.elem_count()], row_length)),
+            CpuStorage::F64(rows) => CpuStorage::F64(softmax_rows(&rows[..shape.elem_count()], row_length)),
+            other => return Self::softmax(other, &dense, None),
+        };
+        Ok((probabilities, shape))
     }
 
     #[cfg(feature = "cuda")]
@@ -98,6 +115,26 @@ impl CustomOp1 for MaskedSoftmax {
         let along_row = (grad * probabilities)?.sum_keepdim(D::Minus1)?;
         Ok(Some(probabilities.mul(&grad.broadcast_sub(&along_row)?)?))
     }
+}
+
+/// Softmax of each `row_length` row of dense `scores`, rows in parallel:
+/// one read of the scores and one write, where separate max, subtract,
+/// exp, sum and divide ops would make five passes.
+fn softmax_rows<T: num_traits::Float + Send + Sync>(scores: &[T], row_length: usize) -> Vec<T> {
+    let mut probabilities = vec![T::zero(); scores.len()];
+    if row_length == 0 {
+        return probabilities;
+    }
+    probabilities.par_chunks_mut(row_length).zip(scores.par_chunks(row_length)).for_each(|(out, row)| {
+        let max = row.iter().copied().fold(T::neg_infinity(), T::max);
+        let mut sum = T::zero();
+        for (p, &x) in out.iter_mut().zip(row) {
+            *p = (x - max).exp();
+            sum = sum + *p;
+        }
+        out.iter_mut().for_each(|p| *p = *p / sum);
+    });
+    probabilities
 }
 
 /// RMS normalisation over the last dimension, times a (frozen) gain.
@@ -256,7 +293,57 @@ impl CustomOp1 for FrozenMatmul {
 mod tests {
     use candle_core::{Device, Tensor, Var};
 
-    use super::{Linear, WeightGrad};
+    use super::{masked_softmax_last_dim, Linear, WeightGrad};
+
+    /// Each row's softmax of scores plus mask, counted by hand in f64.
+    fn softmax_by_hand(scores: &[Vec<f64>], mask: &[Vec<f64>]) -> Vec<Vec<f64>> {
+        scores
+            .iter()
+            .zip(mask.iter().cycle())
+            .map(|(row, mask_row)| {
+                let shifted: Vec<f64> = row.iter().zip(mask_row).map(|(x, m)| x + m).collect();
+                let max = shifted.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let total: f64 = shifted.iter().map(|x| (x - max).exp()).sum();
+                shifted.iter().map(|x| (x - max).exp() / total).collect()
+            })
+            .collect()
+    }
+
+    /// The CPU's fused rows against a count by hand: f32 and f64, a mask
+    /// broadcast over the leading dimension with -inf and finite biases,
+    /// no mask, and scores that are a transposed (strided) view.
+    #[test]
+    fn the_fused_cpu_softmax_is_each_rows_softmax() {
+        let device = Device::Cpu;
+        let scores = Tensor::randn(0f64, 3.0, (2, 5, 7), &device).unwrap();
+        let mut mask = vec![vec![0.0; 7]; 5];
+        mask[0][3] = f64::NEG_INFINITY;
+        mask[2] = vec![f64::NEG_INFINITY, 1.5, -0.5, 0.0, f64::NEG_INFINITY, 2.0, 0.0];
+        let by_row = |t: &Tensor| t.flatten_to(1).unwrap().to_vec2::<f64>().unwrap();
+        let mask_tensor = Tensor::new(mask.clone(), &device).unwrap();
+        let no_mask = vec![vec![0.0; 7]];
+        for dtype in [candle_core::DType::F64, candle_core::DType::F32] {
+            let tolerance = if dtype == candle_core::DType::F64 { 1e-12 } else { 1e-6 };
+            let typed = scores.to_dtype(dtype).unwrap();
+            let cases = [
+                (masked_softmax_last_dim(&typed, Some(&mask_tensor)).unwrap(), softmax_by_hand(&by_row(&scores), &mask)),
+                (masked_softmax_last_dim(&typed, None).unwrap(), softmax_by_hand(&by_row(&scores), &no_mask)),
+                (
+                    masked_softmax_last_dim(&typed.transpose(1, 2).unwrap(), None).unwrap(),
+                    softmax_by_hand(&by_row(&scores.transpose(1, 2).unwrap().contiguous().unwrap()), &no_mask),
+                ),
+            ];
+            for (case, (ours, expected)) in cases.iter().enumerate() {
+                let ours = by_row(&ours.to_dtype(candle_core::DType::F64).unwrap());
+                assert_eq!(ours.len(), expected.len());
+                for (row, expected_row) in ours.iter().zip(expected) {
+                    for (p, q) in row.iter().zip(expected_row) {
+                        assert!((p - q).abs() <= tolerance, "{dtype:?}, case {case}: {p} against {q}");
+                    }
+                }
+            }
+        }
+    }
 
     /// The split product against one plain matmul over the whole weight:
     /// same numbers bit for bit, and the same input gradient, for a row
