@@ -291,7 +291,7 @@ impl CustomOp1 for FrozenMatmul {
 
 #[cfg(test)]
 mod tests {
-    use candle_core::{Device, Tensor, Var};
+    use candle_core::{DType, Device, Tensor, Var};
 
     use super::{masked_softmax_last_dim, Linear, WeightGrad};
 
@@ -309,32 +309,36 @@ mod tests {
             .collect()
     }
 
-    /// The CPU's fused rows against a count by hand: f32 and f64, a mask
-    /// broadcast over the leading dimension with -inf and finite biases,
-    /// no mask, and scores that are a transposed (strided) view.
+    /// The CPU's fused rows against a count by hand: f32 and f64 (and bf16,
+    /// which takes the storage-level path), a mask broadcast over the
+    /// leading dimension with -inf and finite biases, no mask, and scores
+    /// that are a strided view (transposed) or start at an offset (narrowed).
     #[test]
     fn the_fused_cpu_softmax_is_each_rows_softmax() {
         let device = Device::Cpu;
-        let scores = Tensor::randn(0f64, 3.0, (2, 5, 7), &device).unwrap();
+        let samples: Vec<f64> = crate::rng::normal_samples(11, 2 * 6 * 7).iter().map(|&x| 3.0 * x as f64).collect();
+        let scores = Tensor::from_vec(samples, (2, 6, 7), &device).unwrap();
         let mut mask = vec![vec![0.0; 7]; 5];
         mask[0][3] = f64::NEG_INFINITY;
         mask[2] = vec![f64::NEG_INFINITY, 1.5, -0.5, 0.0, f64::NEG_INFINITY, 2.0, 0.0];
         let by_row = |t: &Tensor| t.flatten_to(1).unwrap().to_vec2::<f64>().unwrap();
         let mask_tensor = Tensor::new(mask.clone(), &device).unwrap();
         let no_mask = vec![vec![0.0; 7]];
-        for dtype in [candle_core::DType::F64, candle_core::DType::F32] {
-            let tolerance = if dtype == candle_core::DType::F64 { 1e-12 } else { 1e-6 };
-            let typed = scores.to_dtype(dtype).unwrap();
+        let narrowed = scores.narrow(1, 1, 5).unwrap(); // (2, 5, 7), starting one row in
+        let transposed = scores.narrow(2, 0, 6).unwrap().transpose(1, 2).unwrap(); // (2, 6, 6), strided
+        let dense = |t: &Tensor| by_row(&t.contiguous().unwrap());
+        for (dtype, tolerance) in [(DType::F64, 1e-12), (DType::F32, 1e-6), (DType::BF16, 2e-2)] {
+            let typed = |t: &Tensor| t.to_dtype(dtype).unwrap();
             let cases = [
-                (masked_softmax_last_dim(&typed, Some(&mask_tensor)).unwrap(), softmax_by_hand(&by_row(&scores), &mask)),
-                (masked_softmax_last_dim(&typed, None).unwrap(), softmax_by_hand(&by_row(&scores), &no_mask)),
-                (
-                    masked_softmax_last_dim(&typed.transpose(1, 2).unwrap(), None).unwrap(),
-                    softmax_by_hand(&by_row(&scores.transpose(1, 2).unwrap().contiguous().unwrap()), &no_mask),
-                ),
+                (masked_softmax_last_dim(&typed(&narrowed), Some(&mask_tensor)).unwrap(), softmax_by_hand(&dense(&narrowed), &mask)),
+                (masked_softmax_last_dim(&typed(&scores), None).unwrap(), softmax_by_hand(&dense(&scores), &no_mask)),
+                (masked_softmax_last_dim(&typed(&transposed), None).unwrap(), softmax_by_hand(&dense(&transposed), &[vec![0.0; 6]])),
+                (masked_softmax_last_dim(&typed(&transposed).narrow(1, 1, 5).unwrap(), Some(&mask_tensor.narrow(1, 0, 6).unwrap())).unwrap(), {
+                    softmax_by_hand(&dense(&transposed.narrow(1, 1, 5).unwrap()), &mask.iter().map(|row| row[..6].to_vec()).collect::<Vec<_>>())
+                }),
             ];
             for (case, (ours, expected)) in cases.iter().enumerate() {
-                let ours = by_row(&ours.to_dtype(candle_core::DType::F64).unwrap());
+                let ours = by_row(&ours.to_dtype(DType::F64).unwrap());
                 assert_eq!(ours.len(), expected.len());
                 for (row, expected_row) in ours.iter().zip(expected) {
                     for (p, q) in row.iter().zip(expected_row) {
