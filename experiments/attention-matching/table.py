@@ -46,7 +46,7 @@ def table(rows, cases, title):
 
 # The 0.5B sweeps of the hand-written cases this table is about (the other
 # folders hold generated cases or the 1.5B, tabled by paired.py).
-FOLDERS = ["short-cases-cpu", "t24-and-timing-cpu", "fitted-recipe-cpu", "reverse-start-cpu", "reverse-start-plain-cpu"]
+FOLDERS = ["short-cases-cpu", "t24-and-timing-cpu", "fitted-recipe-cpu", "reverse-start-cpu", "reverse-start-plain-cpu", "reverse-start-4.8-cpu"]
 here = [r for folder in FOLDERS for r in lines(f"experiments/attention-matching/{folder}/results.jsonl") if "0.5b" in r["model"]]
 recorded = list(lines("experiments/side-by-side/*/results.jsonl")) + list(lines("experiments/reproduce/reproduce-full-*/results.jsonl"))
 # The recipe as published: surprisal pooling, V only, full budget, chunk-mean start.
@@ -109,7 +109,9 @@ for mine, other in [("fitted-recipe", "surprisal"), ("fitted-recipe+attention-ma
                     ("fitted-recipe+attention-matching-init", "surprisal"), ("attention-matching", "fitted-recipe"),
                     ("attention-matching", "fitted-recipe+attention-matching-init"),
                     ("surprisal+attention-matching-spread-init", "surprisal"),
-                    ("fitted-recipe+attention-matching-init", "surprisal+attention-matching-spread-init")]:
+                    ("fitted-recipe+attention-matching-init", "surprisal+attention-matching-spread-init"),
+                    ("fitted-recipe+attention-matching-spread-init", "fitted-recipe"),
+                    ("attention-matching", "fitted-recipe+attention-matching-spread-init")]:
     print(f"| {mine} | {other} | " + " | ".join(paired(v, mine, other, RECIPE_RATIOS)) + " |")
 
 def cell_text(r):
@@ -123,7 +125,7 @@ def cell_text(r):
 
 
 print("\nPer cell (six short cases): facts of 3; the fit's output error and the recipe's final loss where there are.\n")
-CELL_METHODS = ["surprisal", "surprisal+attention-matching-spread-init", "fitted-recipe", "fitted-recipe+attention-matching-init", "attention-matching"]
+CELL_METHODS = ["surprisal", "surprisal+attention-matching-spread-init", "fitted-recipe", "fitted-recipe+attention-matching-init", "fitted-recipe+attention-matching-spread-init", "attention-matching"]
 by_cell = {(r["case"], r["method"], r["ratio"]): r for r in unique}
 print("| cell | " + " | ".join(CELL_METHODS) + " |")
 print("|---|" + "---|" * len(CELL_METHODS))
