@@ -349,7 +349,9 @@ fn spread_budgets_keep_the_uniform_total() {
     let model = model(109);
     let (prefix, span) = span_after_system(&model);
     let settings = MatchingSettings::default();
-    let method = AttentionMatching { settings, ratio: 4.0 };
+    // 7 of the span's 20 tokens a head, where the two query sets' shares differ.
+    let t = 7;
+    let method = AttentionMatching { settings, ratio: span.len() as f64 / t as f64 };
     assert_eq!(method.name(), "attention-matching-spread");
     let compressed = method.compress(&model, &prefix, &span, &mut |_, _| {}).unwrap();
     assert_eq!(compressed.report.n_kept, 5);
@@ -368,6 +370,54 @@ fn spread_budgets_keep_the_uniform_total() {
     }
     assert_eq!(real, 5 * heads_total);
     assert!(compressed.report.fit_error.is_some_and(|e| e.is_finite()));
+}
+
+/// Spread budgets weighed by the span's own queries (`budget_queries =
+/// "context"`, on-policy): each head keeps the entries that the D'Hondt
+/// share of its context queries' effective keys gives it, counted here
+/// from each head's own f64 attention; budgets weigh spread heads only.
+#[test]
+fn budgets_by_context_queries_follow_the_context_attention() {
+    use cram::matching::budgets::{allocate, effective_keys, Budgets};
+    use cram::matching::queries::QuerySource;
+    // Layer 0's queries scaled up: its heads attend to few keys, the others
+    // (random weights) to nearly all, so the shares differ.
+    let config = synthetic::tiny_config();
+    let mut weights = synthetic::named_weights(&config, 114, &cpu()).unwrap();
+    let sharp = (weights["model.layers.0.self_attn.q_proj.weight"].clone() * 12.0).unwrap();
+    weights.insert("model.layers.0.self_attn.q_proj.weight".into(), sharp);
+    let model = synthetic::with_word_tokenizer(synthetic::model_from_weights(&config, &weights, &cpu(), DType::F32).unwrap(), "sharp-layer-0").unwrap();
+    let (prefix, plain_span) = span_after_system(&model);
+    let span = SpanTargets::compute_for(&model.qwen2, &prefix, &plain_span.ids, &plain_span.positions, false, true).unwrap();
+    let settings = MatchingSettings { on_policy: true, budget_queries: Some(QuerySource::Context), ..MatchingSettings::default() };
+    // 7 of the span's 20 tokens a head, where the two query sets' shares differ.
+    let t = 7;
+    let method = AttentionMatching { settings, ratio: span.len() as f64 / t as f64 };
+    assert_eq!(method.name(), "attention-matching-spread-by-context-on-policy");
+    assert!(method.needs_span_queries());
+    // Each head's share of `t` per head by the effective keys of its
+    // mean attention to the queries of `source`.
+    let shares = |source: QuerySource, t: usize| {
+        let settings = MatchingSettings { queries: source, ..MatchingSettings::default() };
+        let queries = settings.reference_queries(&model, &prefix, &span).unwrap();
+        let problems = settings.head_problems(&model, &span, &queries).unwrap();
+        let head_weights: Vec<f64> = problems
+            .iter()
+            .flatten()
+            .map(|problem| {
+                let attention = problem.attention();
+                effective_keys(&(0..attention.ncols()).map(|key| attention.column(key).mean()).collect::<Vec<_>>())
+            })
+            .collect();
+        allocate(t * head_weights.len(), &head_weights, span.len()).unwrap()
+    };
+    let expected = shares(QuerySource::Context, t);
+    assert_ne!(expected, shares(QuerySource::Repeat, t), "repeat queries must share the entries otherwise for this test to tell");
+    let (choices, _) = method.choices(&model, &prefix, &span, t).unwrap();
+    let kept: Vec<usize> = choices.iter().flatten().map(|choice| choice.kept.len()).collect();
+    assert_eq!(kept, expected);
+    let uniform_by_context = MatchingSettings { budgets: Budgets::Uniform, budget_queries: Some(QuerySource::Context), ..MatchingSettings::default() };
+    assert!(uniform_by_context.validate().is_err());
 }
 
 /// The span attention that spread budgets weigh heads by (candle, f32,

@@ -53,6 +53,12 @@ pub struct MatchingSettings {
     /// 35 against 23 at 4.8x (+15/-3), level at 1.6x and 6.4x
     /// (experiments/attention-matching/README.md, budgets-250).
     pub budgets: Budgets,
+    /// The reference queries that spread budgets weigh heads by, when not
+    /// the fit's own (`queries`). On-policy fitting weighs heads by an
+    /// ordinary repeat pass before its own, layer-by-layer one; the span's
+    /// own queries (`"context"`, kept by the targets' forward) weigh them
+    /// with no second pass.
+    pub budget_queries: Option<QuerySource>,
     /// Keys OMP picks per round (with `keys = "omp"`).
     pub omp_picks: usize,
     /// Fit layer by layer, each layer's repeat queries computed with the
@@ -93,6 +99,7 @@ impl Default for MatchingSettings {
             bias_bounds: (-3.0, 3.0),
             ridge: 1e-6,
             budgets: Budgets::Spread,
+            budget_queries: None,
             omp_picks: 1,
             on_policy: false,
             recent_share: 0.0,
@@ -119,6 +126,9 @@ impl MatchingSettings {
         if !(0.0..1.0).contains(&self.recent_share) {
             return Err(Error::Invalid(format!("recent_share {} must be in [0, 1)", self.recent_share)));
         }
+        if self.budget_queries.is_some() && self.budgets != Budgets::Spread {
+            return Err(Error::Invalid("budget_queries weigh heads for spread budgets only (budgets = \"spread\")".into()));
+        }
         if self.on_policy && !uses_repeat(self.queries) {
             return Err(Error::Invalid("on_policy needs repeat queries (queries = \"repeat\" or \"both\"): the span's own queries read no compacted layer".into()));
         }
@@ -139,6 +149,22 @@ impl MatchingSettings {
     /// Per layer, (kv_heads, m, d): the span's reference queries.
     pub fn reference_queries(&self, model: &Model, prefix: &KvCache, span: &SpanTargets) -> Result<Vec<Tensor>> {
         reference_queries(model, prefix, span, self.queries, self.query_cap, self.seed)
+    }
+
+    /// Per layer, (kv_heads, m, d): the queries spread budgets weigh heads
+    /// by, `budget_queries` or else the fit's own (`fit_queries()`, asked
+    /// for only then).
+    fn budget_reference_queries(&self, model: &Model, prefix: &KvCache, span: &SpanTargets, fit_queries: impl FnOnce() -> Result<Vec<Tensor>>) -> Result<Vec<Tensor>> {
+        match self.budget_queries {
+            Some(source) => reference_queries(model, prefix, span, source, self.query_cap, self.seed),
+            None => fit_queries(),
+        }
+    }
+
+    /// Entries per layer and head for a fit of `fitted` (the span, or its
+    /// older tokens) at `t` a head on average.
+    fn head_budgets(&self, model: &Model, prefix: &KvCache, span: &SpanTargets, fitted: &SpanTargets, t: usize, fit_queries: impl FnOnce() -> Result<Vec<Tensor>>) -> Result<Vec<Vec<usize>>> {
+        head_budgets(model, fitted, t, self.budgets, || self.budget_reference_queries(model, prefix, span, fit_queries))
     }
 
     /// Per layer, per KV head: the span against its reference queries
@@ -184,20 +210,28 @@ impl AttentionMatching {
         // every query, and keeping the recent block as it is, matches the
         // whole span.
         let recent = self.settings.recent_tokens(t, span.len());
-        let (mut choices, fitted_error) = self.fit_heads(model, &*older_tokens(span, recent)?, &queries, t - recent)?;
+        let fitted = older_tokens(span, recent)?;
+        let budgets = self.settings.head_budgets(model, prefix, span, &fitted, t - recent, || Ok(queries.clone()))?;
+        let (mut choices, fitted_error) = self.fit_with_budgets(model, &fitted, &queries, &budgets)?;
         for (layer, heads) in choices.iter_mut().enumerate() {
             keep_recent(heads, span, layer, recent)?;
         }
         Ok((choices, fitted_error))
     }
 
-    /// [`Self::choices`] from reference queries already computed. The
-    /// heads are fitted in parallel: each is a small dense problem that
-    /// nalgebra solves on one thread.
+    /// [`Self::choices`] from reference queries already computed, which
+    /// also weigh the heads' budgets.
     pub fn fit_heads(&self, model: &Model, span: &SpanTargets, queries: &[Tensor], t: usize) -> Result<(Vec<Vec<HeadChoice>>, f64)> {
         let budgets = head_budgets(model, span, t, self.settings.budgets, || Ok(queries.to_vec()))?;
+        self.fit_with_budgets(model, span, queries, &budgets)
+    }
+
+    /// Every head fitted to its reference queries at its budget, in
+    /// parallel: each is a small dense problem that nalgebra solves on one
+    /// thread.
+    fn fit_with_budgets(&self, model: &Model, span: &SpanTargets, queries: &[Tensor], budgets: &[Vec<usize>]) -> Result<(Vec<Vec<HeadChoice>>, f64)> {
         let fits: Vec<Vec<HeadFit>> =
-            queries.par_iter().zip(&budgets).enumerate().map(|(layer, (layer_queries, layer_budgets))| self.fit_layer(model, span, layer, layer_queries, layer_budgets)).collect::<Result<_>>()?;
+            queries.par_iter().zip(budgets).enumerate().map(|(layer, (layer_queries, layer_budgets))| self.fit_layer(model, span, layer, layer_queries, layer_budgets)).collect::<Result<_>>()?;
         Ok(choices_and_error(fits))
     }
 
@@ -212,7 +246,7 @@ impl AttentionMatching {
         let settings = &self.settings;
         let recent = settings.recent_tokens(t, span.len());
         let fitted = older_tokens(span, recent)?;
-        let budgets = head_budgets(model, &fitted, t - recent, settings.budgets, || settings.reference_queries(model, prefix, span))?;
+        let budgets = settings.head_budgets(model, prefix, span, &fitted, t - recent, || settings.reference_queries(model, prefix, span))?;
         let slots = budgets.iter().flatten().copied().max().unwrap_or(t) + recent;
         let repeat = RepeatPass::new(model, prefix, span)?;
         let context = if uses_context(settings.queries) { Some(context_queries(model, prefix, span)?) } else { None };
@@ -333,7 +367,8 @@ impl Compressor for AttentionMatching {
     /// `attention-matching`, then what departs from the plain fit (repeat
     /// queries, highest-attention keys, uniform budgets, off-policy, no
     /// verbatim tail): `-context` or `-both` queries, `-omp` keys (`-omp4`
-    /// at 4 picks a round), `-spread` budgets, `-on-policy`, `-recent0.5`
+    /// at 4 picks a round), `-spread` budgets (`-by-context` when the span's
+    /// own queries weigh them, and so on), `-on-policy`, `-recent0.5`
     /// for a share of entries kept verbatim from the span's end. The name
     /// says what ran whatever the defaults are, so a default that changes
     /// does not change what a recorded name means.
@@ -353,6 +388,12 @@ impl Compressor for AttentionMatching {
         if self.settings.budgets == Budgets::Spread {
             name.push_str("-spread");
         }
+        match self.settings.budget_queries {
+            None => {}
+            Some(QuerySource::Repeat) => name.push_str("-by-repeat"),
+            Some(QuerySource::Context) => name.push_str("-by-context"),
+            Some(QuerySource::Both) => name.push_str("-by-both"),
+        }
         if self.settings.on_policy {
             name.push_str("-on-policy");
         }
@@ -367,7 +408,7 @@ impl Compressor for AttentionMatching {
     }
 
     fn needs_span_queries(&self) -> bool {
-        self.settings.queries != QuerySource::Repeat
+        [Some(self.settings.queries), self.settings.budget_queries].into_iter().flatten().any(uses_context)
     }
 
     fn compress(&self, model: &Model, prefix: &KvCache, span: &SpanTargets, _on_step: &mut dyn FnMut(usize, f32)) -> Result<CompressedSpan> {
