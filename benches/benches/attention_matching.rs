@@ -5,7 +5,7 @@
 //! head) pairs at 3.2x with uniform and spread budgets, and whole
 //! compactions by attention matching (uniform and spread budgets, repeat
 //! or the span's own queries, on-policy with the heads weighed by an
-//! ordinary repeat pass or by the span's own queries) and by KVzip, targets excluded
+//! ordinary repeat pass or by a fixed profile) and by KVzip, targets excluded
 //! (in a session the span's K/V, and its own queries if asked for, come
 //! from the forward that reads it anyway). Issue 26's goal
 //! is the repeat pass plus the fit under 2 s.
@@ -13,7 +13,8 @@
 //! cargo bench -p cram-benches --bench attention_matching
 
 use criterion::Criterion;
-use cram::matching::budgets::Budgets;
+use cram::matching::budgets::{BudgetWeights, Budgets};
+use cram::methods::attention_matching::head_weights;
 use cram::matching::queries::{reference_queries, QuerySource};
 use cram::{budget, AttentionMatching, Compressor, KvZip, KvZipSettings, MatchingSettings, SpanTargets};
 use cram_benches::{load_default_model, BearingSpan, CountingAllocator};
@@ -49,7 +50,7 @@ fn main() -> anyhow::Result<()> {
     });
     let mut group = criterion.benchmark_group("compaction_250_tokens_3.2x");
     for budgets in [Budgets::Uniform, Budgets::Spread] {
-        let matching = AttentionMatching { settings: MatchingSettings { budgets, ..defaults }, ratio: RATIO };
+        let matching = AttentionMatching { settings: MatchingSettings { budgets, ..defaults.clone() }, ratio: RATIO };
         let queries = reference_queries(&model, &prefix, &span, QuerySource::Repeat, defaults.query_cap, defaults.seed)?;
         group.bench_function(format!("fits_only_{budgets:?}"), |b| b.iter(|| matching.fit_heads(&model, &span, &queries, t).expect("fits")));
         group.bench_function(format!("{}", matching.name()), |b| {
@@ -58,13 +59,15 @@ fn main() -> anyhow::Result<()> {
     }
     // The span's own queries, kept by the targets' forward: no repeat pass.
     let span_with_queries = SpanTargets::compute_for(qwen, &prefix, span_ids, span_positions, false, true)?;
-    let context = AttentionMatching { settings: MatchingSettings { budgets: Budgets::Spread, queries: QuerySource::Context, ..defaults }, ratio: RATIO };
+    let context = AttentionMatching { settings: MatchingSettings { budgets: Budgets::Spread, queries: QuerySource::Context, ..defaults.clone() }, ratio: RATIO };
     group.bench_function(context.name(), |b| b.iter(|| context.compress(&model, &prefix, &span_with_queries, &mut |_, _| {}).expect("compaction")));
-    let on_policy = AttentionMatching { settings: MatchingSettings { on_policy: true, ..defaults }, ratio: RATIO };
+    let on_policy = AttentionMatching { settings: MatchingSettings { on_policy: true, ..defaults.clone() }, ratio: RATIO };
     group.bench_function(on_policy.name(), |b| b.iter(|| on_policy.compress(&model, &prefix, &span, &mut |_, _| {}).expect("compaction")));
-    // On-policy with its budgets weighed by the span's own queries: one repeat pass, not two.
-    let by_context = AttentionMatching { settings: MatchingSettings { on_policy: true, budget_queries: Some(QuerySource::Context), ..defaults }, ratio: RATIO };
-    group.bench_function(by_context.name(), |b| b.iter(|| by_context.compress(&model, &prefix, &span_with_queries, &mut |_, _| {}).expect("compaction")));
+    // On-policy with its heads weighed by a fixed profile (here the span's
+    // own weights, so the same budgets): one repeat pass, not two.
+    let profile = head_weights(&model, &span, &reference_queries(&model, &prefix, &span, QuerySource::Repeat, defaults.query_cap, defaults.seed)?)?;
+    let by_profile = AttentionMatching { settings: MatchingSettings { on_policy: true, budget_weights: Some(BudgetWeights::Profile(profile)), ..defaults.clone() }, ratio: RATIO };
+    group.bench_function(by_profile.name(), |b| b.iter(|| by_profile.compress(&model, &prefix, &span, &mut |_, _| {}).expect("compaction")));
     let kvzip = KvZip { settings: KvZipSettings::default(), ratio: RATIO };
     group.bench_function("kvzip", |b| b.iter(|| kvzip.compress(&model, &prefix, &span, &mut |_, _| {}).expect("kvzip")));
     group.finish();

@@ -12,6 +12,7 @@ use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 use cram::Model;
 use cram_eval::bench::{transcript_ids, BenchSettings};
+use cram_eval::budget_profile::BudgetProfile;
 use cram_eval::cases::load_case_file;
 use cram_eval::evaluate::{facts_score, run_case, Answered, AskSettings, Condition};
 use cram_eval::generator::GeneratorSettings;
@@ -152,6 +153,24 @@ enum Command {
         #[arg(long)]
         distractors: bool,
     },
+    /// Measure a budget profile for attention matching: each (layer, KV
+    /// head)'s mean share of spread budgets over the cases' spans, printed
+    /// as a method option (`budget_weights = [...]`) for sweep configs.
+    /// With it, on-policy fitting skips its first repeat pass.
+    BudgetProfile {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Case files (JSON, as `generate-cases` writes them); each case's
+        /// first compressed turn is one span.
+        #[arg(long, num_args = 1.., required = true)]
+        cases: Vec<PathBuf>,
+        /// chatml or turn-markers.
+        #[arg(long, default_value = "chatml")]
+        rendering: String,
+        /// Also write the option here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Check a device with no download: random-weight models (a tiny one and
     /// one of the 0.5B's shapes) on the device in f32 and bf16 against the
     /// CPU in f32: forwards, caches, gradients, optimization, sessions, every
@@ -256,6 +275,7 @@ fn main() -> Result<()> {
         }
         Command::Reproduce { full, overrides, out } => reproduce::run(full, overrides, out),
         Command::SelfTest { device, out } => self_test(&device, out.as_deref()),
+        Command::BudgetProfile { model, cases, rendering, out } => budget_profile(&model, &cases, &rendering, out.as_deref()),
         Command::GenerateCases { out, seed, count, span_tokens, facts, placement, kinds, distractors } => {
             let mut settings = GeneratorSettings { seed, count, span_tokens, facts, distractors, placement: parse_named(&placement)?, ..Default::default() };
             if !kinds.is_empty() {
@@ -288,6 +308,22 @@ fn main() -> Result<()> {
             bench(&model, &weights, dtype.as_deref(), &virtual_tokens, &settings, out.as_deref())
         }
     }
+}
+
+/// Measures and prints (and writes to `out`) a budget profile of `case_files`.
+fn budget_profile(model_args: &ModelArgs, case_files: &[PathBuf], rendering: &str, out: Option<&Path>) -> Result<()> {
+    let rendering: Rendering = parse_named(rendering)?;
+    let cases = case_files.iter().map(|file| load_case_file(file)).collect::<cram_eval::Result<Vec<_>>>()?.concat();
+    let model = load_model(model_args)?;
+    let settings = cram::MatchingSettings::default();
+    let profile = BudgetProfile::measure(&model, &cases, rendering, &settings, &mut |index| eprintln!("[budget-profile] {}/{}: {}", index + 1, cases.len(), cases[index].id))?;
+    let toml = profile.to_toml();
+    print!("{toml}");
+    if let Some(out) = out {
+        std::fs::write(out, &toml).with_context(|| format!("writing {}", out.display()))?;
+        eprintln!("[budget-profile] written to {}", out.display());
+    }
+    Ok(())
 }
 
 fn fetch_model(name: &str, verify: bool) -> Result<()> {

@@ -2,6 +2,7 @@
 //! fact scoring, and the real models the evaluation runs on.
 
 pub mod bench;
+pub mod budget_profile;
 pub mod breakdown;
 pub mod bundled;
 pub mod calibration;

@@ -62,6 +62,13 @@ const IDENTITY_KEY: &str = "model.identity";
 const NAME_KEY: &str = "model.name";
 const TURNS_KEY: &str = "turns";
 
+impl TurnTargets {
+    /// The turn's K/V targets (and surprisal, queries, as asked for).
+    pub fn span(&self) -> &SpanTargets {
+        &self.span
+    }
+}
+
 impl<'m> Session<'m> {
     /// A session whose cache holds `system_prompt`, already rendered (e.g.
     /// `<|im_start|>system\n...<|im_end|>\n`); it may be empty.

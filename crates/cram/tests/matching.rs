@@ -349,9 +349,7 @@ fn spread_budgets_keep_the_uniform_total() {
     let model = model(109);
     let (prefix, span) = span_after_system(&model);
     let settings = MatchingSettings::default();
-    // 7 of the span's 20 tokens a head, where the two query sets' shares differ.
-    let t = 7;
-    let method = AttentionMatching { settings, ratio: span.len() as f64 / t as f64 };
+    let method = AttentionMatching { settings, ratio: 4.0 };
     assert_eq!(method.name(), "attention-matching-spread");
     let compressed = method.compress(&model, &prefix, &span, &mut |_, _| {}).unwrap();
     assert_eq!(compressed.report.n_kept, 5);
@@ -372,13 +370,13 @@ fn spread_budgets_keep_the_uniform_total() {
     assert!(compressed.report.fit_error.is_some_and(|e| e.is_finite()));
 }
 
-/// Spread budgets weighed by the span's own queries (`budget_queries =
+/// Spread budgets weighed by the span's own queries (`budget_weights =
 /// "context"`, on-policy): each head keeps the entries that the D'Hondt
 /// share of its context queries' effective keys gives it, counted here
 /// from each head's own f64 attention; budgets weigh spread heads only.
 #[test]
 fn budgets_by_context_queries_follow_the_context_attention() {
-    use cram::matching::budgets::{allocate, effective_keys, Budgets};
+    use cram::matching::budgets::{allocate, effective_keys, BudgetWeights, Budgets};
     use cram::matching::queries::QuerySource;
     // Layer 0's queries scaled up: its heads attend to few keys, the others
     // (random weights) to nearly all, so the shares differ.
@@ -389,7 +387,7 @@ fn budgets_by_context_queries_follow_the_context_attention() {
     let model = synthetic::with_word_tokenizer(synthetic::model_from_weights(&config, &weights, &cpu(), DType::F32).unwrap(), "sharp-layer-0").unwrap();
     let (prefix, plain_span) = span_after_system(&model);
     let span = SpanTargets::compute_for(&model.qwen2, &prefix, &plain_span.ids, &plain_span.positions, false, true).unwrap();
-    let settings = MatchingSettings { on_policy: true, budget_queries: Some(QuerySource::Context), ..MatchingSettings::default() };
+    let settings = MatchingSettings { on_policy: true, budget_weights: Some(BudgetWeights::Queries(QuerySource::Context)), ..MatchingSettings::default() };
     // 7 of the span's 20 tokens a head, where the two query sets' shares differ.
     let t = 7;
     let method = AttentionMatching { settings, ratio: span.len() as f64 / t as f64 };
@@ -416,8 +414,41 @@ fn budgets_by_context_queries_follow_the_context_attention() {
     let (choices, _) = method.choices(&model, &prefix, &span, t).unwrap();
     let kept: Vec<usize> = choices.iter().flatten().map(|choice| choice.kept.len()).collect();
     assert_eq!(kept, expected);
-    let uniform_by_context = MatchingSettings { budgets: Budgets::Uniform, budget_queries: Some(QuerySource::Context), ..MatchingSettings::default() };
+    let uniform_by_context = MatchingSettings { budgets: Budgets::Uniform, budget_weights: Some(BudgetWeights::Queries(QuerySource::Context)), ..MatchingSettings::default() };
     assert!(uniform_by_context.validate().is_err());
+}
+
+/// A profile of budget weights is what the heads are weighed by: given
+/// the span's own weights (scaled, since only proportions count), the
+/// fit keeps exactly what the default fit keeps; on-policy, each head
+/// keeps its D'Hondt share of an uneven profile. A profile for another
+/// model's head count, or with a negative weight, is refused.
+#[test]
+fn a_budget_profile_weighs_the_heads() {
+    use cram::matching::budgets::{allocate, BudgetWeights};
+    let model = model(115);
+    let (prefix, span) = span_after_system(&model);
+    let t = 7;
+    let default = AttentionMatching { settings: MatchingSettings::default(), ratio: span.len() as f64 / t as f64 };
+    let queries = default.settings.reference_queries(&model, &prefix, &span).unwrap();
+    let own: Vec<f64> = cram::methods::attention_matching::head_weights(&model, &span, &queries).unwrap().iter().map(|w| 3.0 * w).collect();
+    let profiled = |weights: Vec<f64>, on_policy: bool| AttentionMatching {
+        settings: MatchingSettings { budget_weights: Some(BudgetWeights::Profile(weights)), on_policy, ..MatchingSettings::default() },
+        ratio: default.ratio,
+    };
+    let with_own = profiled(own.clone(), false);
+    assert_eq!(with_own.name(), "attention-matching-spread-by-profile");
+    let (expected, _) = default.choices(&model, &prefix, &span, t).unwrap();
+    let (got, _) = with_own.choices(&model, &prefix, &span, t).unwrap();
+    for (a, b) in expected.iter().flatten().zip(got.iter().flatten()) {
+        assert_eq!((&a.kept, &a.values, &a.biases), (&b.kept, &b.values, &b.biases));
+    }
+    let uneven: Vec<f64> = (0..own.len()).map(|head| 1.0 + head as f64).collect();
+    let (on_policy, _) = profiled(uneven.clone(), true).choices(&model, &prefix, &span, t).unwrap();
+    let kept: Vec<usize> = on_policy.iter().flatten().map(|choice| choice.kept.len()).collect();
+    assert_eq!(kept, allocate(t * uneven.len(), &uneven, span.len()).unwrap());
+    assert!(profiled(vec![1.0; own.len() + 1], false).choices(&model, &prefix, &span, t).is_err());
+    assert!(profiled(vec![-1.0; own.len()], false).settings.validate().is_err());
 }
 
 /// The span attention that spread budgets weigh heads by (candle, f32,

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::cache::KvCache;
 use crate::compressor::{budget, CompressedSpan, Compressor};
 use crate::error::{Error, Result};
-use crate::matching::budgets::{self, Budgets};
+use crate::matching::budgets::{self, BudgetWeights, Budgets};
 use crate::matching::fit::{FitSettings, HeadFit, HeadProblem, KeySelection};
 use crate::matching::queries::{attention_over_span, context_queries, reference_queries, uses_context, uses_repeat, QuerySample, QuerySource, RepeatPass};
 use crate::matching::{compacted, head_matrix, layer_entries, mean_error, HeadChoice};
@@ -32,7 +32,7 @@ pub struct AttentionMatching {
 }
 
 /// Attention matching's own knobs.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MatchingSettings {
     /// The reference queries.
@@ -53,12 +53,15 @@ pub struct MatchingSettings {
     /// 35 against 23 at 4.8x (+15/-3), level at 1.6x and 6.4x
     /// (experiments/attention-matching/README.md, budgets-250).
     pub budgets: Budgets,
-    /// The reference queries that spread budgets weigh heads by, when not
-    /// the fit's own (`queries`). On-policy fitting weighs heads by an
-    /// ordinary repeat pass before its own, layer-by-layer one; the span's
-    /// own queries (`"context"`, kept by the targets' forward) weigh them
-    /// with no second pass.
-    pub budget_queries: Option<QuerySource>,
+    /// What spread budgets weigh the heads by, when not the fit's own
+    /// reference queries: another query set (`"context"`: the span's own,
+    /// kept by the targets' forward) or a fixed profile (`[w, ...]`, one
+    /// per layer and KV head, from `cram budget-profile`). On-policy
+    /// fitting otherwise weighs them by an ordinary repeat pass before its
+    /// own, layer-by-layer one; both spare it that pass. The span's own
+    /// queries weighed them badly: 35 of 70 facts at 4.8x against 48
+    /// (experiments/benchmark/README.md, on-policy-by-context-250).
+    pub budget_weights: Option<BudgetWeights>,
     /// Keys OMP picks per round (with `keys = "omp"`).
     pub omp_picks: usize,
     /// Fit layer by layer, each layer's repeat queries computed with the
@@ -99,7 +102,7 @@ impl Default for MatchingSettings {
             bias_bounds: (-3.0, 3.0),
             ridge: 1e-6,
             budgets: Budgets::Spread,
-            budget_queries: None,
+            budget_weights: None,
             omp_picks: 1,
             on_policy: false,
             recent_share: 0.0,
@@ -126,8 +129,13 @@ impl MatchingSettings {
         if !(0.0..1.0).contains(&self.recent_share) {
             return Err(Error::Invalid(format!("recent_share {} must be in [0, 1)", self.recent_share)));
         }
-        if self.budget_queries.is_some() && self.budgets != Budgets::Spread {
-            return Err(Error::Invalid("budget_queries weigh heads for spread budgets only (budgets = \"spread\")".into()));
+        if self.budget_weights.is_some() && self.budgets != Budgets::Spread {
+            return Err(Error::Invalid("budget_weights weigh heads for spread budgets only (budgets = \"spread\")".into()));
+        }
+        if let Some(BudgetWeights::Profile(weights)) = &self.budget_weights {
+            if let Some(bad) = weights.iter().find(|w| !(w.is_finite() && **w >= 0.0)) {
+                return Err(Error::Invalid(format!("budget_weights: a head's weight must be finite and >= 0, got {bad}")));
+            }
         }
         if self.on_policy && !uses_repeat(self.queries) {
             return Err(Error::Invalid("on_policy needs repeat queries (queries = \"repeat\" or \"both\"): the span's own queries read no compacted layer".into()));
@@ -151,20 +159,27 @@ impl MatchingSettings {
         reference_queries(model, prefix, span, self.queries, self.query_cap, self.seed)
     }
 
-    /// Per layer, (kv_heads, m, d): the queries spread budgets weigh heads
-    /// by, `budget_queries` or else the fit's own (`fit_queries()`, asked
-    /// for only then).
-    fn budget_reference_queries(&self, model: &Model, prefix: &KvCache, span: &SpanTargets, fit_queries: impl FnOnce() -> Result<Vec<Tensor>>) -> Result<Vec<Tensor>> {
-        match self.budget_queries {
-            Some(source) => reference_queries(model, prefix, span, source, self.query_cap, self.seed),
-            None => fit_queries(),
-        }
+    /// Entries per layer and head for a fit of `fitted` (the span, or its
+    /// older tokens) at `t` a head on average, the heads weighed by
+    /// `budget_weights` or else by the fit's own queries (`fit_queries()`,
+    /// asked for only then).
+    fn head_budgets(&self, model: &Model, prefix: &KvCache, span: &SpanTargets, fitted: &SpanTargets, t: usize, fit_queries: impl FnOnce() -> Result<Vec<Tensor>>) -> Result<Vec<Vec<usize>>> {
+        let weights = || match &self.budget_weights {
+            None => head_weights(model, fitted, &fit_queries()?),
+            Some(BudgetWeights::Queries(source)) => head_weights(model, fitted, &reference_queries(model, prefix, span, *source, self.query_cap, self.seed)?),
+            Some(BudgetWeights::Profile(weights)) => Ok(weights.clone()),
+        };
+        head_budgets(model, fitted, t, self.budgets, weights)
     }
 
-    /// Entries per layer and head for a fit of `fitted` (the span, or its
-    /// older tokens) at `t` a head on average.
-    fn head_budgets(&self, model: &Model, prefix: &KvCache, span: &SpanTargets, fitted: &SpanTargets, t: usize, fit_queries: impl FnOnce() -> Result<Vec<Tensor>>) -> Result<Vec<Vec<usize>>> {
-        head_budgets(model, fitted, t, self.budgets, || self.budget_reference_queries(model, prefix, span, fit_queries))
+    /// One span's contribution to a budget profile: each (layer, KV
+    /// head)'s share, summing to 1, of the weight its reference queries
+    /// give it ([`head_weights`]). Their mean over spans is a
+    /// `budget_weights` profile (`cram budget-profile`).
+    pub fn head_shares(&self, model: &Model, prefix: &KvCache, span: &SpanTargets) -> Result<Vec<f64>> {
+        let weights = head_weights(model, span, &self.reference_queries(model, prefix, span)?)?;
+        let total: f64 = weights.iter().sum();
+        Ok(weights.iter().map(|weight| weight / total).collect())
     }
 
     /// Per layer, per KV head: the span against its reference queries
@@ -222,7 +237,7 @@ impl AttentionMatching {
     /// [`Self::choices`] from reference queries already computed, which
     /// also weigh the heads' budgets.
     pub fn fit_heads(&self, model: &Model, span: &SpanTargets, queries: &[Tensor], t: usize) -> Result<(Vec<Vec<HeadChoice>>, f64)> {
-        let budgets = head_budgets(model, span, t, self.settings.budgets, || Ok(queries.to_vec()))?;
+        let budgets = head_budgets(model, span, t, self.settings.budgets, || head_weights(model, span, queries))?;
         self.fit_with_budgets(model, span, queries, &budgets)
     }
 
@@ -329,27 +344,25 @@ fn after_prefix(prefix: &KvCache, layer: usize, keys: Tensor, values: Tensor, bi
 }
 
 /// Entries per layer and head: `t` each, or `t` times the head count
-/// shared by how widely each head attends ([`budgets::allocate`]) to the
-/// reference queries `queries()` gives (asked for only then).
-fn head_budgets(model: &Model, span: &SpanTargets, t: usize, budgets: Budgets, queries: impl FnOnce() -> Result<Vec<Tensor>>) -> Result<Vec<Vec<usize>>> {
+/// shared in proportion to the heads' `weights()` ([`budgets::allocate`];
+/// asked for only then), one per (layer, KV head), layer-major.
+fn head_budgets(model: &Model, span: &SpanTargets, t: usize, budgets: Budgets, weights: impl FnOnce() -> Result<Vec<f64>>) -> Result<Vec<Vec<usize>>> {
     let config = model.qwen2.config();
     let shape = vec![config.num_key_value_heads; config.num_hidden_layers];
+    let heads: usize = shape.iter().sum();
     let flat: Vec<usize> = match budgets {
-        Budgets::Uniform => vec![t; shape.iter().sum()],
+        Budgets::Uniform => vec![t; heads],
         Budgets::Spread => {
-            let mut weights = Vec::with_capacity(shape.iter().sum());
-            for (layer, layer_queries) in queries()?.iter().enumerate() {
-                // (kv, m, n) -> (kv, n): each head's mean attention over the
-                // span, as a product with a row of 1 / m (candle's CPU sum
-                // over a middle axis walks it element by element, slower than
-                // the attention itself).
-                let attention = attention_over_span(layer_queries, &span.keys[layer], attention_scale(model))?;
-                let (kv_heads, m, _) = attention.dims3()?;
-                let mean_row = Tensor::full(1.0 / m as f32, (kv_heads, 1, m), attention.device())?;
-                let mean: Vec<Vec<f32>> = mean_row.matmul(&attention)?.squeeze(1)?.to_vec2()?;
-                weights.extend(mean.iter().map(|head| budgets::effective_keys(&head.iter().map(|&p| p as f64).collect::<Vec<_>>())));
+            let weights = weights()?;
+            if weights.len() != heads {
+                return Err(Error::Invalid(format!(
+                    "{} budget weights for a model of {} layers x {} KV heads = {heads}: a profile is for one model",
+                    weights.len(),
+                    config.num_hidden_layers,
+                    config.num_key_value_heads
+                )));
             }
-            budgets::allocate(t * weights.len(), &weights, span.len())?
+            budgets::allocate(t * heads, &weights, span.len())?
         }
     };
     let mut rest = flat.as_slice();
@@ -363,12 +376,31 @@ fn head_budgets(model: &Model, span: &SpanTargets, t: usize, budgets: Budgets, q
         .collect())
 }
 
+/// Per (layer, KV head), layer-major: how many of the span's keys the
+/// head's reference `queries` (per layer, (kv_heads, m, d)) attend to
+/// ([`budgets::effective_keys`] of their mean attention over the span):
+/// what spread budgets weigh the heads by.
+pub fn head_weights(model: &Model, span: &SpanTargets, queries: &[Tensor]) -> Result<Vec<f64>> {
+    let mut weights = Vec::new();
+    for (layer, layer_queries) in queries.iter().enumerate() {
+        // (kv, m, n) -> (kv, n): each head's mean attention over the span,
+        // as a product with a row of 1 / m (candle's CPU sum over a middle
+        // axis walks it element by element, slower than the attention itself).
+        let attention = attention_over_span(layer_queries, &span.keys[layer], attention_scale(model))?;
+        let (kv_heads, m, _) = attention.dims3()?;
+        let mean_row = Tensor::full(1.0 / m as f32, (kv_heads, 1, m), attention.device())?;
+        let mean: Vec<Vec<f32>> = mean_row.matmul(&attention)?.squeeze(1)?.to_vec2()?;
+        weights.extend(mean.iter().map(|head| budgets::effective_keys(&head.iter().map(|&p| p as f64).collect::<Vec<_>>())));
+    }
+    Ok(weights)
+}
+
 impl Compressor for AttentionMatching {
     /// `attention-matching`, then what departs from the plain fit (repeat
     /// queries, highest-attention keys, uniform budgets, off-policy, no
     /// verbatim tail): `-context` or `-both` queries, `-omp` keys (`-omp4`
     /// at 4 picks a round), `-spread` budgets (`-by-context` when the span's
-    /// own queries weigh them, and so on), `-on-policy`, `-recent0.5`
+    /// own queries weigh them, `-by-profile` for fixed weights), `-on-policy`, `-recent0.5`
     /// for a share of entries kept verbatim from the span's end. The name
     /// says what ran whatever the defaults are, so a default that changes
     /// does not change what a recorded name means.
@@ -388,11 +420,12 @@ impl Compressor for AttentionMatching {
         if self.settings.budgets == Budgets::Spread {
             name.push_str("-spread");
         }
-        match self.settings.budget_queries {
+        match &self.settings.budget_weights {
             None => {}
-            Some(QuerySource::Repeat) => name.push_str("-by-repeat"),
-            Some(QuerySource::Context) => name.push_str("-by-context"),
-            Some(QuerySource::Both) => name.push_str("-by-both"),
+            Some(BudgetWeights::Queries(QuerySource::Repeat)) => name.push_str("-by-repeat"),
+            Some(BudgetWeights::Queries(QuerySource::Context)) => name.push_str("-by-context"),
+            Some(BudgetWeights::Queries(QuerySource::Both)) => name.push_str("-by-both"),
+            Some(BudgetWeights::Profile(_)) => name.push_str("-by-profile"),
         }
         if self.settings.on_policy {
             name.push_str("-on-policy");
@@ -408,7 +441,8 @@ impl Compressor for AttentionMatching {
     }
 
     fn needs_span_queries(&self) -> bool {
-        [Some(self.settings.queries), self.settings.budget_queries].into_iter().flatten().any(uses_context)
+        let weighs_by_context = matches!(self.settings.budget_weights, Some(BudgetWeights::Queries(source)) if uses_context(source));
+        uses_context(self.settings.queries) || weighs_by_context
     }
 
     fn compress(&self, model: &Model, prefix: &KvCache, span: &SpanTargets, _on_step: &mut dyn FnMut(usize, f32)) -> Result<CompressedSpan> {
@@ -424,7 +458,7 @@ impl Compressor for AttentionMatching {
 /// ([`crate::recipe::init::Init::Anchored`]). Each head's fit at `count`
 /// entries votes for the tokens it keeps; ties go to the tokens that carry
 /// more of their heads' fitted attention mass.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct MatchedKeys {
     /// The fit whose kept keys vote.
     pub settings: MatchingSettings,
@@ -434,11 +468,11 @@ impl Anchors for MatchedKeys {
     /// The name of the fit that votes (`attention-matching-spread` by
     /// default), so a recipe started from it says which.
     fn name(&self) -> String {
-        AttentionMatching { settings: self.settings, ratio: 1.0 }.name()
+        AttentionMatching { settings: self.settings.clone(), ratio: 1.0 }.name()
     }
 
     fn anchors(&self, model: &Model, prefix: &KvCache, span: &SpanTargets, count: usize) -> Result<Vec<usize>> {
-        let matching = AttentionMatching { settings: self.settings, ratio: span.len() as f64 / count as f64 };
+        let matching = AttentionMatching { settings: self.settings.clone(), ratio: span.len() as f64 / count as f64 };
         let (choices, _) = matching.choices(model, prefix, span, count)?;
         Ok(keep_top(&votes(&choices, span.len()), count))
     }

@@ -1,0 +1,78 @@
+//! Budget profiles on a small random model: the mean of each span's head
+//! shares, counted here from each head's own f64 attention, and a config
+//! line that reads back as the same weights.
+
+use std::path::{Path, PathBuf};
+
+use cram::matching::budgets::{effective_keys, BudgetWeights};
+use cram::synthetic as random;
+use cram::{MatchingSettings, Model, Session};
+use cram_eval::budget_profile::BudgetProfile;
+use cram_eval::cases::{load_case_file, Case};
+use cram_eval::render::Rendering;
+
+/// A single-turn case of `span_words` after a system prompt, in the random model's vocabulary.
+fn case_file(dir: &Path, id: &str, span_words: std::ops::Range<usize>) -> PathBuf {
+    let path = dir.join(format!("{id}.json"));
+    let span: Vec<String> = span_words.map(|i| format!("t{i}")).collect();
+    std::fs::write(&path, serde_json::json!({
+        "id": id,
+        "messages": [
+            {"role": "system", "content": "t1 t2 t3"},
+            {"role": "user", "content": span.join(" ")},
+            {"role": "user", "content": "t4 t5"}
+        ],
+        "questions": [{"id": "q", "question": "t6 t7?", "facts": [{"id": "f", "expect_any": ["t31"]}]}]
+    }).to_string()).unwrap();
+    path
+}
+
+/// A case's head shares counted from each (layer, KV head)'s fit problem:
+/// the f64 attention of its repeat queries, their mean over queries, its
+/// effective keys, divided by their sum over heads.
+fn shares_by_hand(model: &Model, case: &Case) -> Vec<f64> {
+    let messages = &case.transcript.messages;
+    let session = Session::new(model, &Rendering::Chatml.messages(messages, &case.split.prefix)).unwrap();
+    let targets = session.turn_targets(&Rendering::Chatml.messages(messages, &case.split.compress), false, false).unwrap();
+    let settings = MatchingSettings::default();
+    let queries = settings.reference_queries(model, session.cache(), targets.span()).unwrap();
+    let weights: Vec<f64> = settings
+        .head_problems(model, targets.span(), &queries)
+        .unwrap()
+        .iter()
+        .flatten()
+        .map(|problem| {
+            let attention = problem.attention();
+            effective_keys(&(0..attention.ncols()).map(|key| attention.column(key).mean()).collect::<Vec<_>>())
+        })
+        .collect();
+    let total: f64 = weights.iter().sum();
+    weights.iter().map(|weight| weight / total).collect()
+}
+
+#[test]
+fn a_profile_is_the_mean_of_each_spans_head_shares_and_reads_back_as_an_option() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = random::full_model(&random::tiny_config(), 3, &candle_core::Device::Cpu).unwrap();
+    let cases: Vec<Case> = [case_file(dir.path(), "a", 20..44), case_file(dir.path(), "b", 50..62)]
+        .iter()
+        .flat_map(|file| load_case_file(file).unwrap())
+        .collect();
+    let mut seen = Vec::new();
+    let profile = BudgetProfile::measure(&model, &cases, Rendering::Chatml, &MatchingSettings::default(), &mut |index| seen.push(index)).unwrap();
+    assert_eq!((profile.spans, seen), (2, vec![0, 1]));
+    let (a, b) = (shares_by_hand(&model, &cases[0]), shares_by_hand(&model, &cases[1]));
+    assert_eq!(profile.weights.len(), a.len());
+    for (head, weight) in profile.weights.iter().enumerate() {
+        let expected = (a[head] + b[head]) / 2.0;
+        assert!((weight - expected).abs() < 1e-6 * expected, "head {head}: {weight} against {expected}");
+    }
+    assert!((profile.weights.iter().sum::<f64>() - 1.0).abs() < 1e-9);
+
+    let settings: MatchingSettings = toml::from_str(&profile.to_toml()).unwrap();
+    let Some(BudgetWeights::Profile(read)) = settings.budget_weights else { panic!("budget_weights should read back as a profile") };
+    for (read, weight) in read.iter().zip(&profile.weights) {
+        assert!((read - weight).abs() <= 1e-6 * weight);
+    }
+    assert!(BudgetProfile::measure(&model, &[], Rendering::Chatml, &MatchingSettings::default(), &mut |_| {}).is_err());
+}
