@@ -66,13 +66,16 @@ pub struct MatchingSettings {
     pub omp_picks: usize,
     /// Fit layer by layer, each layer's repeat queries computed with the
     /// layers below already compacted (one pass; spread budgets then
-    /// weigh heads by a first, ordinary repeat pass). On 250-token spans
+    /// weigh heads by a first, ordinary repeat pass, unless
+    /// `budget_weights` says otherwise). On 250-token spans
     /// with spread budgets it kept 48 of 70 facts at 4.8x against 35
     /// off-policy, 28 against 21 at 6.4x, the same 67 at 1.6x and 59
     /// against 57 at 3.2x; on ~900-token spans 27 against 26 of 33 at 4.8x
-    /// (experiments/benchmark/README.md). Off by default: it helped at one
-    /// ratio of short spans only, and costs about twice the seconds (3.3 s
-    /// against 1.8 s for a 250-token span; experiments/attention-matching/speed/).
+    /// (experiments/benchmark/README.md). Off by default: it helped on short
+    /// spans at high ratios only, and costs about twice the seconds (3.3 s
+    /// against 1.8 s for a 250-token span; experiments/attention-matching/speed/);
+    /// with a budget profile (`budget_weights`) it takes 1.67 s and kept 45
+    /// and 27 of those 70 facts at 4.8x and 6.4x.
     pub on_policy: bool,
     /// Share of the `n / ratio` entries a head holds on average spent on
     /// the span's last tokens, kept verbatim in every head (their own keys
