@@ -1,10 +1,9 @@
 //! Budget profiles on a small random model: the mean of each span's head
-//! shares, counted here from each head's own f64 attention, and a config
-//! line that reads back as the same weights.
+//! shares, and a config line that reads back as the same weights.
 
 use std::path::{Path, PathBuf};
 
-use cram::matching::budgets::{effective_keys, BudgetWeights};
+use cram::matching::budgets::BudgetWeights;
 use cram::synthetic as random;
 use cram::{MatchingSettings, Model, Session};
 use cram_eval::budget_profile::BudgetProfile;
@@ -27,27 +26,14 @@ fn case_file(dir: &Path, id: &str, span_words: std::ops::Range<usize>) -> PathBu
     path
 }
 
-/// A case's head shares counted from each (layer, KV head)'s fit problem:
-/// the f64 attention of its repeat queries, their mean over queries, its
-/// effective keys, divided by their sum over heads.
-fn shares_by_hand(model: &Model, case: &Case) -> Vec<f64> {
+/// One case's head shares as the library counts them for one span
+/// (`MatchingSettings::head_shares`, checked against each head's own f64
+/// attention in cram's tests).
+fn shares_of(model: &Model, case: &Case) -> Vec<f64> {
     let messages = &case.transcript.messages;
     let session = Session::new(model, &Rendering::Chatml.messages(messages, &case.split.prefix)).unwrap();
     let targets = session.turn_targets(&Rendering::Chatml.messages(messages, &case.split.compress), false, false).unwrap();
-    let settings = MatchingSettings::default();
-    let queries = settings.reference_queries(model, session.cache(), targets.span()).unwrap();
-    let weights: Vec<f64> = settings
-        .head_problems(model, targets.span(), &queries)
-        .unwrap()
-        .iter()
-        .flatten()
-        .map(|problem| {
-            let attention = problem.attention();
-            effective_keys(&(0..attention.ncols()).map(|key| attention.column(key).mean()).collect::<Vec<_>>())
-        })
-        .collect();
-    let total: f64 = weights.iter().sum();
-    weights.iter().map(|weight| weight / total).collect()
+    MatchingSettings::default().head_shares(model, session.cache(), targets.span()).unwrap()
 }
 
 #[test]
@@ -61,7 +47,7 @@ fn a_profile_is_the_mean_of_each_spans_head_shares_and_reads_back_as_an_option()
     let mut seen = Vec::new();
     let profile = BudgetProfile::measure(&model, &cases, Rendering::Chatml, &MatchingSettings::default(), &mut |index| seen.push(index)).unwrap();
     assert_eq!((profile.spans, seen), (2, vec![0, 1]));
-    let (a, b) = (shares_by_hand(&model, &cases[0]), shares_by_hand(&model, &cases[1]));
+    let (a, b) = (shares_of(&model, &cases[0]), shares_of(&model, &cases[1]));
     assert_eq!(profile.weights.len(), a.len());
     for (head, weight) in profile.weights.iter().enumerate() {
         let expected = (a[head] + b[head]) / 2.0;

@@ -370,13 +370,29 @@ fn spread_budgets_keep_the_uniform_total() {
     assert!(compressed.report.fit_error.is_some_and(|e| e.is_finite()));
 }
 
+/// Per (layer, KV head): the effective keys of the head's mean attention
+/// to the queries of `source`, counted from each head's own f64 problem.
+fn head_weights_by_hand(model: &Model, prefix: &KvCache, span: &SpanTargets, source: cram::matching::queries::QuerySource) -> Vec<f64> {
+    let settings = MatchingSettings { queries: source, ..MatchingSettings::default() };
+    let queries = settings.reference_queries(model, prefix, span).unwrap();
+    let problems = settings.head_problems(model, span, &queries).unwrap();
+    problems
+        .iter()
+        .flatten()
+        .map(|problem| {
+            let attention = problem.attention();
+            cram::matching::budgets::effective_keys(&(0..attention.ncols()).map(|key| attention.column(key).mean()).collect::<Vec<_>>())
+        })
+        .collect()
+}
+
 /// Spread budgets weighed by the span's own queries (`budget_weights =
 /// "context"`, on-policy): each head keeps the entries that the D'Hondt
 /// share of its context queries' effective keys gives it, counted here
 /// from each head's own f64 attention; budgets weigh spread heads only.
 #[test]
 fn budgets_by_context_queries_follow_the_context_attention() {
-    use cram::matching::budgets::{allocate, effective_keys, BudgetWeights, Budgets};
+    use cram::matching::budgets::{allocate, BudgetWeights, Budgets};
     use cram::matching::queries::QuerySource;
     // Layer 0's queries scaled up: its heads attend to few keys, the others
     // (random weights) to nearly all, so the shares differ.
@@ -396,17 +412,7 @@ fn budgets_by_context_queries_follow_the_context_attention() {
     // Each head's share of `t` per head by the effective keys of its
     // mean attention to the queries of `source`.
     let shares = |source: QuerySource, t: usize| {
-        let settings = MatchingSettings { queries: source, ..MatchingSettings::default() };
-        let queries = settings.reference_queries(&model, &prefix, &span).unwrap();
-        let problems = settings.head_problems(&model, &span, &queries).unwrap();
-        let head_weights: Vec<f64> = problems
-            .iter()
-            .flatten()
-            .map(|problem| {
-                let attention = problem.attention();
-                effective_keys(&(0..attention.ncols()).map(|key| attention.column(key).mean()).collect::<Vec<_>>())
-            })
-            .collect();
+        let head_weights = head_weights_by_hand(&model, &prefix, &span, source);
         allocate(t * head_weights.len(), &head_weights, span.len()).unwrap()
     };
     let expected = shares(QuerySource::Context, t);
@@ -418,7 +424,8 @@ fn budgets_by_context_queries_follow_the_context_attention() {
     assert!(uniform_by_context.validate().is_err());
 }
 
-/// A profile of budget weights is what the heads are weighed by: given
+/// A profile of budget weights is what the heads are weighed by, and a
+/// span's head shares are its heads' weights counted by hand: given
 /// the span's own weights (scaled, since only proportions count), the
 /// fit keeps exactly what the default fit keeps; on-policy, each head
 /// keeps its D'Hondt share of an uneven profile. A profile for another
@@ -432,6 +439,12 @@ fn a_budget_profile_weighs_the_heads() {
     let default = AttentionMatching { settings: MatchingSettings::default(), ratio: span.len() as f64 / t as f64 };
     let queries = default.settings.reference_queries(&model, &prefix, &span).unwrap();
     let own: Vec<f64> = cram::methods::attention_matching::head_weights(&model, &span, &queries).unwrap().iter().map(|w| 3.0 * w).collect();
+    // A span's shares (what a profile averages) are its heads' weights counted by hand, summing to 1.
+    let by_hand = head_weights_by_hand(&model, &prefix, &span, cram::matching::queries::QuerySource::Repeat);
+    let total: f64 = by_hand.iter().sum();
+    for (share, weight) in default.settings.head_shares(&model, &prefix, &span).unwrap().iter().zip(&by_hand) {
+        assert!((share - weight / total).abs() < 1e-6 * share, "{share} against {}", weight / total);
+    }
     let profiled = |weights: Vec<f64>, on_policy: bool| AttentionMatching {
         settings: MatchingSettings { budget_weights: Some(BudgetWeights::Profile(weights)), on_policy, ..MatchingSettings::default() },
         ratio: default.ratio,
