@@ -156,7 +156,9 @@ enum Command {
     /// Measure a budget profile for attention matching: each (layer, KV
     /// head)'s mean share of spread budgets over the cases' spans, printed
     /// as a method option (`budget_weights = [...]`) for sweep configs.
-    /// With it, on-policy fitting skips its first repeat pass.
+    /// With it, on-policy fitting skips its first repeat pass. The heads
+    /// are weighed by the default fit's reference queries (repeat, at most
+    /// 8,192 per KV head).
     BudgetProfile {
         #[command(flatten)]
         model: ModelArgs,

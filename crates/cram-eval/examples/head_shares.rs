@@ -7,7 +7,8 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
-use cram::{MatchingSettings, Model, Session};
+use cram::{MatchingSettings, Model};
+use cram_eval::budget_profile::BudgetProfile;
 use cram_eval::cases::load_case_file;
 use cram_eval::models;
 use cram_eval::render::Rendering;
@@ -17,12 +18,9 @@ fn main() -> Result<()> {
     let settings = MatchingSettings::default();
     for file in std::env::args().skip(1) {
         for case in load_case_file(&PathBuf::from(&file))? {
-            let messages = &case.transcript.messages;
-            let session = Session::new(&model, &Rendering::Chatml.messages(messages, &case.split.prefix))?;
-            let first_turn = case.turns().into_iter().next().unwrap_or_default();
-            let targets = session.turn_targets(&Rendering::Chatml.messages(messages, &first_turn), false, false)?;
-            let shares = settings.head_shares(&model, session.cache(), targets.span())?;
-            println!("{}", serde_json::json!({"case": case.id, "n": targets.span().len(), "shares": shares}));
+            let shares = BudgetProfile::case_shares(&model, &case, Rendering::Chatml, &settings)?;
+            let n_tokens = model.tokenizer.encode(&Rendering::Chatml.messages(&case.transcript.messages, &case.turns()[0]))?.len();
+            println!("{}", serde_json::json!({"case": case.id, "n": n_tokens, "shares": shares}));
         }
     }
     Ok(())

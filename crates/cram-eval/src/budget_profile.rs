@@ -32,16 +32,25 @@ impl BudgetProfile {
         }
         let mut sum: Vec<f64> = Vec::new();
         for (index, case) in cases.iter().enumerate() {
-            let messages = &case.transcript.messages;
-            let session = Session::new(model, &rendering.messages(messages, &case.split.prefix))?;
-            let first_turn = case.turns().into_iter().next().unwrap_or_default();
-            let targets = session.turn_targets(&rendering.messages(messages, &first_turn), false, false)?;
-            let shares = settings.head_shares(model, session.cache(), targets.span())?;
+            let shares = Self::case_shares(model, case, rendering, settings)?;
             sum.resize(shares.len(), 0.0);
             sum.iter_mut().zip(&shares).for_each(|(total, share)| *total += share);
             on_case(index);
         }
         Ok(Self { model: model.name.clone(), spans: cases.len(), weights: sum.iter().map(|total| total / cases.len() as f64).collect() })
+    }
+
+    /// One case's head shares ([`MatchingSettings::head_shares`]): its
+    /// first compressed turn after its prefix.
+    pub fn case_shares(model: &Model, case: &Case, rendering: Rendering, settings: &MatchingSettings) -> Result<Vec<f64>> {
+        let messages = &case.transcript.messages;
+        let first_turn = case.turns().into_iter().next().unwrap_or_default();
+        let shares = (|| {
+            let session = Session::new(model, &rendering.messages(messages, &case.split.prefix))?;
+            let targets = session.turn_targets(&rendering.messages(messages, &first_turn), false, false)?;
+            settings.head_shares(model, session.cache(), targets.span())
+        })();
+        shares.map_err(|e| cram::Error::Invalid(format!("case `{}`: {e}", case.id)).into())
     }
 
     /// A sweep config's method option: a comment naming the model and the

@@ -457,11 +457,19 @@ fn a_budget_profile_weighs_the_heads() {
         assert_eq!((&a.kept, &a.values, &a.biases), (&b.kept, &b.values, &b.biases));
     }
     let uneven: Vec<f64> = (0..own.len()).map(|head| 1.0 + head as f64).collect();
-    let (on_policy, _) = profiled(uneven.clone(), true).choices(&model, &prefix, &span, t).unwrap();
-    let kept: Vec<usize> = on_policy.iter().flatten().map(|choice| choice.kept.len()).collect();
-    assert_eq!(kept, allocate(t * uneven.len(), &uneven, span.len()).unwrap());
+    for on_policy in [false, true] {
+        let (choices, _) = profiled(uneven.clone(), on_policy).choices(&model, &prefix, &span, t).unwrap();
+        let kept: Vec<usize> = choices.iter().flatten().map(|choice| choice.kept.len()).collect();
+        assert_eq!(kept, allocate(t * uneven.len(), &uneven, span.len()).unwrap(), "on_policy {on_policy}");
+    }
     assert!(profiled(vec![1.0; own.len() + 1], false).choices(&model, &prefix, &span, t).is_err());
     assert!(profiled(vec![-1.0; own.len()], false).settings.validate().is_err());
+    assert!(profiled(vec![0.0; own.len()], false).settings.validate().is_err());
+    // A config spells a profile as a list, a query set as its name; the knob's old name is refused.
+    let read = |text: &str| serde_json::from_str::<MatchingSettings>(text).map(|settings| settings.budget_weights);
+    assert_eq!(read(r#"{"budget_weights": "context"}"#).unwrap(), Some(BudgetWeights::Queries(cram::matching::queries::QuerySource::Context)));
+    assert_eq!(read(r#"{"budget_weights": [1, 2.5]}"#).unwrap(), Some(BudgetWeights::Profile(vec![1.0, 2.5])));
+    assert!(read(r#"{"budget_weights": "contxt"}"#).is_err() && read(r#"{"budget_queries": "context"}"#).is_err());
 }
 
 /// The span attention that spread budgets weigh heads by (candle, f32,

@@ -31,7 +31,7 @@ pub enum Budgets {
 /// paper's precomputed budgets assume; a profile saves on-policy fitting
 /// its first, ordinary repeat pass.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "\"repeat\", \"context\", \"both\" or a list of weights, one per layer and KV head")]
 pub enum BudgetWeights {
     /// The heads' attention to these queries (`"repeat"`, `"context"`, `"both"`).
     Queries(QuerySource),

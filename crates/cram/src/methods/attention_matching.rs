@@ -58,7 +58,8 @@ pub struct MatchingSettings {
     /// kept by the targets' forward) or a fixed profile (`[w, ...]`, one
     /// per layer and KV head, from `cram budget-profile`). On-policy
     /// fitting otherwise weighs them by an ordinary repeat pass before its
-    /// own, layer-by-layer one; both spare it that pass. The span's own
+    /// own, layer-by-layer one; a profile or the span's own queries spare
+    /// it that pass. The span's own
     /// queries weighed them badly: 35 of 70 facts at 4.8x against 48
     /// (experiments/benchmark/README.md, on-policy-by-context-250).
     pub budget_weights: Option<BudgetWeights>,
@@ -139,6 +140,9 @@ impl MatchingSettings {
             if let Some(bad) = weights.iter().find(|w| !(w.is_finite() && **w >= 0.0)) {
                 return Err(Error::Invalid(format!("budget_weights: a head's weight must be finite and >= 0, got {bad}")));
             }
+            if weights.iter().sum::<f64>() <= 0.0 {
+                return Err(Error::Invalid("budget_weights: a profile needs a weight above 0".into()));
+            }
         }
         if self.on_policy && !uses_repeat(self.queries) {
             return Err(Error::Invalid("on_policy needs repeat queries (queries = \"repeat\" or \"both\"): the span's own queries read no compacted layer".into()));
@@ -168,8 +172,10 @@ impl MatchingSettings {
     /// asked for only then).
     fn head_budgets(&self, model: &Model, prefix: &KvCache, span: &SpanTargets, fitted: &SpanTargets, t: usize, fit_queries: impl FnOnce() -> Result<Vec<Tensor>>) -> Result<Vec<Vec<usize>>> {
         let weights = || match &self.budget_weights {
-            None => head_weights(model, fitted, &fit_queries()?),
-            Some(BudgetWeights::Queries(source)) => head_weights(model, fitted, &reference_queries(model, prefix, span, *source, self.query_cap, self.seed)?),
+            Some(BudgetWeights::Queries(source)) if *source != self.queries => {
+                head_weights(model, fitted, &reference_queries(model, prefix, span, *source, self.query_cap, self.seed)?)
+            }
+            None | Some(BudgetWeights::Queries(_)) => head_weights(model, fitted, &fit_queries()?),
             Some(BudgetWeights::Profile(weights)) => Ok(weights.clone()),
         };
         head_budgets(model, fitted, t, self.budgets, weights)
@@ -238,7 +244,8 @@ impl AttentionMatching {
     }
 
     /// [`Self::choices`] from reference queries already computed, which
-    /// also weigh the heads' budgets.
+    /// also weigh the heads' budgets (whatever `budget_weights` says: the
+    /// fits alone, as the benchmark times them).
     pub fn fit_heads(&self, model: &Model, span: &SpanTargets, queries: &[Tensor], t: usize) -> Result<(Vec<Vec<HeadChoice>>, f64)> {
         let budgets = head_budgets(model, span, t, self.settings.budgets, || head_weights(model, span, queries))?;
         self.fit_with_budgets(model, span, queries, &budgets)
