@@ -1,7 +1,9 @@
 //! Budget profiles on a small random model: the mean of each span's head
 //! shares, and a config line that reads back as the same weights.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::write_tiny_case;
 
 use cram::matching::budgets::BudgetWeights;
 use cram::synthetic as random;
@@ -9,22 +11,6 @@ use cram::{MatchingSettings, Model, Session};
 use cram_eval::budget_profile::BudgetProfile;
 use cram_eval::cases::{load_case_file, Case};
 use cram_eval::render::Rendering;
-
-/// A single-turn case of `span_words` after a system prompt, in the random model's vocabulary.
-fn case_file(dir: &Path, id: &str, span_words: std::ops::Range<usize>) -> PathBuf {
-    let path = dir.join(format!("{id}.json"));
-    let span: Vec<String> = span_words.map(|i| format!("t{i}")).collect();
-    std::fs::write(&path, serde_json::json!({
-        "id": id,
-        "messages": [
-            {"role": "system", "content": "t1 t2 t3"},
-            {"role": "user", "content": span.join(" ")},
-            {"role": "user", "content": "t4 t5"}
-        ],
-        "questions": [{"id": "q", "question": "t6 t7?", "facts": [{"id": "f", "expect_any": ["t31"]}]}]
-    }).to_string()).unwrap();
-    path
-}
 
 /// One case's head shares as the library counts them for one span
 /// (`MatchingSettings::head_shares`, checked against each head's own f64
@@ -40,7 +26,7 @@ fn shares_of(model: &Model, case: &Case) -> Vec<f64> {
 fn a_profile_is_the_mean_of_each_spans_head_shares_and_reads_back_as_an_option() {
     let dir = tempfile::tempdir().unwrap();
     let model = random::full_model(&random::tiny_config(), 3, &candle_core::Device::Cpu).unwrap();
-    let cases: Vec<Case> = [case_file(dir.path(), "a", 20..44), case_file(dir.path(), "b", 50..62)]
+    let cases: Vec<Case> = [write_tiny_case(dir.path(), "a", 20..44), write_tiny_case(dir.path(), "b", 50..62)]
         .iter()
         .flat_map(|file| load_case_file(file).unwrap())
         .collect();

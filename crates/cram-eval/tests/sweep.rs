@@ -3,6 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
+mod common;
+
+use common::write_tiny_case;
 use cram::synthetic as random;
 use cram_eval::results::{merge_results, read_results};
 use cram_eval::sweep::{run_shard, run_sweep, CaseSource, Shard, SweepConfig, SweepEvent};
@@ -15,17 +18,7 @@ fn fixture(dir: &Path) -> (PathBuf, PathBuf) {
     std::fs::create_dir_all(&model_dir).unwrap();
     let config = random::tiny_config();
     random::write_model_dir(&model_dir, &config, &random::named_weights(&config, 3, &candle_core::Device::Cpu).unwrap()).unwrap();
-    let transcript = dir.join("tiny.json");
-    let span: Vec<String> = (20..44).map(|i| format!("t{i}")).collect();
-    std::fs::write(&transcript, serde_json::json!({
-        "id": "tiny",
-        "messages": [
-            {"role": "system", "content": "t1 t2 t3"},
-            {"role": "user", "content": span.join(" ")},
-            {"role": "user", "content": "t4 t5"}
-        ],
-        "questions": [{"id": "q", "question": "t6 t7?", "facts": [{"id": "f", "expect_any": ["t31"]}]}]
-    }).to_string()).unwrap();
+    let transcript = write_tiny_case(dir, "tiny", 20..44);
     (model_dir, transcript)
 }
 
